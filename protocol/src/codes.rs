@@ -1,0 +1,111 @@
+//! Stable error codes (in `error` frames) and WebSocket close codes, with what each means.
+
+use serde::{Deserialize, Serialize};
+
+/// The `code` of an `error` frame. Stable: clients may branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not a MessagePack map of a known shape.
+    BadFrame,
+    /// The frame's `type` is not one this server knows.
+    UnknownFrame,
+    /// The document id is not valid (see the README for the alphabet).
+    BadDocId,
+    /// The update failed validation (undecodable, too deeply nested, or one the document could
+    /// not take). It was not appended.
+    BadUpdate,
+    /// The awareness update could not be decoded or carried invalid JSON.
+    BadAwareness,
+    /// The state vector sent with `subscribe` could not be decoded.
+    BadStateVector,
+    /// An update or awareness frame named a document this socket has not subscribed to.
+    NotSubscribed,
+    /// The update is larger than the server's limit.
+    TooLarge,
+    /// This socket already holds the maximum number of documents.
+    TooManyDocs,
+    /// The update could not be appended to the log; nothing was acknowledged. Retry later.
+    AppendFailed,
+    /// The document could not be loaded. Retry later.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// Whether sending the same request again later may succeed.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorCode::AppendFailed | ErrorCode::Unavailable)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownFrame => "unknown_frame",
+            ErrorCode::BadDocId => "bad_doc_id",
+            ErrorCode::BadUpdate => "bad_update",
+            ErrorCode::BadAwareness => "bad_awareness",
+            ErrorCode::BadStateVector => "bad_state_vector",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::TooManyDocs => "too_many_docs",
+            ErrorCode::AppendFailed => "append_failed",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// WebSocket close codes the server sends. 1000–1015 are RFC 6455's; 4000–4099 mean "reconnect
+/// and resume from your last position"; 4100–4199 mean "do not reconnect without changing
+/// something" (credentials, client code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// The client asked to close.
+    Normal = 1000,
+    /// The server is shutting down or draining: reconnect (to any node) and resume.
+    GoingAway = 1001,
+    /// A text frame on a binary protocol.
+    UnsupportedData = 1003,
+    /// Too many invalid frames in a row; the connection is not behaving as a client should.
+    PolicyViolation = 1008,
+    /// A message larger than the server's maximum message size.
+    MessageTooBig = 1009,
+    /// An unexpected server fault on this connection; reconnect and resume.
+    InternalError = 1011,
+    /// No pong (or any frame) within the heartbeat timeout. Seldom seen by the client itself,
+    /// since a silent peer is usually gone; reconnect and resume.
+    HeartbeatTimeout = 4000,
+    /// The client read too slowly and its pending data passed the hard limit: reconnect and
+    /// resume from the last position it received.
+    TooSlow = 4001,
+}
+
+impl CloseCode {
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseCode::Normal => "bye",
+            CloseCode::GoingAway => "server going away, reconnect and resume",
+            CloseCode::UnsupportedData => "binary frames only",
+            CloseCode::PolicyViolation => "too many invalid frames",
+            CloseCode::MessageTooBig => "message too big",
+            CloseCode::InternalError => "internal error, reconnect and resume",
+            CloseCode::HeartbeatTimeout => "heartbeat timeout",
+            CloseCode::TooSlow => "too slow, reconnect and resume",
+        }
+    }
+
+    /// Whether a client should reconnect (with backoff) after this close.
+    pub fn reconnect(self) -> bool {
+        !matches!(
+            self,
+            CloseCode::Normal
+                | CloseCode::UnsupportedData
+                | CloseCode::PolicyViolation
+                | CloseCode::MessageTooBig
+        )
+    }
+}

@@ -1,0 +1,151 @@
+//! The log every update passes through (data-flow steps 4–5): append, read back, trim, epochs.
+//!
+//! A backplane owns each document's log. Appends are durable before they complete; entries
+//! reach the node's documents only through an [`EntrySink`], in log order — a node's own
+//! appends included — so every position handed to a client means "everything up to here".
+//! The embedded implementation lives here; the Redis one plugs in behind the same trait.
+
+pub mod embedded;
+
+use bytes::Bytes;
+use chorus_protocol::{DocId, Position, StreamId};
+use futures_util::future::BoxFuture;
+
+/// Who appended an entry, so the node that holds that connection can answer with an `ack`
+/// instead of echoing the update back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The node's random id for this process.
+    pub node: u64,
+    /// The connection's id on that node.
+    pub conn: u64,
+    /// The client's `seq` for the update, echoed in the ack.
+    pub seq: Option<u64>,
+}
+
+/// One log entry: a validated yrs v1 update.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: StreamId,
+    pub update: Bytes,
+    pub origin: Option<Origin>,
+}
+
+/// Where a document's log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogHead {
+    /// This incarnation of the log; a new one gets a new epoch.
+    pub epoch: u64,
+    /// Id of the newest entry ever appended (`0-0` if none).
+    pub last: StreamId,
+    /// Every entry with an id greater than this is still in the log; older ones were trimmed.
+    pub floor: StreamId,
+}
+
+impl LogHead {
+    /// Whether the log still holds every entry after `position` (so replay is exact).
+    pub fn can_replay_after(&self, position: Position) -> bool {
+        position.epoch == self.epoch && position.id >= self.floor && position.id <= self.last
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackplaneError {
+    #[error("log storage failed: {0}")]
+    Storage(String),
+    #[error("the log is overloaded; retry")]
+    Overloaded,
+    #[error("the backplane is shut down")]
+    Closed,
+}
+
+pub type BackplaneResult<T> = Result<T, BackplaneError>;
+
+/// Receives entries in log order. Implemented by the document registry; called from the
+/// backplane's own tasks, so it must not block.
+pub trait EntrySink: Send + Sync + 'static {
+    fn deliver(&self, doc: &DocId, epoch: u64, entries: Vec<Entry>);
+}
+
+pub trait Backplane: Send + Sync + 'static {
+    /// Short name for logs and `/healthz`.
+    fn name(&self) -> &'static str;
+
+    /// Where the document's log stands, creating it (with a fresh epoch) if it does not exist.
+    fn open(&self, doc: &DocId) -> BoxFuture<'static, BackplaneResult<LogHead>>;
+
+    /// Appends one update. Admission happens in this call, so entries from successive calls
+    /// are appended in call order; the future completes once the entry is durable. The entry
+    /// then reaches the [`EntrySink`] (with its origin) in log order.
+    fn append(
+        &self,
+        doc: &DocId,
+        update: Bytes,
+        origin: Option<Origin>,
+    ) -> BoxFuture<'static, BackplaneResult<Position>>;
+
+    /// Entries with ids greater than `after`, oldest first, and the log's head as of the read.
+    fn read_after(
+        &self,
+        doc: &DocId,
+        after: StreamId,
+    ) -> BoxFuture<'static, BackplaneResult<(LogHead, Vec<Entry>)>>;
+
+    /// Drops entries with ids lower than `before` (they are covered by a snapshot).
+    fn trim(&self, doc: &DocId, before: StreamId) -> BoxFuture<'static, BackplaneResult<()>>;
+
+    /// Connects the backplane to the node's documents. Called once, before any append.
+    fn attach(&self, sink: std::sync::Weak<dyn EntrySink>);
+
+    /// Stops accepting appends and finishes the ones already admitted.
+    fn close(&self) -> BoxFuture<'static, ()>;
+}
+
+/// A fresh epoch: random, non-zero, and below 2^53 so JavaScript numbers hold it exactly.
+pub fn new_epoch() -> u64 {
+    loop {
+        let e = rand::random::<u64>() & ((1 << 53) - 1);
+        if e != 0 {
+            return e;
+        }
+    }
+}
+
+/// The id for the next entry after `last`, Redis-style: milliseconds, then a sequence number
+/// within the millisecond. Never goes backwards, whatever the wall clock does.
+pub fn next_id(last: StreamId, now_ms: u64) -> StreamId {
+    if now_ms > last.ms {
+        StreamId::new(now_ms, 0)
+    } else {
+        last.successor()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_never_go_backwards() {
+        let a = next_id(StreamId::ZERO, 100);
+        assert_eq!(a, StreamId::new(100, 0));
+        assert_eq!(next_id(a, 100), StreamId::new(100, 1));
+        assert_eq!(next_id(StreamId::new(100, 1), 50), StreamId::new(100, 2));
+        assert_eq!(next_id(StreamId::new(100, 1), 101), StreamId::new(101, 0));
+    }
+
+    #[test]
+    fn epochs_fit_javascript_numbers() {
+        for _ in 0..1000 {
+            let e = new_epoch();
+            assert!(e > 0 && e < (1 << 53));
+        }
+    }
+}

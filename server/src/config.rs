@@ -1,0 +1,146 @@
+//! One `Config` for the node: clap flags, each with a matching `CHORUS_*` environment variable.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chorus",
+    version,
+    about = "Chorus: real-time sync for yrs/Yjs documents, presence and cursors over WebSocket",
+    long_about = "Chorus: real-time sync for yrs/Yjs documents, presence and cursors over WebSocket.\n\n\
+        With no backplane configured, one process serves everything from an embedded, fsynced \
+        log and a local snapshot directory under --data-dir."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a Chorus node.
+    Serve(Config),
+}
+
+/// Everything a node needs to run. Durations take humane values: `30s`, `500ms`, `10m`.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on (HTTP and WebSocket).
+    #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded log (`log.redb`) and snapshots (`snapshots/`).
+    #[arg(long, env = "CHORUS_DATA_DIR", default_value = "./chorus-data")]
+    pub data_dir: PathBuf,
+
+    /// Directory of static files served at `/` (the web demo), if it exists.
+    #[arg(long, env = "CHORUS_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
+
+    /// Largest WebSocket message accepted from a client; larger ones close the socket with 1009.
+    #[arg(long, env = "CHORUS_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Largest single document update accepted (native `update`, y-websocket sync, HTTP POST).
+    #[arg(long, env = "CHORUS_MAX_UPDATE_BYTES", default_value_t = 2 << 20)]
+    pub max_update_bytes: usize,
+
+    /// Most documents one native socket may subscribe to at once.
+    #[arg(long, env = "CHORUS_MAX_DOCS_PER_CONNECTION", default_value_t = 256)]
+    pub max_docs_per_connection: usize,
+
+    /// Interval between WebSocket pings the server sends.
+    #[arg(long, env = "CHORUS_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A connection from which nothing (not even a pong) arrived for ping-interval plus this
+    /// long is closed and everything it held is released.
+    #[arg(long, env = "CHORUS_PING_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ping_timeout: Duration,
+
+    /// How long a document stays loaded after its last client left.
+    #[arg(long, env = "CHORUS_EVICT_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub evict_after: Duration,
+
+    /// Write a snapshot and trim the log once this many entries arrived since the last one.
+    #[arg(long, env = "CHORUS_COMPACT_ENTRIES", default_value_t = 1000)]
+    pub compact_entries: usize,
+
+    /// ...or once this many update bytes arrived since the last snapshot.
+    #[arg(long, env = "CHORUS_COMPACT_BYTES", default_value_t = 4 << 20)]
+    pub compact_bytes: usize,
+
+    /// Log entries younger than this are kept after compaction, so clients that were away for
+    /// less than this resume by replay instead of a state-vector sync.
+    #[arg(long, env = "CHORUS_REPLAY_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub replay_window: Duration,
+
+    /// Recent log entries a loaded document keeps in memory to answer resumes without I/O.
+    #[arg(long, env = "CHORUS_REPLAY_MEMORY_BYTES", default_value_t = 4 << 20)]
+    pub replay_memory_bytes: usize,
+
+    /// Bytes that may wait in one connection's outbox. Past it, what waits is dropped and the
+    /// connection is brought up to date from its last delivered position once it drains.
+    #[arg(long, env = "CHORUS_OUTBOX_BYTES", default_value_t = 1 << 20)]
+    pub outbox_bytes: usize,
+
+    /// Graceful shutdown deadline: after SIGTERM/SIGINT, the node closes sockets, saves
+    /// documents and exits within this long.
+    #[arg(long, env = "CHORUS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// A config for tests and embedding: everything default, data under `data_dir`.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let cli = Cli::parse_from(["chorus", "serve", "--listen", "127.0.0.1:0"]);
+        let Command::Serve(mut config) = cli.command;
+        config.data_dir = data_dir.into();
+        config
+    }
+}
+
+/// Parses `250ms`, `30s`, `10m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 30s, 500ms, 10m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "unknown duration unit in {s:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = Config::for_data_dir("/tmp/x");
+        assert!(c.max_update_bytes <= c.max_message_bytes);
+        assert_eq!(c.listen.port(), 0);
+    }
+}

@@ -1,0 +1,297 @@
+//! The native protocol session (`/v1/ws`): MessagePack frames, many documents per socket.
+
+use super::{Session, Step};
+use crate::backplane::{BackplaneError, Origin};
+use crate::doc::outbox::Outbox;
+use crate::doc::{DocError, DocHandle, Registry, SyncFrom};
+use crate::validate::{self, Rejected};
+use bytes::Bytes;
+use chorus_protocol::{
+    ClientFrame, CloseCode, DecodeError, DocId, ErrorCode, Position, ServerFrame,
+};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// An append in flight: which document and client `seq` it answers, and how it ended.
+pub struct AppendDone {
+    pub doc: DocId,
+    pub seq: Option<u64>,
+    pub result: Result<Position, BackplaneError>,
+}
+
+pub type AppendFuture = BoxFuture<'static, AppendDone>;
+
+/// Starts an append for a validated update and wraps its outcome with what answers it.
+pub fn start_append(
+    registry: &Registry,
+    doc: &DocId,
+    update: Bytes,
+    origin: Origin,
+) -> AppendFuture {
+    let fut = registry.backplane().append(doc, update, Some(origin));
+    let (doc, seq) = (doc.clone(), origin.seq);
+    fut.map(move |result| AppendDone { doc, seq, result })
+        .boxed()
+}
+
+/// Bad frames allowed in a burst, and refilled per second, before a connection is closed with
+/// 1008: a buggy client gets clear errors, a hostile one cannot make us spin on them.
+pub struct ErrorBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl ErrorBudget {
+    const BURST: f64 = 20.0;
+    const PER_SEC: f64 = 2.0;
+
+    pub fn new() -> Self {
+        ErrorBudget {
+            tokens: Self::BURST,
+            last: Instant::now(),
+        }
+    }
+
+    /// Spends one token; false when the budget is exhausted.
+    pub fn spend(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * Self::PER_SEC;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.last = now;
+        self.tokens -= 1.0;
+        self.tokens >= 0.0
+    }
+}
+
+impl Default for ErrorBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct NativeSession {
+    registry: Arc<Registry>,
+    config: Arc<crate::Config>,
+    outbox: Arc<Outbox>,
+    docs: HashMap<DocId, DocHandle>,
+    inflight: FuturesUnordered<AppendFuture>,
+    errors: ErrorBudget,
+}
+
+impl NativeSession {
+    pub fn new(registry: Arc<Registry>, config: Arc<crate::Config>, outbox: Arc<Outbox>) -> Self {
+        NativeSession {
+            registry,
+            config,
+            outbox,
+            docs: HashMap::new(),
+            inflight: FuturesUnordered::new(),
+            errors: ErrorBudget::new(),
+        }
+    }
+
+    fn error(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        doc: Option<&str>,
+        seq: Option<u64>,
+    ) -> Step {
+        let frame = ServerFrame::Error {
+            code,
+            message: message.into(),
+            doc: doc.map(str::to_owned),
+            seq,
+        };
+        let queued = frame
+            .encode()
+            .map(|b| self.outbox.push_control(Bytes::from(b)))
+            .unwrap_or(false);
+        // Retryable failures are ours, not the client's: they do not count against it.
+        if !queued || (!code.retryable() && !self.errors.spend()) {
+            return Step::Close(CloseCode::PolicyViolation);
+        }
+        Step::Continue
+    }
+
+    fn doc_id(&mut self, doc: &str) -> Result<DocId, Step> {
+        DocId::parse(doc)
+            .map_err(|e| self.error(ErrorCode::BadDocId, e.to_string(), Some(doc), None))
+    }
+
+    async fn subscribe(
+        &mut self,
+        doc: String,
+        position: Option<Position>,
+        state_vector: Option<Vec<u8>>,
+    ) -> Step {
+        let id = match self.doc_id(&doc) {
+            Ok(id) => id,
+            Err(step) => return step,
+        };
+        if !self.docs.contains_key(&id) && self.docs.len() >= self.config.max_docs_per_connection {
+            let limit = self.config.max_docs_per_connection;
+            return self.error(
+                ErrorCode::TooManyDocs,
+                format!("this socket already holds {limit} documents"),
+                Some(&doc),
+                None,
+            );
+        }
+        let state_vector = match state_vector
+            .map(|sv| validate::decode_state_vector(&sv))
+            .transpose()
+        {
+            Ok(sv) => sv,
+            Err(e) => {
+                return self.error(ErrorCode::BadStateVector, e.to_string(), Some(&doc), None);
+            }
+        };
+        let from = SyncFrom {
+            position,
+            state_vector,
+        };
+        // An owner that is unloading answers Gone; a fresh lookup starts a new one.
+        for _ in 0..3 {
+            let handle = self.registry.handle(&id);
+            match handle
+                .subscribe(self.outbox.conn, self.outbox.clone(), from.clone())
+                .await
+            {
+                Ok(()) => {
+                    self.docs.insert(id, handle);
+                    return Step::Continue;
+                }
+                Err(DocError::Gone) => continue,
+                Err(DocError::Unavailable) => break,
+            }
+        }
+        self.error(
+            ErrorCode::Unavailable,
+            "document could not be loaded",
+            Some(&doc),
+            None,
+        )
+    }
+
+    fn update(&mut self, doc: String, update: Vec<u8>, seq: Option<u64>) -> Step {
+        let id = match self.doc_id(&doc) {
+            Ok(id) => id,
+            Err(step) => return step,
+        };
+        if !self.docs.contains_key(&id) {
+            return self.error(
+                ErrorCode::NotSubscribed,
+                "subscribe before sending updates",
+                Some(&doc),
+                seq,
+            );
+        }
+        if let Err(e) = validate::check_update(&update, self.config.max_update_bytes) {
+            let code = match e {
+                Rejected::TooLarge(..) => ErrorCode::TooLarge,
+                _ => ErrorCode::BadUpdate,
+            };
+            return self.error(code, e.to_string(), Some(&doc), seq);
+        }
+        let origin = Origin {
+            node: self.registry.node(),
+            conn: self.outbox.conn,
+            seq,
+        };
+        self.inflight.push(start_append(
+            &self.registry,
+            &id,
+            Bytes::from(update),
+            origin,
+        ));
+        Step::Continue
+    }
+
+    async fn awareness(&mut self, doc: String, update: Vec<u8>) -> Step {
+        let id = match self.doc_id(&doc) {
+            Ok(id) => id,
+            Err(step) => return step,
+        };
+        let Some(handle) = self.docs.get(&id).cloned() else {
+            return self.error(
+                ErrorCode::NotSubscribed,
+                "subscribe before sending awareness",
+                Some(&doc),
+                None,
+            );
+        };
+        match validate::decode_awareness(&update, self.config.max_update_bytes) {
+            Ok(update) => {
+                if handle.awareness(self.outbox.conn, update).await.is_err() {
+                    self.docs.remove(&id);
+                    return self.error(
+                        ErrorCode::Unavailable,
+                        "document was unloaded; subscribe again",
+                        Some(&doc),
+                        None,
+                    );
+                }
+                Step::Continue
+            }
+            Err(e) => self.error(ErrorCode::BadAwareness, e.to_string(), Some(&doc), None),
+        }
+    }
+}
+
+impl Session for NativeSession {
+    async fn on_binary(&mut self, bytes: Bytes) -> Step {
+        match ClientFrame::decode(&bytes) {
+            Ok(ClientFrame::Subscribe {
+                doc,
+                position,
+                state_vector,
+            }) => self.subscribe(doc, position, state_vector).await,
+            Ok(ClientFrame::Update { doc, update, seq }) => self.update(doc, update, seq),
+            Ok(ClientFrame::Awareness { doc, update }) => self.awareness(doc, update).await,
+            Ok(ClientFrame::Unsubscribe { doc }) => {
+                if let Ok(id) = DocId::parse(&doc) {
+                    if let Some(handle) = self.docs.remove(&id) {
+                        handle.unsubscribe(self.outbox.conn).await;
+                    }
+                }
+                Step::Continue
+            }
+            Err(DecodeError::UnknownType(t)) => self.error(
+                ErrorCode::UnknownFrame,
+                format!("unknown frame type {t:?}"),
+                None,
+                None,
+            ),
+            Err(e) => self.error(ErrorCode::BadFrame, e.to_string(), None, None),
+        }
+    }
+
+    fn inflight(&mut self) -> &mut FuturesUnordered<AppendFuture> {
+        &mut self.inflight
+    }
+
+    fn on_appended(&mut self, done: AppendDone) -> Step {
+        match done.result {
+            // The ack itself comes from the document, in log order with the updates.
+            Ok(_) => Step::Continue,
+            Err(e) => {
+                tracing::warn!(doc = %done.doc, error = %e, "append failed");
+                self.error(
+                    ErrorCode::AppendFailed,
+                    e.to_string(),
+                    Some(done.doc.as_str()),
+                    done.seq,
+                )
+            }
+        }
+    }
+
+    fn documents(&mut self) -> Vec<DocHandle> {
+        self.docs.drain().map(|(_, h)| h).collect()
+    }
+}

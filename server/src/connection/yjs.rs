@@ -1,0 +1,218 @@
+//! The y-websocket session (`/y/{doc}`): stock Yjs clients, one document per socket, one
+//! y-protocols message per WebSocket frame (stable y-websocket clients read only the first
+//! message of a frame).
+//!
+//! Messages are framed by hand here (a type byte and a length-prefixed payload, the same bytes
+//! `yrs::sync::Message` writes) so that the payload can pass our guards in `validate` before
+//! yrs decodes anything.
+
+use super::native::{AppendDone, AppendFuture, ErrorBudget, start_append};
+use super::{Session, Step};
+use crate::backplane::Origin;
+use crate::doc::outbox::Outbox;
+use crate::doc::{DocHandle, Registry};
+use crate::validate::{self, Lib0Reader};
+use bytes::Bytes;
+use chorus_protocol::{CloseCode, DocId};
+use futures_util::stream::FuturesUnordered;
+use std::sync::Arc;
+use yrs::StateVector;
+use yrs::sync::protocol::{
+    MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC, MSG_SYNC_STEP_1, MSG_SYNC_STEP_2,
+    MSG_SYNC_UPDATE,
+};
+use yrs::updates::encoder::Encode;
+
+fn write_var(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn message(tags: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tags.len() + 5 + payload.len());
+    out.extend_from_slice(tags);
+    write_var(&mut out, payload.len());
+    out.extend_from_slice(payload);
+    out
+}
+
+pub fn sync_step1_message(sv: &StateVector) -> Vec<u8> {
+    message(&[MSG_SYNC, MSG_SYNC_STEP_1], &sv.encode_v1())
+}
+
+pub fn sync_step2_message(update: &[u8]) -> Vec<u8> {
+    message(&[MSG_SYNC, MSG_SYNC_STEP_2], update)
+}
+
+pub fn sync_update_message(update: &[u8]) -> Vec<u8> {
+    message(&[MSG_SYNC, MSG_SYNC_UPDATE], update)
+}
+
+pub fn awareness_message(update: &[u8]) -> Vec<u8> {
+    message(&[MSG_AWARENESS], update)
+}
+
+pub struct YjsSession {
+    registry: Arc<Registry>,
+    config: Arc<crate::Config>,
+    outbox: Arc<Outbox>,
+    doc: DocId,
+    handle: Option<DocHandle>,
+    inflight: FuturesUnordered<AppendFuture>,
+    errors: ErrorBudget,
+}
+
+impl YjsSession {
+    pub fn new(
+        registry: Arc<Registry>,
+        config: Arc<crate::Config>,
+        outbox: Arc<Outbox>,
+        doc: DocId,
+        handle: DocHandle,
+    ) -> Self {
+        YjsSession {
+            registry,
+            config,
+            outbox,
+            doc,
+            handle: Some(handle),
+            inflight: FuturesUnordered::new(),
+            errors: ErrorBudget::new(),
+        }
+    }
+
+    /// y-websocket has no error message; a bad message is logged and counted, and a client
+    /// that keeps sending them is closed with 1008.
+    fn bad(&mut self, what: &str) -> Step {
+        tracing::debug!(conn = self.outbox.conn, doc = %self.doc, what, "bad y-websocket message");
+        if self.errors.spend() {
+            Step::Continue
+        } else {
+            Step::Close(CloseCode::PolicyViolation)
+        }
+    }
+
+    fn append(&mut self, update: &[u8]) -> Step {
+        match validate::check_update(update, self.config.max_update_bytes) {
+            // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
+            // to log.
+            Ok(decoded) if decoded.is_empty() => Step::Continue,
+            Ok(_) => {
+                let origin = Origin {
+                    node: self.registry.node(),
+                    conn: self.outbox.conn,
+                    seq: None,
+                };
+                self.inflight.push(start_append(
+                    &self.registry,
+                    &self.doc,
+                    Bytes::copy_from_slice(update),
+                    origin,
+                ));
+                Step::Continue
+            }
+            Err(validate::Rejected::TooLarge(..)) => Step::Close(CloseCode::MessageTooBig),
+            Err(_) => self.bad("invalid update"),
+        }
+    }
+}
+
+impl Session for YjsSession {
+    async fn on_binary(&mut self, bytes: Bytes) -> Step {
+        let Some(handle) = self.handle.clone() else {
+            return Step::Close(CloseCode::InternalError);
+        };
+        let conn = self.outbox.conn;
+        let mut r = Lib0Reader::new(&bytes);
+        let Ok(tag) = r.var_u64() else {
+            return self.bad("empty message");
+        };
+        let sent = match tag as u8 {
+            MSG_SYNC if tag == u64::from(MSG_SYNC) => {
+                let (Ok(sub), Ok(payload)) = (r.var_u64(), r.buf()) else {
+                    return self.bad("truncated sync message");
+                };
+                match sub as u8 {
+                    MSG_SYNC_STEP_1 => match validate::decode_state_vector(payload) {
+                        Ok(sv) => handle.sync_step1(conn, sv).await,
+                        Err(_) => return self.bad("invalid state vector"),
+                    },
+                    MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE => return self.append(payload),
+                    _ => return self.bad("unknown sync message"),
+                }
+            }
+            MSG_AWARENESS if tag == u64::from(MSG_AWARENESS) => {
+                let Ok(payload) = r.buf() else {
+                    return self.bad("truncated awareness message");
+                };
+                match validate::decode_awareness(payload, self.config.max_update_bytes) {
+                    Ok(update) => handle.awareness(conn, update).await,
+                    Err(_) => return self.bad("invalid awareness update"),
+                }
+            }
+            MSG_QUERY_AWARENESS if tag == u64::from(MSG_QUERY_AWARENESS) => {
+                handle.query_awareness(conn).await
+            }
+            // Clients do not send auth messages in y-websocket; ignore rather than fail.
+            MSG_AUTH if tag == u64::from(MSG_AUTH) => Ok(()),
+            _ => return self.bad("unknown message type"),
+        };
+        match sent {
+            Ok(()) => Step::Continue,
+            // The document unloaded under a live socket (it should not while we hold it); the
+            // client reconnects and syncs.
+            Err(_) => Step::Close(CloseCode::InternalError),
+        }
+    }
+
+    fn inflight(&mut self) -> &mut FuturesUnordered<AppendFuture> {
+        &mut self.inflight
+    }
+
+    fn on_appended(&mut self, done: AppendDone) -> Step {
+        match done.result {
+            Ok(_) => Step::Continue,
+            Err(e) => {
+                // The client believes it sent this update. Closing makes it reconnect and send
+                // its state again (sync step 2), so nothing it holds is lost.
+                tracing::warn!(doc = %done.doc, error = %e, "append failed; closing y-websocket client so it resyncs");
+                Step::Close(CloseCode::InternalError)
+            }
+        }
+    }
+
+    fn documents(&mut self) -> Vec<DocHandle> {
+        self.handle.take().into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::sync::{Message, SyncMessage};
+    use yrs::updates::decoder::Decode;
+
+    #[test]
+    fn hand_framed_messages_match_yrs() {
+        let sv = StateVector::default();
+        assert_eq!(
+            sync_step1_message(&sv),
+            Message::Sync(SyncMessage::SyncStep1(sv.clone())).encode_v1()
+        );
+        assert_eq!(sync_step1_message(&sv), vec![0, 0, 1, 0]);
+        let big = vec![7u8; 300];
+        assert_eq!(
+            sync_update_message(&big),
+            Message::Sync(SyncMessage::Update(big.clone())).encode_v1()
+        );
+        assert_eq!(
+            sync_step2_message(&[0, 0]),
+            Message::Sync(SyncMessage::SyncStep2(vec![0, 0])).encode_v1()
+        );
+        let decoded = Message::decode_v1(&awareness_message(&[1, 5, 1, 4, b'n', b'u', b'l', b'l']));
+        assert!(matches!(decoded, Ok(Message::Awareness(_))));
+    }
+}

@@ -1,0 +1,582 @@
+//! A document's owner task: load, apply log entries in order, answer subscribers, fan out,
+//! compact, and save on eviction and shutdown.
+
+use super::outbox::{Proto, awareness_frame, update_frame};
+use super::{Command, DocError, DocHandle, Registry, Shared, Subscriber, SyncFrom};
+use crate::backplane::{Entry, LogHead, now_ms};
+use crate::connection::yjs;
+use crate::storage::Snapshot;
+use bytes::Bytes;
+use chorus_protocol::{DocId, Position, StreamId, encode};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use yrs::sync::Awareness;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
+
+struct Sub {
+    outbox: Arc<super::Outbox>,
+    /// Awareness client ids this connection introduced; removed when it leaves.
+    awareness_ids: HashSet<ClientID>,
+}
+
+pub(crate) struct Owner {
+    doc: DocId,
+    shared: Arc<Shared>,
+    handle: DocHandle,
+    registry: Weak<Registry>,
+    awareness: Awareness,
+    epoch: u64,
+    /// Every entry up to this id is applied.
+    applied: StreamId,
+    /// The newest entries, for replay without I/O: all entries after `recent_floor`.
+    recent: VecDeque<(StreamId, Bytes)>,
+    recent_bytes: usize,
+    recent_floor: StreamId,
+    /// Position of the newest snapshot this owner knows is stored.
+    snapshot: Option<Position>,
+    since_snapshot: (usize, usize),
+    subs: HashMap<u64, Sub>,
+    native_subs: usize,
+    yjs_subs: usize,
+    waiters: Vec<(StreamId, oneshot::Sender<Position>)>,
+}
+
+impl Owner {
+    pub(crate) fn new(
+        doc: DocId,
+        shared: Arc<Shared>,
+        handle: DocHandle,
+        registry: Weak<Registry>,
+    ) -> Self {
+        Owner {
+            doc,
+            shared,
+            handle,
+            registry,
+            awareness: Awareness::new(Doc::new()),
+            epoch: 0,
+            applied: StreamId::ZERO,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            recent_floor: StreamId::ZERO,
+            snapshot: None,
+            since_snapshot: (0, 0),
+            subs: HashMap::new(),
+            native_subs: 0,
+            yjs_subs: 0,
+            waiters: Vec::new(),
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position::new(self.epoch, self.applied)
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut entries: mpsc::Receiver<(u64, Vec<Entry>)>,
+    ) {
+        if let Err(e) = self.load().await {
+            tracing::error!(doc = %self.doc, error = %e, "document could not be loaded");
+            self.unregister();
+            commands.close();
+            while let Some(cmd) = commands.recv().await {
+                refuse(cmd, DocError::Unavailable);
+            }
+            return;
+        }
+        tracing::debug!(doc = %self.doc, position = %self.position(), "document loaded");
+        let cancel = self.shared.cancel.clone();
+        let evict_after = self.shared.settings.evict_after;
+        let mut idle_since = Some(Instant::now());
+        loop {
+            if self.handle.inner.lagged.swap(false, Ordering::AcqRel) {
+                self.catch_up().await;
+            }
+            let evict_at = idle_since.map(|t| t + evict_after);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some((epoch, batch)) = entries.recv() => self.apply_entries(epoch, batch).await,
+                Some(cmd) = commands.recv() => self.handle_command(cmd).await,
+                _ = sleep_until_opt(evict_at) => break,
+            }
+            idle_since = match (self.subs.is_empty() && self.waiters.is_empty(), idle_since) {
+                (true, None) => Some(Instant::now()),
+                (true, since) => since,
+                (false, _) => None,
+            };
+        }
+        // Unloading: later commands go to a fresh owner, which loads from storage.
+        self.unregister();
+        commands.close();
+        while let Ok(cmd) = commands.try_recv() {
+            refuse(cmd, DocError::Gone);
+        }
+        self.save_snapshot().await;
+        tracing::debug!(doc = %self.doc, "document unloaded");
+    }
+
+    fn unregister(&self) {
+        if let Some(r) = self.registry.upgrade() {
+            r.remove(&self.doc, self.handle.inner.generation);
+        }
+    }
+
+    async fn load(&mut self) -> Result<(), String> {
+        let head = self
+            .shared
+            .backplane
+            .open(&self.doc)
+            .await
+            .map_err(|e| e.to_string())?;
+        let snapshot = self
+            .shared
+            .store
+            .load(&self.doc)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.epoch = head.epoch;
+        if let Some(s) = &snapshot {
+            let update = Update::decode_v1(&s.state)
+                .map_err(|e| format!("snapshot does not decode: {e}"))?;
+            self.awareness
+                .doc()
+                .transact_mut()
+                .apply_update(update)
+                .map_err(|e| format!("snapshot does not apply: {e}"))?;
+            if s.position.epoch == head.epoch {
+                self.applied = s.position.id;
+                self.snapshot = Some(s.position);
+            }
+        }
+        let (head, entries) = self
+            .shared
+            .backplane
+            .read_after(&self.doc, StreamId::ZERO)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.recent_floor = head.floor;
+        self.ingest(entries);
+        Ok(())
+    }
+
+    /// Applies entries newer than `applied` and remembers them for replay. Returns the ones
+    /// that were new.
+    fn ingest(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
+        let mut fresh = Vec::with_capacity(entries.len());
+        {
+            // `Doc` is a shared handle; a clone lets the transaction live beside `&mut self`.
+            let doc = self.awareness.doc().clone();
+            let mut txn = doc.transact_mut();
+            for e in entries {
+                if e.id <= self.applied {
+                    // Already covered (by the snapshot, or delivered twice): keep it for replay
+                    // if it is newer than what we remember.
+                    if self.recent.back().is_none_or(|(id, _)| *id < e.id)
+                        && e.id > self.recent_floor
+                    {
+                        self.remember(e.id, e.update.clone());
+                    }
+                    continue;
+                }
+                let applied = catch_unwind(AssertUnwindSafe(|| {
+                    Update::decode_v1(&e.update)
+                        .map_err(|err| err.to_string())
+                        .and_then(|u| txn.apply_update(u).map_err(|err| err.to_string()))
+                }));
+                match applied {
+                    Ok(Ok(())) => {}
+                    // Entries are validated before they are appended, so this means a yrs bug
+                    // or a log written by something else. The node keeps serving; the entry's
+                    // position still counts as passed so positions stay meaningful.
+                    Ok(Err(err)) => {
+                        tracing::error!(doc = %self.doc, id = %e.id, error = %err, "log entry did not apply")
+                    }
+                    Err(_) => {
+                        tracing::error!(doc = %self.doc, id = %e.id, "log entry made yrs panic; skipped")
+                    }
+                }
+                self.applied = e.id;
+                self.since_snapshot.0 += 1;
+                self.since_snapshot.1 += e.update.len();
+                self.remember(e.id, e.update.clone());
+                fresh.push(e);
+            }
+        }
+        fresh
+    }
+
+    fn remember(&mut self, id: StreamId, update: Bytes) {
+        self.recent_bytes += update.len();
+        self.recent.push_back((id, update));
+        while self.recent_bytes > self.shared.settings.replay_memory_bytes {
+            let Some((old, u)) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes -= u.len();
+            self.recent_floor = old;
+        }
+    }
+
+    async fn apply_entries(&mut self, epoch: u64, entries: Vec<Entry>) {
+        if epoch != self.epoch {
+            self.reset_epoch().await;
+            return;
+        }
+        let fresh = self.ingest(entries);
+        for e in &fresh {
+            self.fan_out(e);
+        }
+        self.wake_waiters();
+        self.maybe_compact().await;
+    }
+
+    /// The sink could not queue some entries for us: read them from the log instead.
+    async fn catch_up(&mut self) {
+        match self
+            .shared
+            .backplane
+            .read_after(&self.doc, self.applied)
+            .await
+        {
+            Ok((head, entries)) if head.epoch == self.epoch => {
+                let fresh = self.ingest(entries);
+                for e in &fresh {
+                    self.fan_out(e);
+                }
+                self.wake_waiters();
+            }
+            Ok(_) => self.reset_epoch().await,
+            Err(e) => {
+                tracing::warn!(doc = %self.doc, error = %e, "catch-up read failed; retrying on the next entry");
+                self.handle.inner.lagged.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The log was recreated under us (a new epoch): keep the CRDT state (it is a superset),
+    /// take every entry of the new log, and resync every subscriber from scratch.
+    async fn reset_epoch(&mut self) {
+        let head: LogHead = match self
+            .shared
+            .backplane
+            .read_after(&self.doc, StreamId::ZERO)
+            .await
+        {
+            Ok((head, entries)) => {
+                self.epoch = head.epoch;
+                self.applied = StreamId::ZERO;
+                self.recent.clear();
+                self.recent_bytes = 0;
+                self.recent_floor = head.floor;
+                self.snapshot = None;
+                self.ingest(entries);
+                head
+            }
+            Err(e) => {
+                tracing::warn!(doc = %self.doc, error = %e, "reading the recreated log failed");
+                self.handle.inner.lagged.store(true, Ordering::Release);
+                return;
+            }
+        };
+        tracing::warn!(doc = %self.doc, epoch = head.epoch, "log epoch changed; resyncing subscribers");
+        let conns: Vec<u64> = self.subs.keys().copied().collect();
+        for conn in conns {
+            self.send_sync(conn, &SyncFrom::default());
+        }
+        self.wake_waiters();
+    }
+
+    fn fan_out(&self, e: &Entry) {
+        let position = Position::new(self.epoch, e.id);
+        let native = (self.native_subs > 0)
+            .then(|| update_frame(Proto::Native, &self.doc, &e.update, position));
+        let yjs =
+            (self.yjs_subs > 0).then(|| update_frame(Proto::Yjs, &self.doc, &e.update, position));
+        let own = e.origin.filter(|o| o.node == self.shared.node);
+        for (conn, sub) in &self.subs {
+            if let Some(o) = own.filter(|o| o.conn == *conn) {
+                sub.outbox.push_own(&self.doc, o.seq, position);
+                continue;
+            }
+            let frame = match sub.outbox.proto {
+                Proto::Native => native.clone(),
+                Proto::Yjs => yjs.clone(),
+            };
+            if let Some(frame) = frame {
+                sub.outbox
+                    .push_update(&self.doc, frame, e.update.clone(), position);
+            }
+        }
+    }
+
+    fn wake_waiters(&mut self) {
+        let position = self.position();
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|(id, _)| *id <= applied);
+        self.waiters = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(position);
+        }
+    }
+
+    async fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe { sub, from, reply } => {
+                let _ = reply.send(Ok(()));
+                self.subscribe(sub, from);
+            }
+            Command::Unsubscribe { conn } => self.unsubscribe(conn),
+            Command::Awareness { conn, update } => self.apply_awareness(conn, update),
+            Command::SyncStep1 { conn, state_vector } => {
+                if let Some(sub) = self.subs.get(&conn) {
+                    let diff = self.encode_diff(&state_vector);
+                    let frame = Bytes::from(yjs::sync_step2_message(&diff));
+                    sub.outbox.push_synced(&self.doc, frame, self.position());
+                }
+            }
+            Command::QueryAwareness { conn } => self.send_awareness_snapshot(conn),
+            Command::Resync { conn, from } => self.send_sync(
+                conn,
+                &SyncFrom {
+                    position: from,
+                    state_vector: None,
+                },
+            ),
+            Command::State { reply } => {
+                let state = self.encode_diff(&StateVector::default());
+                let _ = reply.send((state, self.position()));
+            }
+            Command::WaitApplied { id, reply } => {
+                self.waiters.push((id, reply));
+                self.wake_waiters();
+            }
+        }
+    }
+
+    fn subscribe(&mut self, sub: Subscriber, from: SyncFrom) {
+        let conn = sub.conn;
+        sub.outbox.attach(&self.doc, self.handle.clone());
+        match sub.outbox.proto {
+            Proto::Native => self.native_subs += 1,
+            Proto::Yjs => self.yjs_subs += 1,
+        }
+        if let Some(old) = self.subs.insert(
+            conn,
+            Sub {
+                outbox: sub.outbox,
+                awareness_ids: HashSet::new(),
+            },
+        ) {
+            // Re-subscribing on the same socket: keep counts right.
+            match old.outbox.proto {
+                Proto::Native => self.native_subs -= 1,
+                Proto::Yjs => self.yjs_subs -= 1,
+            }
+        }
+        self.send_sync(conn, &from);
+        self.send_awareness_snapshot(conn);
+    }
+
+    /// Brings one subscriber up to the current position: exact replay when its position is
+    /// still in memory, otherwise a diff against its state vector (or the whole document).
+    fn send_sync(&self, conn: u64, from: &SyncFrom) {
+        let Some(sub) = self.subs.get(&conn) else {
+            return;
+        };
+        let position = self.position();
+        if sub.outbox.proto == Proto::Yjs && from.position.is_none() && from.state_vector.is_none()
+        {
+            // y-websocket: offer our state vector; the client answers with what we miss and
+            // sends its own step 1, which we answer with step 2.
+            let sv = self.awareness.doc().transact().state_vector();
+            let frame = Bytes::from(yjs::sync_step1_message(&sv));
+            sub.outbox.push_synced(&self.doc, frame, position);
+            return;
+        }
+        let (update, replay) = match from.position.and_then(|p| self.replay_after(p)) {
+            Some(update) => (update, true),
+            None => {
+                let sv = from.state_vector.clone().unwrap_or_default();
+                (self.encode_diff(&sv), false)
+            }
+        };
+        let frame = match sub.outbox.proto {
+            Proto::Native => {
+                Bytes::from(encode::synced(self.doc.as_str(), &update, position, replay))
+            }
+            Proto::Yjs => Bytes::from(yjs::sync_step2_message(&update)),
+        };
+        sub.outbox.push_synced(&self.doc, frame, position);
+    }
+
+    /// The entries after `p`, merged, if `p` is a position we can replay from exactly.
+    fn replay_after(&self, p: Position) -> Option<Vec<u8>> {
+        if p.epoch != self.epoch || p.id < self.recent_floor || p.id > self.applied {
+            return None;
+        }
+        let start = self.recent.partition_point(|(id, _)| *id <= p.id);
+        let missed: Vec<&[u8]> = self
+            .recent
+            .range(start..)
+            .map(|(_, u)| u.as_ref())
+            .collect();
+        match missed.len() {
+            0 => Some(Update::EMPTY_V1.to_vec()),
+            1 => Some(missed[0].to_vec()),
+            _ => yrs::merge_updates_v1(missed).ok(),
+        }
+    }
+
+    fn encode_diff(&self, sv: &StateVector) -> Vec<u8> {
+        let txn = self.awareness.doc().transact();
+        catch_unwind(AssertUnwindSafe(|| txn.encode_state_as_update_v1(sv))).unwrap_or_else(|_| {
+            tracing::error!(doc = %self.doc, "document failed to encode");
+            Update::EMPTY_V1.to_vec()
+        })
+    }
+
+    fn send_awareness_snapshot(&self, conn: u64) {
+        let Some(sub) = self.subs.get(&conn) else {
+            return;
+        };
+        let Ok(update) = self.awareness.update() else {
+            return;
+        };
+        if update.clients.is_empty() {
+            return;
+        }
+        let raw = update.encode_v1();
+        let frame = awareness_frame(sub.outbox.proto, &self.doc, &raw);
+        sub.outbox
+            .push_awareness(&self.doc, frame, Bytes::from(raw));
+    }
+
+    fn unsubscribe(&mut self, conn: u64) {
+        let Some(sub) = self.subs.remove(&conn) else {
+            return;
+        };
+        sub.outbox.detach(&self.doc);
+        match sub.outbox.proto {
+            Proto::Native => self.native_subs -= 1,
+            Proto::Yjs => self.yjs_subs -= 1,
+        }
+        if sub.awareness_ids.is_empty() {
+            return;
+        }
+        let ids: Vec<ClientID> = sub.awareness_ids.into_iter().collect();
+        for id in &ids {
+            self.awareness.remove_state(*id);
+        }
+        if let Ok(update) = self.awareness.update_with_clients(ids) {
+            self.broadcast_awareness(None, &update.encode_v1());
+        }
+    }
+
+    fn apply_awareness(&mut self, conn: u64, update: yrs::sync::awareness::AwarenessUpdate) {
+        let Some(sub) = self.subs.get_mut(&conn) else {
+            return;
+        };
+        sub.awareness_ids.extend(update.clients.keys().copied());
+        match self.awareness.apply_update_summary(update) {
+            Ok(Some(summary)) => {
+                if let Ok(changed) = self.awareness.update_with_clients(summary.all_changes()) {
+                    self.broadcast_awareness(Some(conn), &changed.encode_v1());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(doc = %self.doc, error = %e, "awareness update ignored"),
+        }
+    }
+
+    fn broadcast_awareness(&self, except: Option<u64>, raw: &[u8]) {
+        let raw = Bytes::copy_from_slice(raw);
+        let native =
+            (self.native_subs > 0).then(|| awareness_frame(Proto::Native, &self.doc, &raw));
+        let yjs = (self.yjs_subs > 0).then(|| awareness_frame(Proto::Yjs, &self.doc, &raw));
+        for (conn, sub) in &self.subs {
+            if Some(*conn) == except {
+                continue;
+            }
+            let frame = match sub.outbox.proto {
+                Proto::Native => native.clone(),
+                Proto::Yjs => yjs.clone(),
+            };
+            if let Some(frame) = frame {
+                sub.outbox.push_awareness(&self.doc, frame, raw.clone());
+            }
+        }
+    }
+
+    async fn maybe_compact(&mut self) {
+        let s = self.shared.settings.clone();
+        if self.since_snapshot.0 < s.compact_entries && self.since_snapshot.1 < s.compact_bytes {
+            return;
+        }
+        if !self.save_snapshot().await {
+            return;
+        }
+        // Keep the replay window behind the snapshot; everything older is in the snapshot.
+        let window_start = StreamId::new(
+            now_ms().saturating_sub(s.replay_window.as_millis() as u64),
+            0,
+        );
+        let before = window_start.min(self.applied.successor());
+        if let Err(e) = self.shared.backplane.trim(&self.doc, before).await {
+            tracing::warn!(doc = %self.doc, error = %e, "trimming the log failed; it will be retried at the next compaction");
+        }
+    }
+
+    /// Saves a snapshot if anything was applied since the last one. Returns whether the stored
+    /// snapshot now covers everything applied.
+    async fn save_snapshot(&mut self) -> bool {
+        let position = self.position();
+        if self.snapshot == Some(position)
+            || (self.applied == StreamId::ZERO && self.snapshot.is_none())
+        {
+            return true;
+        }
+        let state = self.encode_diff(&StateVector::default());
+        let snapshot = Snapshot {
+            position,
+            state: Bytes::from(state),
+        };
+        match self.shared.store.save(&self.doc, snapshot).await {
+            Ok(_) => {
+                self.snapshot = Some(position);
+                self.since_snapshot = (0, 0);
+                tracing::debug!(doc = %self.doc, %position, "snapshot saved");
+                true
+            }
+            Err(e) => {
+                tracing::error!(doc = %self.doc, error = %e, "saving the snapshot failed; the log still holds everything");
+                false
+            }
+        }
+    }
+}
+
+fn refuse(cmd: Command, err: DocError) {
+    match cmd {
+        Command::Subscribe { reply, .. } => drop(reply.send(Err(err))),
+        // Dropping the reply senders tells the callers the document went away.
+        _ => drop(cmd),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,310 @@
+//! Documents (data-flow steps 2, 3, 5, 6): the registry that loads them on first use and
+//! evicts them when idle, and the handle connections use to talk to a document's owner task.
+//!
+//! Each hot document has exactly one owner task ([`actor`]) holding the yrs state; nothing
+//! else touches it, so no lock is ever held across an await. The registry is also the
+//! backplane's [`EntrySink`]: log entries are routed to the owner of their document.
+
+mod actor;
+pub mod outbox;
+
+use crate::backplane::{Backplane, Entry, EntrySink};
+use crate::storage::SnapshotStore;
+use chorus_protocol::{DocId, Position, StreamId};
+use outbox::Outbox;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use yrs::StateVector;
+use yrs::sync::awareness::AwarenessUpdate;
+
+/// A connection's id on this node.
+pub type ConnId = u64;
+
+/// Settings the documents need from the node's config.
+#[derive(Debug, Clone)]
+pub struct DocSettings {
+    pub evict_after: Duration,
+    pub compact_entries: usize,
+    pub compact_bytes: usize,
+    pub replay_window: Duration,
+    pub replay_memory_bytes: usize,
+}
+
+/// What a subscriber brings so the document can tell what it is missing.
+#[derive(Debug, Clone, Default)]
+pub struct SyncFrom {
+    pub position: Option<Position>,
+    pub state_vector: Option<StateVector>,
+}
+
+pub struct Subscriber {
+    pub conn: ConnId,
+    pub outbox: Arc<Outbox>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    /// The owner task is evicting or gone; the caller should look the document up again.
+    #[error("document is being unloaded")]
+    Gone,
+    /// The document could not be loaded (storage failure or corrupt snapshot).
+    #[error("document could not be loaded")]
+    Unavailable,
+}
+
+pub(crate) enum Command {
+    Subscribe {
+        sub: Subscriber,
+        from: SyncFrom,
+        reply: oneshot::Sender<Result<(), DocError>>,
+    },
+    Unsubscribe {
+        conn: ConnId,
+    },
+    Awareness {
+        conn: ConnId,
+        update: AwarenessUpdate,
+    },
+    /// y-websocket: answer the client's sync step 1 with step 2 through its outbox.
+    SyncStep1 {
+        conn: ConnId,
+        state_vector: StateVector,
+    },
+    /// y-websocket: send every awareness state to this connection.
+    QueryAwareness {
+        conn: ConnId,
+    },
+    /// The connection's outbox dropped pending updates; bring it up to date.
+    Resync {
+        conn: ConnId,
+        from: Option<Position>,
+    },
+    State {
+        reply: oneshot::Sender<(Vec<u8>, Position)>,
+    },
+    WaitApplied {
+        id: StreamId,
+        reply: oneshot::Sender<Position>,
+    },
+}
+
+/// A cheap, cloneable way to reach a document's owner task.
+#[derive(Clone)]
+pub struct DocHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    doc: DocId,
+    generation: u64,
+    commands: mpsc::Sender<Command>,
+    entries: mpsc::Sender<(u64, Vec<Entry>)>,
+    /// Set when an entry batch could not be queued; the owner re-reads the log from its last
+    /// applied id instead of the sink ever blocking or buffering without bound.
+    lagged: AtomicBool,
+}
+
+/// Commands waiting for one document's owner; senders wait when it is full.
+const COMMAND_QUEUE: usize = 1024;
+/// Entry batches waiting for one document's owner; past this the owner catches up from the log.
+const ENTRY_QUEUE: usize = 256;
+
+impl DocHandle {
+    pub fn doc(&self) -> &DocId {
+        &self.inner.doc
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), DocError> {
+        self.inner
+            .commands
+            .send(cmd)
+            .await
+            .map_err(|_| DocError::Gone)
+    }
+
+    pub async fn subscribe(
+        &self,
+        conn: ConnId,
+        outbox: Arc<Outbox>,
+        from: SyncFrom,
+    ) -> Result<(), DocError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Subscribe {
+            sub: Subscriber { conn, outbox },
+            from,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| DocError::Gone)?
+    }
+
+    pub async fn unsubscribe(&self, conn: ConnId) {
+        let _ = self.send(Command::Unsubscribe { conn }).await;
+    }
+
+    pub async fn awareness(&self, conn: ConnId, update: AwarenessUpdate) -> Result<(), DocError> {
+        self.send(Command::Awareness { conn, update }).await
+    }
+
+    pub async fn sync_step1(
+        &self,
+        conn: ConnId,
+        state_vector: StateVector,
+    ) -> Result<(), DocError> {
+        self.send(Command::SyncStep1 { conn, state_vector }).await
+    }
+
+    pub async fn query_awareness(&self, conn: ConnId) -> Result<(), DocError> {
+        self.send(Command::QueryAwareness { conn }).await
+    }
+
+    pub async fn resync(&self, conn: ConnId, from: Option<Position>) {
+        let _ = self.send(Command::Resync { conn, from }).await;
+    }
+
+    /// The whole document as one v1 update, and the position it reflects.
+    pub async fn state(&self) -> Result<(Vec<u8>, Position), DocError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::State { reply }).await?;
+        rx.await.map_err(|_| DocError::Gone)
+    }
+
+    /// Resolves once the document has applied the entry `id` (read-your-writes for HTTP).
+    pub async fn wait_applied(&self, id: StreamId) -> Result<Position, DocError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::WaitApplied { id, reply }).await?;
+        rx.await.map_err(|_| DocError::Gone)
+    }
+}
+
+pub(crate) struct Shared {
+    pub backplane: Arc<dyn Backplane>,
+    pub store: Arc<dyn SnapshotStore>,
+    pub settings: DocSettings,
+    pub node: u64,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Every hot document on this node.
+pub struct Registry {
+    docs: Mutex<HashMap<DocId, DocHandle>>,
+    shared: Arc<Shared>,
+    generation: AtomicU64,
+    me: std::sync::Weak<Registry>,
+}
+
+impl Registry {
+    pub fn new(
+        backplane: Arc<dyn Backplane>,
+        store: Arc<dyn SnapshotStore>,
+        settings: DocSettings,
+        node: u64,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        let registry = Arc::new_cyclic(|me| Registry {
+            docs: Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                backplane: backplane.clone(),
+                store,
+                settings,
+                node,
+                cancel: CancellationToken::new(),
+                tracker,
+            }),
+            generation: AtomicU64::new(1),
+            me: me.clone(),
+        });
+        let sink: Arc<dyn EntrySink> = registry.clone();
+        backplane.attach(Arc::downgrade(&sink));
+        registry
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DocId, DocHandle>> {
+        self.docs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn node(&self) -> u64 {
+        self.shared.node
+    }
+
+    pub fn backplane(&self) -> &Arc<dyn Backplane> {
+        &self.shared.backplane
+    }
+
+    pub fn hot_documents(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The document's handle, starting its owner (which loads it) if it is not hot.
+    pub fn handle(&self, doc: &DocId) -> DocHandle {
+        let mut docs = self.lock();
+        if let Some(h) = docs.get(doc) {
+            if !h.inner.commands.is_closed() {
+                return h.clone();
+            }
+        }
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (entries_tx, entries_rx) = mpsc::channel(ENTRY_QUEUE);
+        let handle = DocHandle {
+            inner: Arc::new(HandleInner {
+                doc: doc.clone(),
+                generation: self.generation.fetch_add(1, Ordering::Relaxed),
+                commands: cmd_tx,
+                entries: entries_tx,
+                lagged: AtomicBool::new(false),
+            }),
+        };
+        // Registered before the owner reads the log, so no entry appended meanwhile is missed
+        // (duplicates are skipped by id).
+        docs.insert(doc.clone(), handle.clone());
+        drop(docs);
+        let owner = actor::Owner::new(
+            doc.clone(),
+            self.shared.clone(),
+            handle.clone(),
+            self.me.clone(),
+        );
+        self.shared.tracker.spawn(owner.run(cmd_rx, entries_rx));
+        handle
+    }
+
+    /// Called by an owner that is unloading: forget it unless a newer owner took its place.
+    fn remove(&self, doc: &DocId, generation: u64) {
+        let mut docs = self.lock();
+        if docs
+            .get(doc)
+            .is_some_and(|h| h.inner.generation == generation)
+        {
+            docs.remove(doc);
+        }
+    }
+
+    /// Tells every owner to save and stop; resolves when all have.
+    pub async fn shutdown(&self) {
+        self.shared.cancel.cancel();
+        let handles: Vec<DocHandle> = self.lock().values().cloned().collect();
+        for h in handles {
+            h.inner.commands.closed().await;
+        }
+    }
+}
+
+impl EntrySink for Registry {
+    fn deliver(&self, doc: &DocId, epoch: u64, entries: Vec<Entry>) {
+        let Some(h) = self.lock().get(doc).cloned() else {
+            return; // not hot here: the entries are in the log for whoever loads it next
+        };
+        if h.inner.lagged.load(Ordering::Acquire) {
+            return; // the owner will re-read these from the log
+        }
+        if h.inner.entries.try_send((epoch, entries)).is_err() {
+            h.inner.lagged.store(true, Ordering::Release);
+        }
+    }
+}

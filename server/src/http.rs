@@ -1,0 +1,204 @@
+//! HTTP face of a node: routes, the WebSocket upgrades, the document API and health.
+
+use crate::backplane::BackplaneError;
+use crate::connection::native::NativeSession;
+use crate::connection::yjs::YjsSession;
+use crate::connection::{self, ConnContext};
+use crate::doc::DocError;
+use crate::doc::outbox::{Outbox, Proto};
+use crate::validate::{self, Rejected};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chorus_protocol::{DocId, DocIdError};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Errors of the HTTP API, each with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    BadDocId(#[from] DocIdError),
+    #[error("update rejected: {0}")]
+    BadUpdate(Rejected),
+    #[error("update too large: {0}")]
+    TooLarge(Rejected),
+    #[error("the log could not take the update; retry: {0}")]
+    Append(#[from] BackplaneError),
+    #[error("the document is unavailable; retry")]
+    Unavailable,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::BadDocId(_) => (StatusCode::BAD_REQUEST, "bad_doc_id"),
+            ApiError::BadUpdate(_) => (StatusCode::BAD_REQUEST, "bad_update"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Append(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        let mut resp = (
+            status,
+            axum::Json(json!({"error": code, "message": self.to_string()})),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<DocError> for ApiError {
+    fn from(_: DocError) -> Self {
+        ApiError::Unavailable
+    }
+}
+
+pub fn router(ctx: Arc<ConnContext>) -> Router {
+    let body_limit = ctx.config.max_update_bytes + 1;
+    let mut router = Router::new()
+        .route("/v1/ws", get(native_ws))
+        .route("/y/{doc}", get(yjs_ws))
+        .route("/v1/docs/{doc}", get(get_doc))
+        .route(
+            "/v1/docs/{doc}/updates",
+            post(post_update).layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .route("/healthz", get(healthz));
+    if let Some(dir) = &ctx.config.static_dir {
+        if dir.is_dir() {
+            router = router.fallback_service(tower_http::services::ServeDir::new(dir));
+        }
+    }
+    router.with_state(ctx)
+}
+
+/// Socket buffer sizes. tungstenite reads into a 128 KiB buffer per connection by default,
+/// which at 10k connections is over a gigabyte of mostly idle memory; 8 KiB holds any typical
+/// CRDT update frame, and larger messages still arrive (the buffer grows per read).
+const READ_BUFFER: usize = 8 * 1024;
+const WRITE_BUFFER: usize = 8 * 1024;
+
+fn configure(ws: WebSocketUpgrade, ctx: &ConnContext) -> WebSocketUpgrade {
+    let max = ctx.config.max_message_bytes;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        // Bounded: what tungstenite may hold unsent beyond our own outbox accounting.
+        .max_write_buffer_size(WRITE_BUFFER + max + 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+}
+
+async fn native_ws(State(ctx): State<Arc<ConnContext>>, ws: WebSocketUpgrade) -> Response {
+    configure(ws, &ctx).on_upgrade(move |socket| {
+        let conn = ctx.next_conn_id();
+        let outbox = Arc::new(Outbox::new(conn, Proto::Native, ctx.config.outbox_bytes));
+        let session = NativeSession::new(ctx.registry.clone(), ctx.config.clone(), outbox.clone());
+        // Upgraded sockets outlive the HTTP request: they are tracked here, not by axum.
+        let tracker = ctx.tracker.clone();
+        tracker.spawn(connection::run(socket, ctx, outbox, session));
+        std::future::ready(())
+    })
+}
+
+async fn yjs_ws(
+    State(ctx): State<Arc<ConnContext>>,
+    Path(doc): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let doc = DocId::parse(&doc)?;
+    Ok(configure(ws, &ctx).on_upgrade(move |socket| {
+        let tracker = ctx.tracker.clone();
+        tracker.spawn(async move {
+            let conn = ctx.next_conn_id();
+            let outbox = Arc::new(Outbox::new(conn, Proto::Yjs, ctx.config.outbox_bytes));
+            for _ in 0..3 {
+                let handle = ctx.registry.handle(&doc);
+                match handle
+                    .subscribe(conn, outbox.clone(), Default::default())
+                    .await
+                {
+                    Ok(()) => {
+                        let session = YjsSession::new(
+                            ctx.registry.clone(),
+                            ctx.config.clone(),
+                            outbox.clone(),
+                            doc,
+                            handle,
+                        );
+                        connection::run(socket, ctx, outbox, session).await;
+                        return;
+                    }
+                    Err(DocError::Gone) => continue,
+                    Err(DocError::Unavailable) => break,
+                }
+            }
+            tracing::warn!(%doc, "y-websocket client refused: document unavailable");
+        });
+        std::future::ready(())
+    }))
+}
+
+async fn get_doc(
+    State(ctx): State<Arc<ConnContext>>,
+    Path(doc): Path<String>,
+) -> Result<Response, ApiError> {
+    let doc = DocId::parse(&doc)?;
+    let (state, position) = ctx.registry.handle(&doc).state().await?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static("x-chorus-position"),
+                HeaderValue::from_str(&position.to_string())
+                    .unwrap_or(HeaderValue::from_static("")),
+            ),
+        ],
+        state,
+    )
+        .into_response())
+}
+
+async fn post_update(
+    State(ctx): State<Arc<ConnContext>>,
+    Path(doc): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let doc = DocId::parse(&doc)?;
+    validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
+        Rejected::TooLarge(..) => ApiError::TooLarge(e),
+        e => ApiError::BadUpdate(e),
+    })?;
+    // The document is made hot first so the entry is applied before we answer: a GET right
+    // after this POST sees the update (read-your-writes).
+    let handle = ctx.registry.handle(&doc);
+    let position = ctx.registry.backplane().append(&doc, body, None).await?;
+    handle.wait_applied(position.id).await?;
+    Ok((
+        StatusCode::OK,
+        axum::Json(json!({"position": position.to_string()})),
+    )
+        .into_response())
+}
+
+async fn healthz(State(ctx): State<Arc<ConnContext>>) -> Response {
+    axum::Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "backplane": ctx.registry.backplane().name(),
+        "connections": ctx.open.load(Ordering::Relaxed),
+        "hot_documents": ctx.registry.hot_documents(),
+    }))
+    .into_response()
+}

@@ -1,0 +1,120 @@
+//! Chorus: a collaborative-state sync server for yrs documents. Modules follow the bytes:
+//!
+//! - [`http`]: routes, WebSocket upgrades, the document API
+//! - [`connection`]: per-socket reader/writer; native and y-websocket sessions
+//! - [`validate`]: guards every client-supplied update before yrs decodes it
+//! - [`doc`]: registry of hot documents, each owned by one task; the coalescing outbox
+//! - [`backplane`]: the log every update goes through (embedded: fsynced redb)
+//! - [`storage`]: snapshots
+//!
+//! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
+
+pub mod backplane;
+pub mod config;
+pub mod connection;
+pub mod doc;
+pub mod http;
+pub mod storage;
+pub mod validate;
+
+pub use config::Config;
+
+use backplane::Backplane;
+use backplane::embedded::EmbeddedBackplane;
+use connection::ConnContext;
+use doc::{DocSettings, Registry};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use storage::fs::FsSnapshotStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Runs a node on `listener` until `shutdown` resolves, then drains: stops accepting, closes
+/// every socket with 1001 ("going away, reconnect"), saves every hot document, flushes the
+/// log, and returns once every task has finished (or the shutdown deadline passed).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)?;
+    let tracker = TaskTracker::new();
+    let conn_tracker = TaskTracker::new();
+
+    let backplane: Arc<dyn Backplane> = Arc::new(EmbeddedBackplane::open(
+        &config.data_dir.join("log.redb"),
+        &tracker,
+    )?);
+    let store = Arc::new(FsSnapshotStore::open(config.data_dir.join("snapshots"))?);
+    let node = rand::random::<u64>();
+    let registry = Registry::new(
+        backplane.clone(),
+        store,
+        DocSettings {
+            evict_after: config.evict_after,
+            compact_entries: config.compact_entries,
+            compact_bytes: config.compact_bytes,
+            replay_window: config.replay_window,
+            replay_memory_bytes: config.replay_memory_bytes,
+        },
+        node,
+        tracker.clone(),
+    );
+    let stop = CancellationToken::new();
+    let ctx = Arc::new(ConnContext::new(
+        registry.clone(),
+        config.clone(),
+        stop.clone(),
+        conn_tracker.clone(),
+    ));
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        backplane = backplane.name(),
+        data_dir = %config.data_dir.display(),
+        "chorus node listening"
+    );
+
+    let stop_accepting = stop.clone();
+    axum::serve(listener, http::router(ctx.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets with 1001, saving documents");
+            stop_accepting.cancel();
+        })
+        .await?;
+
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    stop.cancel();
+    conn_tracker.close();
+    if tokio::time::timeout_at(deadline, conn_tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = ctx.open.load(Ordering::Relaxed),
+            "connections still open at the shutdown deadline"
+        );
+    }
+    if tokio::time::timeout_at(deadline, registry.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "documents still saving at the shutdown deadline; the log holds their updates"
+        );
+    }
+    let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), backplane.close()).await;
+    tracker.close();
+    if tokio::time::timeout_at(deadline + Duration::from_secs(1), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not finish by the shutdown deadline");
+    }
+    tracing::info!("chorus node stopped");
+    Ok(())
+}

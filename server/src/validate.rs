@@ -1,0 +1,480 @@
+//! Edge of the write path: every client-supplied update, state vector and awareness update is
+//! checked here before yrs decodes it, so nothing that reaches the log can crash a node.
+//!
+//! Why a pre-scan: yrs 0.28.1 decodes `Any` values recursively with no depth limit (a ~12 KB
+//! update of nested arrays overflows the stack, an abort `catch_unwind` cannot catch), and it
+//! pre-allocates from attacker-chosen counts (a 4-byte state vector made it reserve ~500 MB).
+//! `scan_update` walks the lib0 v1 update format exactly as `Update::decode_v1` does, with an
+//! explicit nesting limit and every count checked against the bytes that remain. Then the
+//! update is applied to a scratch document and re-encoded, which rejects updates after which a
+//! document could no longer be encoded (see ../shared/research/reliability.md §2).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use yrs::sync::awareness::AwarenessUpdate;
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+
+/// Deepest nesting of `Any` arrays/maps accepted inside an update. Yjs documents built by
+/// editors nest a handful of levels; 64 leaves room for JSON-ish app data while staying far
+/// below the ~6,000 levels that overflow a 2 MiB stack.
+pub const MAX_ANY_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("{0} bytes is over the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+    #[error("values nested deeper than {MAX_ANY_DEPTH} levels")]
+    TooDeep,
+    #[error("the document could not take this update: {0}")]
+    Unapplicable(String),
+    #[error("awareness state is not valid JSON")]
+    BadJson,
+}
+
+/// A bounds-checked reader over lib0 encoding. Never allocates, never panics.
+pub struct Lib0Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+type Scan<T> = Result<T, Rejected>;
+
+impl<'a> Lib0Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Lib0Reader { buf, pos: 0 }
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    pub fn u8(&mut self) -> Scan<u8> {
+        let b = *self
+            .buf
+            .get(self.pos)
+            .ok_or(Rejected::Malformed("unexpected end"))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    pub fn skip(&mut self, n: usize) -> Scan<()> {
+        if n > self.remaining() {
+            return Err(Rejected::Malformed("length past the end"));
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Unsigned LEB128 as lib0 writes it; at most 64 bits.
+    pub fn var_u64(&mut self) -> Scan<u64> {
+        let mut value: u64 = 0;
+        let mut shift = 0u32;
+        loop {
+            let b = self.u8()?;
+            if shift >= 64 || (shift == 63 && b & 0x7e != 0) {
+                return Err(Rejected::Malformed("varint too long"));
+            }
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+            shift += 7;
+        }
+    }
+
+    /// lib0's signed varint (sign in bit 6 of the first byte); only its length matters here.
+    fn skip_var_i64(&mut self) -> Scan<()> {
+        for _ in 0..10 {
+            if self.u8()? & 0x80 == 0 {
+                return Ok(());
+            }
+        }
+        Err(Rejected::Malformed("varint too long"))
+    }
+
+    /// A count of things each taking at least `min_bytes`: rejected if the rest of the input
+    /// cannot hold that many, so no decoder downstream reserves memory for a lie.
+    pub fn count(&mut self, min_bytes: usize) -> Scan<usize> {
+        let n = self.var_u64()?;
+        let fits = (self.remaining() / min_bytes.max(1)) as u64;
+        if n > fits {
+            return Err(Rejected::Malformed("count larger than the input can hold"));
+        }
+        Ok(n as usize)
+    }
+
+    /// `varUint8Array`: a length, then that many bytes.
+    pub fn buf(&mut self) -> Scan<&'a [u8]> {
+        let n = self.var_u64()?;
+        if n > self.remaining() as u64 {
+            return Err(Rejected::Malformed("length past the end"));
+        }
+        let start = self.pos;
+        self.pos += n as usize;
+        Ok(&self.buf[start..self.pos])
+    }
+
+    pub fn string(&mut self) -> Scan<&'a str> {
+        std::str::from_utf8(self.buf()?).map_err(|_| Rejected::Malformed("invalid UTF-8"))
+    }
+
+    pub fn rest(&mut self) -> &'a [u8] {
+        let rest = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        rest
+    }
+}
+
+/// Walks a lib0 v1 update the way `yrs::Update::decode_v1` does, without building anything.
+pub fn scan_update(update: &[u8]) -> Scan<()> {
+    let mut r = Lib0Reader::new(update);
+    let clients = r.count(3)?;
+    for _ in 0..clients {
+        let blocks = r.count(2)?;
+        r.var_u64()?; // client
+        r.var_u64()?; // first clock
+        for _ in 0..blocks {
+            scan_block(&mut r)?;
+        }
+    }
+    // delete set: clients × (client, ranges × (clock, len))
+    let clients = r.count(2)?;
+    for _ in 0..clients {
+        r.var_u64()?;
+        let ranges = r.count(2)?;
+        for _ in 0..ranges {
+            r.var_u64()?;
+            r.var_u64()?;
+        }
+    }
+    Ok(())
+}
+
+const HAS_ORIGIN: u8 = 0b1000_0000;
+const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
+const HAS_PARENT_SUB: u8 = 0b0010_0000;
+
+fn scan_block(r: &mut Lib0Reader<'_>) -> Scan<()> {
+    let info = r.u8()?;
+    match info {
+        0 | 10 => {
+            // GC / Skip: a length
+            r.var_u64()?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    if info & HAS_ORIGIN != 0 {
+        r.var_u64()?;
+        r.var_u64()?;
+    }
+    if info & HAS_RIGHT_ORIGIN != 0 {
+        r.var_u64()?;
+        r.var_u64()?;
+    }
+    let cant_copy_parent_info = info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0;
+    if cant_copy_parent_info {
+        if r.var_u64()? == 1 {
+            r.string()?; // named root type
+        } else {
+            r.var_u64()?; // parent item id
+            r.var_u64()?;
+        }
+        if info & HAS_PARENT_SUB != 0 {
+            r.string()?;
+        }
+    }
+    match info & 0b1111 {
+        1 => {
+            r.var_u64()?; // deleted length
+        }
+        2 => {
+            // Legacy ContentJSON. yrs 0.28 reads len+1 strings here but writes len, so such an
+            // item does not survive re-encoding (the "pending poison" of reliability.md §2).
+            // Neither Yjs 13 nor yrs produces it: refuse it outright.
+            return Err(Rejected::Malformed("legacy JSON content is not accepted"));
+        }
+        3 => {
+            r.buf()?;
+        }
+        4 => {
+            r.string()?;
+        }
+        5 => {
+            json_depth_ok(r.string()?)?; // embed
+        }
+        6 => {
+            r.string()?; // format key
+            json_depth_ok(r.string()?)?;
+        }
+        7 => match r.u8()? {
+            3 => {
+                r.string()?; // XmlElement name
+            }
+            0 | 1 | 2 | 4 | 5 | 6 | 9 | 15 => {}
+            _ => return Err(Rejected::Malformed("unknown type reference")),
+        },
+        8 => {
+            let n = r.count(1)?;
+            for _ in 0..n {
+                scan_any(r, 1)?;
+            }
+        }
+        9 => {
+            r.string()?; // sub-document guid
+            scan_any(r, 1)?;
+        }
+        _ => return Err(Rejected::Malformed("unknown content type")),
+    }
+    Ok(())
+}
+
+fn scan_any(r: &mut Lib0Reader<'_>, depth: usize) -> Scan<()> {
+    if depth > MAX_ANY_DEPTH {
+        return Err(Rejected::TooDeep);
+    }
+    match r.u8()? {
+        127 | 126 | 121 | 120 => Ok(()),
+        125 => r.skip_var_i64(),
+        124 => r.skip(4),
+        123 | 122 => r.skip(8),
+        119 => r.string().map(drop),
+        118 => {
+            let n = r.count(2)?;
+            for _ in 0..n {
+                r.string()?;
+                scan_any(r, depth + 1)?;
+            }
+            Ok(())
+        }
+        117 => {
+            let n = r.count(1)?;
+            for _ in 0..n {
+                scan_any(r, depth + 1)?;
+            }
+            Ok(())
+        }
+        116 => r.buf().map(drop),
+        _ => Err(Rejected::Malformed("unknown value type")),
+    }
+}
+
+/// yrs parses embed/format JSON with serde_json, whose own recursion limit (128) already turns
+/// deep nesting into an error; we hold JSON to the same depth as binary values.
+fn json_depth_ok(s: &str) -> Scan<()> {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for b in s.bytes() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_ANY_DEPTH {
+                    return Err(Rejected::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Full check of a client update before it may be appended to the log: size, structure,
+/// decode, and a trial on a scratch document that must still encode afterwards.
+pub fn check_update(update: &[u8], max_bytes: usize) -> Result<Update, Rejected> {
+    if update.len() > max_bytes {
+        return Err(Rejected::TooLarge(update.len(), max_bytes));
+    }
+    scan_update(update)?;
+    let decoded = Update::decode_v1(update).map_err(|e| Rejected::Unapplicable(e.to_string()))?;
+    // The trial runs on an empty document: an update that depends on state we do not pass in
+    // stays pending there, which is fine; what must not happen is a panic or a document that
+    // cannot be encoded any more. yrs still has panicking paths here (reliability.md §2), so a
+    // panic is caught and reported as a rejection instead of taking the task down.
+    let trial = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        let doc = Doc::new();
+        let mut txn = doc.transact_mut();
+        let copy = Update::decode_v1(update).map_err(|e| e.to_string())?;
+        txn.apply_update(copy).map_err(|e| e.to_string())?;
+        let encoded = txn.encode_state_as_update_v1(&StateVector::default());
+        Update::decode_v1(&encoded).map_err(|e| format!("does not re-encode: {e}"))?;
+        Ok(())
+    }));
+    match trial {
+        Ok(Ok(())) => Ok(decoded),
+        Ok(Err(e)) => Err(Rejected::Unapplicable(e)),
+        Err(_) => Err(Rejected::Unapplicable("the update makes yrs panic".into())),
+    }
+}
+
+/// Decodes a client's state vector; the pre-check bounds the entry count by the input size.
+pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, Rejected> {
+    let mut r = Lib0Reader::new(bytes);
+    let n = r.count(2)?;
+    for _ in 0..n {
+        r.var_u64()?;
+        r.var_u64()?;
+    }
+    StateVector::decode_v1(bytes).map_err(|_| Rejected::Malformed("state vector"))
+}
+
+/// Decodes a y-protocols awareness update, refusing states that are not JSON (stock Yjs
+/// clients `JSON.parse` every state they receive; one bad string would break all of them).
+pub fn decode_awareness(bytes: &[u8], max_bytes: usize) -> Result<AwarenessUpdate, Rejected> {
+    if bytes.len() > max_bytes {
+        return Err(Rejected::TooLarge(bytes.len(), max_bytes));
+    }
+    let mut r = Lib0Reader::new(bytes);
+    let n = r.count(3)?;
+    for _ in 0..n {
+        r.var_u64()?;
+        r.var_u64()?;
+        let json = r.string()?;
+        json_depth_ok(json)?;
+        if serde_json::from_str::<serde::de::IgnoredAny>(json).is_err() {
+            return Err(Rejected::BadJson);
+        }
+    }
+    AwarenessUpdate::decode_v1(bytes).map_err(|_| Rejected::Malformed("awareness update"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::updates::encoder::Encode;
+    use yrs::{Any, Array, GetString, Map, Text};
+
+    fn sample_updates() -> Vec<Vec<u8>> {
+        let doc = Doc::with_client_id(7);
+        let text = doc.get_or_insert_text("t");
+        let map = doc.get_or_insert_map("m");
+        let arr = doc.get_or_insert_array("a");
+        let mut out = Vec::new();
+        let mut sv = StateVector::default();
+        for i in 0..5 {
+            let mut txn = doc.transact_mut();
+            text.insert(&mut txn, 0, "héllo ");
+            map.insert(
+                &mut txn,
+                format!("k{i}"),
+                Any::from(vec![Any::from(1.5), Any::from("x")]),
+            );
+            arr.push_back(&mut txn, Any::from(true));
+            if i == 3 {
+                text.remove_range(&mut txn, 0, 1);
+            }
+            drop(txn);
+            let txn = doc.transact();
+            out.push(txn.encode_state_as_update_v1(&sv));
+            sv = txn.state_vector();
+        }
+        assert!(text.get_string(&doc.transact()).contains("llo"));
+        out
+    }
+
+    #[test]
+    fn real_updates_pass_the_scan_and_the_check() {
+        for u in sample_updates() {
+            scan_update(&u).expect("scan");
+            check_update(&u, 1 << 20).expect("check");
+        }
+        scan_update(Update::EMPTY_V1).expect("empty update");
+    }
+
+    fn nested_array_update(depth: usize) -> Vec<u8> {
+        // one client, one block at clock 0 in root map "m" under key "k", content Any
+        let mut u = vec![1, 1, 1, 0];
+        u.push(HAS_PARENT_SUB | 8);
+        u.extend([1, 1, b'm', 1, b'k']); // parent info: named root "m"; parent sub "k"
+        u.push(1); // one Any value
+        for _ in 0..depth {
+            u.extend([117, 1]);
+        }
+        u.push(126); // null at the bottom
+        u.push(0); // empty delete set
+        u
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_before_yrs_sees_it() {
+        // 6,240 levels aborts yrs 0.28.1 with a stack overflow; we never hand it over.
+        assert_eq!(
+            check_update(&nested_array_update(7_000), 1 << 20),
+            Err(Rejected::TooDeep)
+        );
+        assert_eq!(
+            scan_update(&nested_array_update(MAX_ANY_DEPTH + 1)),
+            Err(Rejected::TooDeep)
+        );
+        // Shallow nesting of the same shape is a real, applicable update.
+        check_update(&nested_array_update(3), 1 << 20).expect("shallow nesting is fine");
+    }
+
+    #[test]
+    fn known_crashers_are_rejected() {
+        // reliability.md §2: accepted by yrs, after which the document no longer encodes.
+        let poison = [
+            0x01, 0x01, 0x01, 0x00, 0x62, 0x08, 0x01, 0x01, 0x01, 0x75, 0x01, 0x7e, 0x00,
+        ];
+        assert!(check_update(&poison, 1 << 20).is_err());
+        // betteroffice#224: invalid UTF-8 in a string
+        let bad_utf8 = [1, 1, 1, 0, 4, 1, 1, b't', 2, 0xff, 0xfe, 0];
+        assert!(check_update(&bad_utf8, 1 << 20).is_err());
+        // counts that promise more than the input holds
+        assert!(decode_state_vector(&[0x80, 0xe5, 0x9a, 0x77]).is_err());
+        assert!(scan_update(&[0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        assert!(decode_awareness(&[0x80, 0xe5, 0x9a, 0x77], 1 << 20).is_err());
+    }
+
+    #[test]
+    fn every_truncation_and_byte_flip_of_real_updates_is_handled() {
+        for u in sample_updates() {
+            for cut in 0..u.len() {
+                let _ = check_update(&u[..cut], 1 << 20);
+            }
+            for i in 0..u.len() {
+                for flip in [0x01u8, 0x80, 0xff] {
+                    let mut m = u.clone();
+                    m[i] ^= flip;
+                    let _ = check_update(&m, 1 << 20);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn size_limit_applies_first() {
+        let u = sample_updates().remove(0);
+        assert_eq!(check_update(&u, 3), Err(Rejected::TooLarge(u.len(), 3)));
+    }
+
+    #[test]
+    fn awareness_must_carry_json() {
+        let mut good = yrs::sync::Awareness::new(Doc::with_client_id(1));
+        good.set_local_state_raw(r#"{"name":"ann"}"#);
+        let bytes = good.update().expect("update").encode_v1();
+        assert!(decode_awareness(&bytes, 1 << 20).is_ok());
+        let mut bad = yrs::sync::Awareness::new(Doc::with_client_id(2));
+        bad.set_local_state_raw("{not json");
+        let bytes = bad.update().expect("update").encode_v1();
+        assert_eq!(
+            decode_awareness(&bytes, 1 << 20).err(),
+            Some(Rejected::BadJson)
+        );
+    }
+}
