@@ -37,10 +37,14 @@ async fn two_clients_converge_with_positions_and_acks() {
     );
 
     // Concurrent edits from both sides converge to the same state.
+    let (mut last_a, mut last_b) = (0, 0);
     for i in 0..20u32 {
-        a.insert("room", 0, "a").await;
-        b.insert("room", i, "b").await;
+        last_a = a.insert("room", 0, "a").await;
+        last_b = b.insert("room", i, "b").await;
     }
+    // Acks come in log order, so the last one means every earlier one was sent too.
+    a.wait_acked(last_a).await;
+    b.wait_acked(last_b).await;
     let expected_len = "hello world".len() + 40;
     let until = tokio::time::Instant::now() + DEADLINE;
     while a.text("room").len() != expected_len || b.text("room") != a.text("room") {
