@@ -73,10 +73,10 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
             post(post_update).layer(DefaultBodyLimit::max(body_limit)),
         )
         .route("/healthz", get(healthz));
-    if let Some(dir) = &ctx.config.static_dir {
-        if dir.is_dir() {
-            router = router.fallback_service(tower_http::services::ServeDir::new(dir));
-        }
+    if let Some(dir) = &ctx.config.static_dir
+        && dir.is_dir()
+    {
+        router = router.fallback_service(tower_http::services::ServeDir::new(dir));
     }
     router.with_state(ctx)
 }

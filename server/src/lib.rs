@@ -1,11 +1,11 @@
 //! Chorus: a collaborative-state sync server for yrs documents. Modules follow the bytes:
 //!
-//! - [`http`]: routes, WebSocket upgrades, the document API
-//! - [`connection`]: per-socket reader/writer; native and y-websocket sessions
-//! - [`validate`]: guards every client-supplied update before yrs decodes it
-//! - [`doc`]: registry of hot documents, each owned by one task; the coalescing outbox
-//! - [`backplane`]: the log every update goes through (embedded: fsynced redb)
-//! - [`storage`]: snapshots
+//! - [`http`] — routes, WebSocket upgrades, the document API
+//! - [`connection`] — per-socket reader/writer; native and y-websocket sessions
+//! - [`validate`] — guards every client-supplied update before yrs decodes it
+//! - [`doc`] — registry of hot documents, each owned by one task; the coalescing outbox
+//! - [`backplane`] — the log every update goes through (embedded: fsynced redb)
+//! - [`storage`] — snapshots
 //!
 //! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
 

@@ -52,7 +52,7 @@ impl NativeClient {
     }
 
     pub fn doc(&mut self, doc: &str) -> &Doc {
-        self.docs.entry(doc.to_string()).or_insert_with(Doc::new)
+        self.docs.entry(doc.to_string()).or_default()
     }
 
     pub async fn send(&mut self, frame: &ClientFrame) {

@@ -254,10 +254,10 @@ impl Session for NativeSession {
             Ok(ClientFrame::Update { doc, update, seq }) => self.update(doc, update, seq),
             Ok(ClientFrame::Awareness { doc, update }) => self.awareness(doc, update).await,
             Ok(ClientFrame::Unsubscribe { doc }) => {
-                if let Ok(id) = DocId::parse(&doc) {
-                    if let Some(handle) = self.docs.remove(&id) {
-                        handle.unsubscribe(self.outbox.conn).await;
-                    }
+                if let Ok(id) = DocId::parse(&doc)
+                    && let Some(handle) = self.docs.remove(&id)
+                {
+                    handle.unsubscribe(self.outbox.conn).await;
                 }
                 Step::Continue
             }

@@ -244,10 +244,10 @@ impl Registry {
     /// The document's handle, starting its owner (which loads it) if it is not hot.
     pub fn handle(&self, doc: &DocId) -> DocHandle {
         let mut docs = self.lock();
-        if let Some(h) = docs.get(doc) {
-            if !h.inner.commands.is_closed() {
-                return h.clone();
-            }
+        if let Some(h) = docs.get(doc)
+            && !h.inner.commands.is_closed()
+        {
+            return h.clone();
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (entries_tx, entries_rx) = mpsc::channel(ENTRY_QUEUE);

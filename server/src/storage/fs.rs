@@ -92,10 +92,11 @@ fn stored_position(path: &Path, doc: &DocId) -> Option<Position> {
 fn save(dir: &Path, lock: &Mutex<()>, doc: &DocId, snap: &Snapshot) -> Result<bool, StoreError> {
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     let path = FsSnapshotStore::path(dir, doc);
-    if let Some(old) = stored_position(&path, doc) {
-        if old.epoch == snap.position.epoch && old.id >= snap.position.id {
-            return Ok(false);
-        }
+    if let Some(old) = stored_position(&path, doc)
+        && old.epoch == snap.position.epoch
+        && old.id >= snap.position.id
+    {
+        return Ok(false);
     }
     let tmp = dir.join(format!(".{doc}.snap.tmp"));
     {

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every Chorus test. Installs what the tests need first and says what it installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+started=$(date +%s)
+
+for tool in cargo rustup node npm; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "$tool not found: the tests need the Rust toolchain (rustup) and Node.js with npm" >&2
+    exit 1
+  fi
+done
+
+say "Installing the stock Yjs client used by the compatibility tests (npm ci in tests/js: yjs, y-websocket, ws)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+
+say "Adding the wasm32-unknown-unknown Rust target (the protocol crate must build for browsers)"
+rustup target add wasm32-unknown-unknown
+
+say "Checking formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
+say "Linting (cargo clippy, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+say "Building the protocol crate for wasm32-unknown-unknown"
+cargo build -p chorus-protocol --target wasm32-unknown-unknown
+
+say "Building the chorus binary (the process tests start it, kill -9 it and restart it)"
+cargo build -p chorus-server --bin chorus
+
+say "Running all tests (unit + integration, against real sockets and processes)"
+cargo test --workspace
+
+say "All tests passed in $(( $(date +%s) - started ))s"
