@@ -185,6 +185,11 @@ impl Backplane for EmbeddedBackplane {
         let _ = self.sink.set(sink);
     }
 
+    // Every append is delivered to the sink, which routes by document: nothing to track.
+    fn watch(&self, _doc: &DocId, _after: StreamId) {}
+
+    fn unwatch(&self, _doc: &DocId) {}
+
     fn close(&self) -> BoxFuture<'static, ()> {
         // Dropping the sender lets the writer finish what was admitted, then stop.
         lock(&self.tx).take();

@@ -97,6 +97,14 @@ pub trait Backplane: Send + Sync + 'static {
     /// Connects the backplane to the node's documents. Called once, before any append.
     fn attach(&self, sink: std::sync::Weak<dyn EntrySink>);
 
+    /// The document is hot on this node: deliver its entries after `after` to the sink from
+    /// now on. A shared log's reader adds the document to what it reads; the embedded log
+    /// delivers every append anyway and ignores this.
+    fn watch(&self, doc: &DocId, after: StreamId);
+
+    /// The document is no longer hot here: stop reading its entries.
+    fn unwatch(&self, doc: &DocId);
+
     /// Stops accepting appends and finishes the ones already admitted.
     fn close(&self) -> BoxFuture<'static, ()>;
 }

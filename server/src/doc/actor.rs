@@ -92,6 +92,7 @@ impl Owner {
             }
             return;
         }
+        self.shared.backplane.watch(&self.doc, self.applied);
         tracing::debug!(doc = %self.doc, position = %self.position(), "document loaded");
         let cancel = self.shared.cancel.clone();
         let evict_after = self.shared.settings.evict_after;
@@ -114,7 +115,9 @@ impl Owner {
                 (false, _) => None,
             };
         }
-        // Unloading: later commands go to a fresh owner, which loads from storage.
+        // Unloading: later commands go to a fresh owner, which loads from storage. Unwatch
+        // first: a new owner can only start after we unregister, so its `watch` comes last.
+        self.shared.backplane.unwatch(&self.doc);
         self.unregister();
         commands.close();
         while let Ok(cmd) = commands.try_recv() {
