@@ -27,6 +27,10 @@ pub enum ErrorCode {
     TooManyDocs,
     /// The update could not be appended to the log; nothing was acknowledged. Retry later.
     AppendFailed,
+    /// The connection sent more messages per second than allowed; this one was not processed.
+    RateLimited,
+    /// The document reached the size limit and takes no more updates.
+    DocumentTooLarge,
     /// The document could not be loaded. Retry later.
     Unavailable,
 }
@@ -34,7 +38,10 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Whether sending the same request again later may succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorCode::AppendFailed | ErrorCode::Unavailable)
+        matches!(
+            self,
+            ErrorCode::AppendFailed | ErrorCode::Unavailable | ErrorCode::RateLimited
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +56,8 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::TooManyDocs => "too_many_docs",
             ErrorCode::AppendFailed => "append_failed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::DocumentTooLarge => "document_too_large",
             ErrorCode::Unavailable => "unavailable",
         }
     }

@@ -87,6 +87,37 @@ pub struct Config {
     #[arg(long, env = "CHORUS_OUTBOX_BYTES", default_value_t = 1 << 20)]
     pub outbox_bytes: usize,
 
+    /// A connection whose socket accepts nothing for this long is treated as stalled: it gets
+    /// one more period to read what is in flight, then is closed with 4001 ("too slow,
+    /// reconnect and resume").
+    #[arg(long, env = "CHORUS_SLOW_CLIENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub slow_client_timeout: Duration,
+
+    /// Most awareness (presence) frames per second sent to one connection for one document;
+    /// in between, states merge and the newest per client wins.
+    #[arg(long, env = "CHORUS_AWARENESS_HZ", default_value_t = 10)]
+    pub awareness_hz: u32,
+
+    /// Most WebSocket connections open at once; more get HTTP 503 with Retry-After.
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// New WebSocket connections accepted per second (token bucket, burst of the same size);
+    /// more get HTTP 429 with Retry-After.
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS_PER_SECOND", default_value_t = 500)]
+    pub max_connections_per_second: u32,
+
+    /// Messages per second one connection may send (token bucket, burst twice that). Over it,
+    /// native frames are refused with `rate_limited`; y-websocket reads simply slow down.
+    #[arg(long, env = "CHORUS_MAX_MESSAGES_PER_SECOND", default_value_t = 500)]
+    pub max_messages_per_second: u32,
+
+    /// A document larger than this (encoded size at its last snapshot plus updates since)
+    /// takes no more updates: native clients get `document_too_large`, y-websocket clients
+    /// a permission-denied message. Reading it keeps working.
+    #[arg(long, env = "CHORUS_MAX_DOCUMENT_BYTES", default_value_t = 64 << 20)]
+    pub max_document_bytes: usize,
+
     /// Graceful shutdown deadline: after SIGTERM/SIGINT, the node closes sockets, saves
     /// documents and exits within this long.
     #[arg(long, env = "CHORUS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -1,11 +1,12 @@
 //! HTTP face of a node: routes, the WebSocket upgrades, the document API and health.
 
 use crate::backplane::BackplaneError;
+use crate::connection::Refused;
 use crate::connection::native::NativeSession;
 use crate::connection::yjs::YjsSession;
 use crate::connection::{self, ConnContext};
 use crate::doc::DocError;
-use crate::doc::outbox::{Outbox, Proto};
+use crate::doc::outbox::Proto;
 use crate::validate::{self, Rejected};
 use axum::Router;
 use axum::body::Bytes;
@@ -72,7 +73,8 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
             "/v1/docs/{doc}/updates",
             post(post_update).layer(DefaultBodyLimit::max(body_limit)),
         )
-        .route("/healthz", get(healthz));
+        .route("/healthz", get(healthz))
+        .route("/v1/stats", get(stats));
     if let Some(dir) = &ctx.config.static_dir
         && dir.is_dir()
     {
@@ -97,14 +99,34 @@ fn configure(ws: WebSocketUpgrade, ctx: &ConnContext) -> WebSocketUpgrade {
         .max_frame_size(max)
 }
 
+fn refused(r: Refused) -> Response {
+    let (status, retry, code) = match r {
+        Refused::RateLimited(wait) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            wait.as_secs().max(1),
+            "rate_limited",
+        ),
+        Refused::Full => (StatusCode::SERVICE_UNAVAILABLE, 5, "too_many_connections"),
+        Refused::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, 1, "shutting_down"),
+    };
+    let mut resp = (status, axum::Json(json!({"error": code}))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&retry.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
 async fn native_ws(State(ctx): State<Arc<ConnContext>>, ws: WebSocketUpgrade) -> Response {
+    let slot = match ctx.admit() {
+        Ok(slot) => slot,
+        Err(r) => return refused(r),
+    };
     configure(ws, &ctx).on_upgrade(move |socket| {
-        let conn = ctx.next_conn_id();
-        let outbox = Arc::new(Outbox::new(conn, Proto::Native, ctx.config.outbox_bytes));
+        let outbox = ctx.new_outbox(Proto::Native);
         let session = NativeSession::new(ctx.registry.clone(), ctx.config.clone(), outbox.clone());
         // Upgraded sockets outlive the HTTP request: they are tracked here, not by axum.
         let tracker = ctx.tracker.clone();
-        tracker.spawn(connection::run(socket, ctx, outbox, session));
+        tracker.spawn(connection::run(socket, ctx, slot, outbox, session));
         std::future::ready(())
     })
 }
@@ -115,11 +137,15 @@ async fn yjs_ws(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
+    let slot = match ctx.admit() {
+        Ok(slot) => slot,
+        Err(r) => return Ok(refused(r)),
+    };
     Ok(configure(ws, &ctx).on_upgrade(move |socket| {
         let tracker = ctx.tracker.clone();
         tracker.spawn(async move {
-            let conn = ctx.next_conn_id();
-            let outbox = Arc::new(Outbox::new(conn, Proto::Yjs, ctx.config.outbox_bytes));
+            let outbox = ctx.new_outbox(Proto::Yjs);
+            let conn = outbox.conn;
             for _ in 0..3 {
                 let handle = ctx.registry.handle(&doc);
                 match handle
@@ -134,7 +160,7 @@ async fn yjs_ws(
                             doc,
                             handle,
                         );
-                        connection::run(socket, ctx, outbox, session).await;
+                        connection::run(socket, ctx, slot, outbox, session).await;
                         return;
                     }
                     Err(DocError::Gone) => continue,
@@ -199,6 +225,27 @@ async fn healthz(State(ctx): State<Arc<ConnContext>>) -> Response {
         "backplane": ctx.registry.backplane().name(),
         "connections": ctx.open.load(Ordering::Relaxed),
         "hot_documents": ctx.registry.hot_documents(),
+    }))
+    .into_response()
+}
+
+/// Live figures for operators and tests (Prometheus metrics come with /metrics).
+async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
+    let (total, largest) = ctx.outbox_bytes();
+    let s = &ctx.stats;
+    axum::Json(json!({
+        "connections": ctx.open.load(Ordering::Relaxed),
+        "hot_documents": ctx.registry.hot_documents(),
+        "outbox": {
+            "pending_bytes": total,
+            "largest_pending_bytes": largest,
+            "budget_bytes": ctx.config.outbox_bytes,
+            "sheds": s.sheds.load(Ordering::Relaxed),
+            "merged_frames": s.merged_frames.load(Ordering::Relaxed),
+            "merged_updates": s.merged_updates.load(Ordering::Relaxed),
+            "stalled": s.stalled.load(Ordering::Relaxed),
+            "slow_closes": s.slow_closes.load(Ordering::Relaxed),
+        },
     }))
     .into_response()
 }

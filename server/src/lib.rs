@@ -14,6 +14,7 @@ pub mod config;
 pub mod connection;
 pub mod doc;
 pub mod http;
+pub mod limits;
 pub mod storage;
 pub mod validate;
 

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use yrs::updates::decoder::Decode;
-use yrs::{Doc, GetString, ReadTxn, StateVector, Text, Transact, Update};
+use yrs::{Doc, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
 /// What arrived from the server.
 #[derive(Debug, Clone)]
@@ -39,6 +39,29 @@ impl NativeClient {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket connect");
+        Self::from_stream(ws)
+    }
+
+    /// Connects with a small, fixed kernel receive buffer (no autotuning), like a client on a
+    /// slow link: when it stops reading, backpressure reaches the server within kilobytes
+    /// instead of the tens of megabytes loopback autotuning would absorb.
+    pub async fn connect_small_window(url: &str, recv_buffer: u32) -> Self {
+        let authority = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .expect("host:port");
+        let addr: std::net::SocketAddr = authority.parse().expect("socket address");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket handshake");
+        Self::from_stream(ws)
+    }
+
+    fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
         NativeClient {
             ws,
             docs: HashMap::new(),
@@ -116,6 +139,25 @@ impl NativeClient {
             d.transact().encode_state_as_update_v1(&before)
         };
         self.send_update(doc, update).await
+    }
+
+    /// Sets `key` in the document's map "m" and sends the update; returns its `seq`.
+    pub async fn set_map(&mut self, doc: &str, key: &str, value: &str) -> u64 {
+        let update = {
+            let d = self.doc(doc);
+            let m = d.get_or_insert_map("m");
+            let before = d.transact().state_vector();
+            m.insert(&mut d.transact_mut(), key, value);
+            d.transact().encode_state_as_update_v1(&before)
+        };
+        self.send_update(doc, update).await
+    }
+
+    pub fn map_value(&mut self, doc: &str, key: &str) -> Option<String> {
+        let d = self.doc(doc);
+        let m = d.get_or_insert_map("m");
+        let txn = d.transact();
+        m.get(&txn, key).map(|v| v.to_string(&txn))
     }
 
     pub async fn send_update(&mut self, doc: &str, update: Vec<u8>) -> u64 {

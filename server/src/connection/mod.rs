@@ -9,15 +9,17 @@
 pub mod native;
 pub mod yjs;
 
-use crate::doc::outbox::{Outbox, Proto};
+use crate::doc::outbox::{Outbox, OutboxLimits, OutboxStats, Proto};
 use crate::doc::{ConnId, DocHandle, Registry};
+use crate::limits::{ConnectionSlot, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use chorus_protocol::CloseCode;
 use futures_util::stream::{FuturesUnordered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -30,8 +32,23 @@ pub struct ConnContext {
     /// Cancelled when the node shuts down: connections close with 1001.
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    pub stats: Arc<OutboxStats>,
+    /// Open WebSocket connections (admission slots).
+    pub open: Arc<AtomicUsize>,
+    accept_rate: Mutex<TokenBucket>,
+    outboxes: Mutex<HashMap<ConnId, Weak<Outbox>>>,
     next_conn: AtomicU64,
-    pub open: AtomicUsize,
+}
+
+/// Why a new connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refused {
+    /// Over `--max-connections-per-second`; retry after this long.
+    RateLimited(Duration),
+    /// `--max-connections` are open.
+    Full,
+    /// The node is shutting down.
+    ShuttingDown,
 }
 
 impl ConnContext {
@@ -41,18 +58,72 @@ impl ConnContext {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
+        let rate = config.max_connections_per_second;
         ConnContext {
             registry,
             config,
             shutdown,
             tracker,
+            stats: Arc::new(OutboxStats::default()),
+            open: Arc::new(AtomicUsize::new(0)),
+            accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
+            outboxes: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
-            open: AtomicUsize::new(0),
         }
     }
 
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    /// Admission control for a WebSocket upgrade: a slot under `--max-connections` and a token
+    /// from the connection-rate bucket.
+    pub fn admit(&self) -> Result<ConnectionSlot, Refused> {
+        if self.shutdown.is_cancelled() {
+            return Err(Refused::ShuttingDown);
+        }
+        let slot = ConnectionSlot::acquire(&self.open, self.config.max_connections)
+            .ok_or(Refused::Full)?;
+        let mut bucket = self.accept_rate.lock().unwrap_or_else(|p| p.into_inner());
+        if !bucket.try_take() {
+            return Err(Refused::RateLimited(bucket.wait_time()));
+        }
+        Ok(slot)
+    }
+
+    /// A new outbox for a connection, registered for stats until the connection ends.
+    pub fn new_outbox(&self, proto: Proto) -> Arc<Outbox> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let limits = OutboxLimits {
+            budget: self.config.outbox_bytes,
+            awareness_interval: Duration::from_secs_f64(
+                1.0 / f64::from(self.config.awareness_hz.max(1)),
+            ),
+        };
+        let outbox = Arc::new(Outbox::new(conn, proto, limits, self.stats.clone()));
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn, Arc::downgrade(&outbox));
+        outbox
+    }
+
+    fn forget_outbox(&self, conn: ConnId) {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn);
+    }
+
+    /// (total, largest) bytes waiting in connection outboxes right now.
+    pub fn outbox_bytes(&self) -> (usize, usize) {
+        let outboxes: Vec<Arc<Outbox>> = self
+            .outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        outboxes
+            .iter()
+            .map(|o| o.pending_bytes())
+            .fold((0, 0), |(t, m), b| (t + b, m.max(b)))
     }
 }
 
@@ -66,6 +137,9 @@ pub enum Step {
 pub trait Session: Send + 'static {
     /// Handles one binary message.
     fn on_binary(&mut self, bytes: Bytes) -> impl std::future::Future<Output = Step> + Send;
+    /// The client sent faster than `--max-messages-per-second`. `None`: wait for a token
+    /// (backpressure) and process the message; `Some`: the message was refused.
+    fn on_rate_limited(&mut self) -> Option<Step>;
     /// Appends in flight (polled by the reader; results may produce error frames).
     fn inflight(&mut self) -> &mut FuturesUnordered<native::AppendFuture>;
     /// Called with each finished append.
@@ -82,11 +156,13 @@ pub const MAX_INFLIGHT: usize = 256;
 pub async fn run<S: Session>(
     socket: WebSocket,
     ctx: Arc<ConnContext>,
+    slot: ConnectionSlot,
     outbox: Arc<Outbox>,
     mut session: S,
 ) {
-    ctx.open.fetch_add(1, Ordering::Relaxed);
     let conn = outbox.conn;
+    let rate = ctx.config.max_messages_per_second;
+    let mut messages = TokenBucket::new(rate, rate.saturating_mul(2));
     let done = CancellationToken::new();
     let last_seen = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -116,7 +192,19 @@ pub async fn run<S: Session>(
                 match msg {
                     None => break "client went away",
                     Some(Ok(Message::Binary(bytes))) => {
-                        if let Step::Close(code) = session.on_binary(bytes).await {
+                        let step = if messages.try_take() {
+                            session.on_binary(bytes).await
+                        } else {
+                            match session.on_rate_limited() {
+                                Some(step) => step,
+                                None => {
+                                    tokio::time::sleep(messages.wait_time()).await;
+                                    let _ = messages.try_take();
+                                    session.on_binary(bytes).await
+                                }
+                            }
+                        };
+                        if let Step::Close(code) = step {
                             outbox.request_close(code);
                         }
                     }
@@ -146,7 +234,8 @@ pub async fn run<S: Session>(
         handle.unsubscribe(conn).await;
     }
     outbox.close();
-    ctx.open.fetch_sub(1, Ordering::Relaxed);
+    ctx.forget_outbox(conn);
+    drop(slot);
 }
 
 fn is_too_big(e: axum::Error) -> bool {
@@ -161,6 +250,23 @@ fn is_too_big(e: axum::Error) -> bool {
 /// this harmless message every 15 s.
 const YJS_KEEPALIVE: &[u8] = &[1, 1, 0];
 const YJS_KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+
+enum Wake {
+    Done,
+    Shutdown,
+    Drain,
+    Ping,
+    Keepalive,
+}
+
+/// How a bounded write ended.
+enum Wrote {
+    Ok,
+    /// The socket is gone.
+    Failed,
+    /// The peer accepted nothing for the whole slow-client timeout.
+    Stalled,
+}
 
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
@@ -178,56 +284,88 @@ async fn write_loop(
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     keepalive.tick().await;
     let mut last_write = Instant::now();
-    // A write that cannot finish within a whole heartbeat period means the peer is not
-    // reading at all; it is closed as too slow (and resumes by position when it returns).
-    let write_deadline = cfg.ping_interval + cfg.ping_timeout;
+    let mut wake_at: Option<Instant> = None;
+    let stall = cfg.slow_client_timeout;
     let silence_limit = (cfg.ping_interval + cfg.ping_timeout).as_millis() as u64;
 
     let close = loop {
-        tokio::select! {
+        let wake = tokio::select! {
             biased;
-            _ = done.cancelled() => break None,
-            _ = ctx.shutdown.cancelled() => {
+            _ = done.cancelled() => Wake::Done,
+            _ = ctx.shutdown.cancelled() => Wake::Shutdown,
+            _ = outbox.ready() => Wake::Drain,
+            _ = sleep_until_opt(wake_at) => Wake::Drain,
+            _ = ping.tick() => Wake::Ping,
+            _ = keepalive.tick(), if outbox.proto == Proto::Yjs => Wake::Keepalive,
+        };
+        let wrote = match wake {
+            Wake::Done => break None,
+            Wake::Shutdown => {
                 // Drain: flush what is already waiting (bounded), then say "going away".
                 let drained = outbox.drain();
-                let _ = tokio::time::timeout(Duration::from_secs(2), send_all(&mut sink, drained.frames)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    send_all(&mut sink, drained.frames),
+                )
+                .await;
                 break Some(CloseCode::GoingAway);
             }
-            _ = outbox.ready() => {
+            Wake::Drain => {
                 let drained = outbox.drain();
+                wake_at = drained.wake_at;
                 for (handle, from) in drained.resync {
                     handle.resync(outbox.conn, from).await;
                 }
-                if !drained.frames.is_empty() {
-                    match tokio::time::timeout(write_deadline, send_all(&mut sink, drained.frames)).await {
-                        Ok(Ok(())) => last_write = Instant::now(),
-                        Ok(Err(_)) => break None,
-                        Err(_) => {
-                            tracing::info!(conn = outbox.conn, "peer stopped reading; closing as too slow");
-                            break None;
-                        }
-                    }
-                }
-                if let Some(code) = drained.close {
+                let wrote = if drained.frames.is_empty() {
+                    Wrote::Ok
+                } else {
+                    bounded(stall, send_all(&mut sink, drained.frames)).await
+                };
+                if let (Wrote::Ok, Some(code)) = (&wrote, drained.close) {
                     break Some(code);
                 }
+                wrote
             }
-            _ = ping.tick() => {
+            Wake::Ping => {
                 let seen = last_seen.load(Ordering::Relaxed);
                 if (started.elapsed().as_millis() as u64).saturating_sub(seen) > silence_limit {
-                    tracing::info!(conn = outbox.conn, "no frame or pong within the heartbeat timeout; closing");
+                    tracing::info!(
+                        conn = outbox.conn,
+                        "no frame or pong within the heartbeat timeout; closing"
+                    );
                     break Some(CloseCode::HeartbeatTimeout);
                 }
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                    break None;
-                }
+                bounded(stall, sink.send(Message::Ping(Bytes::new()))).await
             }
-            _ = keepalive.tick(), if outbox.proto == Proto::Yjs => {
-                if last_write.elapsed() >= YJS_KEEPALIVE_EVERY {
-                    if sink.send(Message::Binary(Bytes::from_static(YJS_KEEPALIVE))).await.is_err() {
-                        break None;
-                    }
-                    last_write = Instant::now();
+            Wake::Keepalive => {
+                if last_write.elapsed() < YJS_KEEPALIVE_EVERY {
+                    continue;
+                }
+                bounded(
+                    stall,
+                    sink.send(Message::Binary(Bytes::from_static(YJS_KEEPALIVE))),
+                )
+                .await
+            }
+        };
+        match wrote {
+            Wrote::Ok => last_write = Instant::now(),
+            Wrote::Failed => break None,
+            Wrote::Stalled => {
+                // The peer stopped reading. Give it one more period to take what is already
+                // in flight, so that if it comes back it reads a clean close telling it to
+                // resume; otherwise drop it (it resumes by position all the same).
+                tracing::info!(
+                    conn = outbox.conn,
+                    "peer stopped reading; closing as too slow"
+                );
+                ctx.stats.stalled.fetch_add(1, Ordering::Relaxed);
+                let flushed = tokio::time::timeout(stall, sink.flush()).await;
+                ctx.stats.stalled.fetch_sub(1, Ordering::Relaxed);
+                ctx.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                match flushed {
+                    Ok(Ok(())) => break Some(CloseCode::TooSlow),
+                    _ => break None,
                 }
             }
         }
@@ -245,6 +383,24 @@ async fn write_loop(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     done.cancel();
+}
+
+async fn bounded(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+) -> Wrote {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Wrote::Ok,
+        Ok(Err(_)) => Wrote::Failed,
+        Err(_) => Wrote::Stalled,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn send_all(

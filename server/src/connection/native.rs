@@ -111,8 +111,9 @@ impl NativeSession {
             .encode()
             .map(|b| self.outbox.push_control(Bytes::from(b)))
             .unwrap_or(false);
-        // Retryable failures are ours, not the client's: they do not count against it.
-        if !queued || (!code.retryable() && !self.errors.spend()) {
+        // Failures on our side do not count against the client; everything else does.
+        let clients_fault = !matches!(code, ErrorCode::AppendFailed | ErrorCode::Unavailable);
+        if !queued || (clients_fault && !self.errors.spend()) {
             return Step::Close(CloseCode::PolicyViolation);
         }
         Step::Continue
@@ -183,10 +184,19 @@ impl NativeSession {
             Ok(id) => id,
             Err(step) => return step,
         };
-        if !self.docs.contains_key(&id) {
+        let Some(size) = self.docs.get(&id).map(DocHandle::approx_size) else {
             return self.error(
                 ErrorCode::NotSubscribed,
                 "subscribe before sending updates",
+                Some(&doc),
+                seq,
+            );
+        };
+        if size + update.len() > self.config.max_document_bytes {
+            let limit = self.config.max_document_bytes;
+            return self.error(
+                ErrorCode::DocumentTooLarge,
+                format!("the document reached the {limit}-byte limit and takes no more updates"),
                 Some(&doc),
                 seq,
             );
@@ -269,6 +279,16 @@ impl Session for NativeSession {
             ),
             Err(e) => self.error(ErrorCode::BadFrame, e.to_string(), None, None),
         }
+    }
+
+    fn on_rate_limited(&mut self) -> Option<Step> {
+        let limit = self.config.max_messages_per_second;
+        Some(self.error(
+            ErrorCode::RateLimited,
+            format!("more than {limit} messages per second; this one was not processed"),
+            None,
+            None,
+        ))
     }
 
     fn inflight(&mut self) -> &mut FuturesUnordered<AppendFuture> {

@@ -55,6 +55,14 @@ pub fn awareness_message(update: &[u8]) -> Vec<u8> {
     message(&[MSG_AWARENESS], update)
 }
 
+/// y-protocols `permission denied` (auth message, status 0, reason string).
+pub fn permission_denied_message(reason: &str) -> Vec<u8> {
+    message(
+        &[MSG_AUTH, yrs::sync::protocol::PERMISSION_DENIED],
+        reason.as_bytes(),
+    )
+}
+
 pub struct YjsSession {
     registry: Arc<Registry>,
     config: Arc<crate::Config>,
@@ -96,6 +104,17 @@ impl YjsSession {
     }
 
     fn append(&mut self, update: &[u8]) -> Step {
+        let size = self.handle.as_ref().map_or(0, DocHandle::approx_size);
+        if size + update.len() > self.config.max_document_bytes {
+            // Documented: a full document is read-only; y-websocket clients are told with the
+            // protocol's permission-denied message (they keep the socket and keep reading).
+            let msg =
+                permission_denied_message("document size limit reached; it takes no more updates");
+            if !self.outbox.push_control(Bytes::from(msg)) {
+                return Step::Close(CloseCode::PolicyViolation);
+            }
+            return Step::Continue;
+        }
         match validate::check_update(update, self.config.max_update_bytes) {
             // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
             // to log.
@@ -168,6 +187,12 @@ impl Session for YjsSession {
         }
     }
 
+    /// y-websocket has no error message for this: reading slows down instead (backpressure),
+    /// so no update a stock client sent is ever dropped.
+    fn on_rate_limited(&mut self) -> Option<Step> {
+        None
+    }
+
     fn inflight(&mut self) -> &mut FuturesUnordered<AppendFuture> {
         &mut self.inflight
     }
@@ -214,5 +239,9 @@ mod tests {
         );
         let decoded = Message::decode_v1(&awareness_message(&[1, 5, 1, 4, b'n', b'u', b'l', b'l']));
         assert!(matches!(decoded, Ok(Message::Awareness(_))));
+        assert_eq!(
+            Message::decode_v1(&permission_denied_message("full")).ok(),
+            Some(Message::Auth(Some("full".into())))
+        );
     }
 }

@@ -115,15 +115,17 @@ impl Owner {
                 (false, _) => None,
             };
         }
-        // Unloading: later commands go to a fresh owner, which loads from storage. Unwatch
-        // first: a new owner can only start after we unregister, so its `watch` comes last.
+        // Unloading. Save while still registered, so that "no longer hot" implies "saved";
+        // commands that arrive meanwhile wait and are then told to go to a fresh owner, which
+        // loads from storage. Unwatch before unregistering: a new owner can only start after
+        // we unregister, so its `watch` comes last.
+        self.save_snapshot().await;
         self.shared.backplane.unwatch(&self.doc);
         self.unregister();
         commands.close();
         while let Ok(cmd) = commands.try_recv() {
             refuse(cmd, DocError::Gone);
         }
-        self.save_snapshot().await;
         tracing::debug!(doc = %self.doc, "document unloaded");
     }
 
@@ -148,6 +150,10 @@ impl Owner {
             .map_err(|e| e.to_string())?;
         self.epoch = head.epoch;
         if let Some(s) = &snapshot {
+            self.handle
+                .inner
+                .approx_size
+                .store(s.state.len(), Ordering::Relaxed);
             let update = Update::decode_v1(&s.state)
                 .map_err(|e| format!("snapshot does not decode: {e}"))?;
             self.awareness
@@ -210,6 +216,10 @@ impl Owner {
                 self.applied = e.id;
                 self.since_snapshot.0 += 1;
                 self.since_snapshot.1 += e.update.len();
+                self.handle
+                    .inner
+                    .approx_size
+                    .fetch_add(e.update.len(), Ordering::Relaxed);
                 self.remember(e.id, e.update.clone());
                 fresh.push(e);
             }
@@ -550,6 +560,10 @@ impl Owner {
             return true;
         }
         let state = self.encode_diff(&StateVector::default());
+        self.handle
+            .inner
+            .approx_size
+            .store(state.len(), Ordering::Relaxed);
         let snapshot = Snapshot {
             position,
             state: Bytes::from(state),

@@ -13,7 +13,7 @@ use crate::storage::SnapshotStore;
 use chorus_protocol::{DocId, Position, StreamId};
 use outbox::Outbox;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -107,6 +107,8 @@ struct HandleInner {
     /// Set when an entry batch could not be queued; the owner re-reads the log from its last
     /// applied id instead of the sink ever blocking or buffering without bound.
     lagged: AtomicBool,
+    /// Encoded size at the last snapshot plus update bytes since: what the size limit checks.
+    approx_size: AtomicUsize,
 }
 
 /// Commands waiting for one document's owner; senders wait when it is full.
@@ -117,6 +119,11 @@ const ENTRY_QUEUE: usize = 256;
 impl DocHandle {
     pub fn doc(&self) -> &DocId {
         &self.inner.doc
+    }
+
+    /// The document's approximate encoded size (see `--max-document-bytes`).
+    pub fn approx_size(&self) -> usize {
+        self.inner.approx_size.load(Ordering::Relaxed)
     }
 
     async fn send(&self, cmd: Command) -> Result<(), DocError> {
@@ -258,6 +265,7 @@ impl Registry {
                 commands: cmd_tx,
                 entries: entries_tx,
                 lagged: AtomicBool::new(false),
+                approx_size: AtomicUsize::new(0),
             }),
         };
         // Registered before the owner reads the log, so no entry appended meanwhile is missed

@@ -13,8 +13,11 @@ use super::{ConnId, DocHandle};
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId, Position, encode};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use yrs::sync::awareness::AwarenessUpdate;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -57,6 +60,8 @@ impl Item {
 struct DocQueue {
     items: VecDeque<Item>,
     awareness: Vec<(Bytes, Bytes)>,
+    /// Awareness is sent to this connection no sooner than this (the per-connection cap).
+    next_awareness: Option<Instant>,
     /// Position of the last thing handed to the socket for this document.
     sent: Option<Position>,
     /// Pending updates were dropped; waiting for the document's catch-up `synced`.
@@ -93,12 +98,39 @@ pub struct Drained {
     /// Documents to ask for a catch-up, from the given position (None: whole state).
     pub resync: Vec<(DocHandle, Option<Position>)>,
     pub close: Option<CloseCode>,
+    /// Awareness held back by the rate cap: drain again at this time.
+    pub wake_at: Option<Instant>,
+}
+
+/// Limits of one outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    /// Bytes that may wait before pending updates are dropped for a catch-up.
+    pub budget: usize,
+    /// Least time between two awareness frames for one document on this connection.
+    pub awareness_interval: Duration,
+}
+
+/// Node-wide outbox counters (for stats and metrics).
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Times an outbox went over budget and dropped pending updates for a catch-up.
+    pub sheds: AtomicU64,
+    /// Frames that carried several merged updates.
+    pub merged_frames: AtomicU64,
+    /// Updates that went out inside merged frames.
+    pub merged_updates: AtomicU64,
+    /// Connections right now in their last grace period before a 4001 close.
+    pub stalled: AtomicU64,
+    /// Connections closed (or dropped) for not reading.
+    pub slow_closes: AtomicU64,
 }
 
 pub struct Outbox {
     pub conn: ConnId,
     pub proto: Proto,
-    budget: usize,
+    limits: OutboxLimits,
+    stats: Arc<OutboxStats>,
     state: Mutex<State>,
     notify: Notify,
 }
@@ -108,11 +140,12 @@ pub struct Outbox {
 const MAX_CONTROL: usize = 64;
 
 impl Outbox {
-    pub fn new(conn: ConnId, proto: Proto, budget: usize) -> Self {
+    pub fn new(conn: ConnId, proto: Proto, limits: OutboxLimits, stats: Arc<OutboxStats>) -> Self {
         Outbox {
             conn,
             proto,
-            budget,
+            limits,
+            stats,
             state: Mutex::new(State::default()),
             notify: Notify::new(),
         }
@@ -200,7 +233,7 @@ impl Outbox {
         }
         q.items.push_back(item);
         *bytes += cost;
-        if *bytes > self.budget {
+        if *bytes > self.limits.budget {
             self.shed(&mut s);
         }
         drop(s);
@@ -232,6 +265,7 @@ impl Outbox {
             }
         }
         s.bytes = s.bytes.saturating_sub(freed);
+        self.stats.sheds.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             conn = self.conn,
             freed,
@@ -309,9 +343,13 @@ impl Outbox {
     pub fn drain(&self) -> Drained {
         let mut taken = Vec::new();
         let mut resync = Vec::new();
+        let mut wake_at: Option<Instant> = None;
+        let now = Instant::now();
         let (control, close) = {
             let mut s = self.lock();
             let ready = std::mem::take(&mut s.ready);
+            let mut freed = 0;
+            let mut deferred = Vec::new();
             for doc in ready {
                 let Some(q) = s.docs.get_mut(&doc) else {
                     continue;
@@ -323,10 +361,25 @@ impl Outbox {
                     }
                 }
                 let items = std::mem::take(&mut q.items);
-                let awareness = std::mem::take(&mut q.awareness);
+                freed += items.iter().map(Item::cost).sum::<usize>();
+                let awareness = if q.awareness.is_empty() {
+                    Vec::new()
+                } else if q.next_awareness.is_some_and(|t| t > now) {
+                    // Over the awareness rate: hold it (it keeps merging, newest state wins).
+                    let t = q.next_awareness.unwrap_or(now);
+                    wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                    deferred.push(doc.clone());
+                    Vec::new()
+                } else {
+                    q.next_awareness = Some(now + self.limits.awareness_interval);
+                    let a = std::mem::take(&mut q.awareness);
+                    freed += a.iter().map(|(f, u)| f.len() + u.len()).sum::<usize>();
+                    a
+                };
                 taken.push((doc, items, awareness));
             }
-            s.bytes = 0;
+            s.ready.extend(deferred);
+            s.bytes = s.bytes.saturating_sub(freed);
             (std::mem::take(&mut s.control), s.close)
         };
         let mut frames: Vec<Bytes> = control.into_iter().collect();
@@ -357,6 +410,7 @@ impl Outbox {
             frames,
             resync,
             close,
+            wake_at,
         }
     }
 
@@ -423,6 +477,10 @@ impl Outbox {
                 let merged = yrs::merge_updates_v1(updates.iter().map(|(_, u, _)| u.as_ref()));
                 match (merged, position) {
                     (Ok(merged), Some(position)) => {
+                        self.stats.merged_frames.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .merged_updates
+                            .fetch_add(updates.len() as u64, Ordering::Relaxed);
                         out.push(update_frame(self.proto, doc, &merged, position))
                     }
                     // Entries in the log were validated, so this does not happen; if it did,
@@ -485,4 +543,159 @@ fn ack_frame(doc: &DocId, seq: Option<u64>, position: Position) -> Bytes {
         position,
     };
     Bytes::from(frame.encode().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_protocol::StreamId;
+    use yrs::{ReadTxn, Text, Transact};
+
+    fn outbox(budget: usize) -> Outbox {
+        Outbox::new(
+            1,
+            Proto::Native,
+            OutboxLimits {
+                budget,
+                awareness_interval: Duration::from_millis(100),
+            },
+            Arc::new(OutboxStats::default()),
+        )
+    }
+
+    fn updates(n: usize, size: usize) -> Vec<Bytes> {
+        let doc = yrs::Doc::new();
+        let text = doc.get_or_insert_text("t");
+        (0..n)
+            .map(|i| {
+                let before = doc.transact().state_vector();
+                text.insert(
+                    &mut doc.transact_mut(),
+                    0,
+                    &format!("{i}{}", "x".repeat(size)),
+                );
+                Bytes::from(doc.transact().encode_state_as_update_v1(&before))
+            })
+            .collect()
+    }
+
+    fn pos(seq: u64) -> Position {
+        Position::new(1, StreamId::new(1, seq))
+    }
+
+    #[test]
+    fn a_connection_that_keeps_up_gets_the_shared_frames_as_they_are() {
+        let o = outbox(1 << 20);
+        let doc = DocId::parse("d").expect("id");
+        let u = updates(1, 10).remove(0);
+        let frame = update_frame(Proto::Native, &doc, &u, pos(1));
+        o.push_update(&doc, frame.clone(), u, pos(1));
+        let d = o.drain();
+        assert_eq!(
+            d.frames,
+            vec![frame],
+            "the very bytes built once for every recipient"
+        );
+        assert_eq!(o.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_connection_that_fell_behind_gets_one_merged_update_at_the_last_position() {
+        let o = outbox(1 << 20);
+        let doc = DocId::parse("d").expect("id");
+        let us = updates(20, 10);
+        for (i, u) in us.iter().enumerate() {
+            let p = pos(i as u64 + 1);
+            o.push_update(&doc, update_frame(Proto::Native, &doc, u, p), u.clone(), p);
+        }
+        o.push_own(&doc, Some(7), pos(21));
+        assert!(o.pending_bytes() > 0);
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 2, "one merged update, then the ack");
+        match chorus_protocol::ServerFrame::decode(&d.frames[0]).expect("frame") {
+            chorus_protocol::ServerFrame::Update {
+                update, position, ..
+            } => {
+                assert_eq!(position, pos(20));
+                let merged = yrs::merge_updates_v1(us.iter().map(|u| u.as_ref())).expect("merge");
+                assert_eq!(update, merged);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            chorus_protocol::ServerFrame::decode(&d.frames[1]),
+            Ok(chorus_protocol::ServerFrame::Ack { seq: Some(7), position, .. }) if position == pos(21)
+        ));
+    }
+
+    #[test]
+    fn over_budget_pending_updates_are_dropped_for_a_catch_up_from_the_last_sent_position() {
+        let o = outbox(16 * 1024);
+        let doc = DocId::parse("d").expect("id");
+        let us = updates(40, 1024);
+        let first = &us[0];
+        o.push_update(
+            &doc,
+            update_frame(Proto::Native, &doc, first, pos(1)),
+            first.clone(),
+            pos(1),
+        );
+        let _ = o.drain(); // the socket took position 1
+        for (i, u) in us.iter().enumerate().skip(1) {
+            let p = pos(i as u64 + 1);
+            o.push_update(&doc, update_frame(Proto::Native, &doc, u, p), u.clone(), p);
+            assert!(o.pending_bytes() <= 16 * 1024, "never above budget");
+        }
+        o.push_own(&doc, Some(9), pos(41));
+        assert_eq!(o.stats.sheds.load(Ordering::Relaxed), 1);
+        // Without a handle attached nobody can be asked for the catch-up; attach-less drains
+        // still must not send anything stale.
+        let d = o.drain();
+        assert!(d.frames.is_empty(), "dropped updates are not sent");
+        // The catch-up arrives: the owed ack follows it at the catch-up's position.
+        o.push_synced(&doc, Bytes::from_static(b"synced"), pos(41));
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 2);
+        assert_eq!(d.frames[0], Bytes::from_static(b"synced"));
+    }
+
+    #[test]
+    fn awareness_is_rate_capped_and_newest_state_wins() {
+        let o = outbox(1 << 20);
+        let doc = DocId::parse("d").expect("id");
+        let mut aw = yrs::sync::Awareness::new(yrs::Doc::with_client_id(5));
+        let mut push = |n: u32| {
+            aw.set_local_state_raw(format!("{{\"n\":{n}}}"));
+            let raw = aw.update().expect("update").encode_v1();
+            o.push_awareness(
+                &doc,
+                awareness_frame(Proto::Native, &doc, &raw),
+                Bytes::from(raw),
+            );
+        };
+        push(1);
+        assert_eq!(o.drain().frames.len(), 1);
+        for n in 2..50 {
+            push(n);
+        }
+        let held = o.drain();
+        assert!(
+            held.frames.is_empty(),
+            "within the interval nothing more is sent"
+        );
+        assert!(held.wake_at.is_some());
+        std::thread::sleep(Duration::from_millis(120));
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 1, "one frame for everything that waited");
+        let Ok(chorus_protocol::ServerFrame::Awareness { update, .. }) =
+            chorus_protocol::ServerFrame::decode(&d.frames[0])
+        else {
+            panic!("awareness frame")
+        };
+        let u = AwarenessUpdate::decode_v1(&update).expect("decode");
+        assert!(
+            u.clients.values().all(|e| e.json.contains("49")),
+            "newest state wins"
+        );
+    }
 }
