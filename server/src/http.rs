@@ -93,8 +93,11 @@ fn configure(ws: WebSocketUpgrade, ctx: &ConnContext) -> WebSocketUpgrade {
     let max = ctx.config.max_message_bytes;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        // Bounded: what tungstenite may hold unsent beyond our own outbox accounting.
-        .max_write_buffer_size(WRITE_BUFFER + max + 1024)
+        // No separate cap here: the writer hands tungstenite one drained outbox (at most the
+        // outbox budget, or one `synced` frame as large as the document) and waits for the
+        // flush before draining again, so this buffer is already bounded by that. A cap would
+        // make documents larger than it impossible to sync.
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(max)
         .max_frame_size(max)
 }

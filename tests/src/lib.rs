@@ -129,8 +129,13 @@ pub fn chorus_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/chorus
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Tests live in target/<profile>/deps/, binaries (benchmarks) in target/<profile>/.
+    let dir = exe.parent().expect("exe dir");
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
     let bin = profile_dir.join("chorus");
     assert!(
         bin.exists(),

@@ -253,3 +253,29 @@ async fn one_socket_carries_many_documents() {
         "and no acks either"
     );
 }
+
+#[tokio::test]
+async fn a_document_larger_than_the_message_limit_still_syncs() {
+    // Incoming messages are capped, outgoing `synced` frames are as large as the document.
+    let server = TestServer::start(|c| {
+        c.max_message_bytes = 64 * 1024;
+        c.max_update_bytes = 32 * 1024;
+    })
+    .await;
+    let mut w = NativeClient::connect(&server.ws_url()).await;
+    w.subscribe_synced("big").await;
+    let chunk = "z".repeat(20 * 1024);
+    let mut last = 0;
+    for i in 0..15u32 {
+        last = w.insert("big", i * chunk.len() as u32, &chunk).await;
+    }
+    w.wait_acked(last).await;
+    let mut r = NativeClient::connect(&server.ws_url()).await;
+    let (update, _, _) = r.subscribe_synced("big").await;
+    assert!(
+        update.len() > 64 * 1024 * 4,
+        "the synced frame is {} bytes",
+        update.len()
+    );
+    assert_eq!(r.text("big").len(), 15 * chunk.len());
+}
