@@ -36,6 +36,11 @@ pub struct Config {
     #[arg(long, env = "CHORUS_DATA_DIR", default_value = "./chorus-data")]
     pub data_dir: PathBuf,
 
+    /// Page cache of the embedded log (redb). Hot documents keep their recent entries
+    /// themselves; this mostly serves document loads and catch-up reads.
+    #[arg(long, env = "CHORUS_LOG_CACHE_BYTES", default_value_t = 4 << 20)]
+    pub log_cache_bytes: usize,
+
     /// Directory of static files served at `/` (the web demo), if it exists.
     #[arg(long, env = "CHORUS_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,
@@ -79,12 +84,12 @@ pub struct Config {
     pub replay_window: Duration,
 
     /// Recent log entries a loaded document keeps in memory to answer resumes without I/O.
-    #[arg(long, env = "CHORUS_REPLAY_MEMORY_BYTES", default_value_t = 4 << 20)]
+    #[arg(long, env = "CHORUS_REPLAY_MEMORY_BYTES", default_value_t = 1 << 20)]
     pub replay_memory_bytes: usize,
 
     /// Bytes that may wait in one connection's outbox. Past it, what waits is dropped and the
     /// connection is brought up to date from its last delivered position once it drains.
-    #[arg(long, env = "CHORUS_OUTBOX_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "CHORUS_OUTBOX_BYTES", default_value_t = 256 << 10)]
     pub outbox_bytes: usize,
 
     /// A connection whose socket accepts nothing for this long is treated as stalled: it gets

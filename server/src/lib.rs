@@ -48,6 +48,7 @@ pub async fn run(
 
     let backplane: Arc<dyn Backplane> = Arc::new(EmbeddedBackplane::open(
         &config.data_dir.join("log.redb"),
+        config.log_cache_bytes,
         &tracker,
     )?);
     let store = Arc::new(FsSnapshotStore::open(config.data_dir.join("snapshots"))?);

@@ -76,9 +76,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl EmbeddedBackplane {
-    /// Opens (or creates) `path` and starts the writer on `tracker`.
-    pub fn open(path: &Path, tracker: &TaskTracker) -> BackplaneResult<Self> {
-        let db = Database::create(path).map_err(storage)?;
+    /// Opens (or creates) `path` and starts the writer on `tracker`. `cache_bytes` bounds
+    /// redb's page cache (its default, 1 GiB, would let the log's recent pages grow the
+    /// process by as much as was written); hot documents keep their own recent entries, so
+    /// the cache mostly serves loads and catch-ups.
+    pub fn open(path: &Path, cache_bytes: usize, tracker: &TaskTracker) -> BackplaneResult<Self> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(storage)?;
         // Create both tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(LOG).map_err(storage)?;
@@ -507,7 +513,7 @@ mod tests {
         let epoch;
         let mut ids = Vec::new();
         {
-            let bp = EmbeddedBackplane::open(&path, &tracker).expect("open");
+            let bp = EmbeddedBackplane::open(&path, 1 << 20, &tracker).expect("open");
             let collect = Arc::new(Collect(Mutex::new(Vec::new())));
             let sink: Arc<dyn EntrySink> = collect.clone();
             bp.attach(Arc::downgrade(&sink));
@@ -548,7 +554,7 @@ mod tests {
             let delivered: usize = lock(&collect.0).iter().map(|(_, v)| v.len()).sum();
             assert_eq!(delivered, 5);
         }
-        let bp = EmbeddedBackplane::open(&path, &tracker).expect("reopen");
+        let bp = EmbeddedBackplane::open(&path, 1 << 20, &tracker).expect("reopen");
         let head = bp.open(&doc).await.expect("open doc");
         assert_eq!(head.epoch, epoch, "epoch survives a restart");
         assert_eq!(head.last, ids[4]);
