@@ -56,6 +56,10 @@ const client = new ChorusClient(wsUrl, { persist: 'chorus-demo:', minDelayMs: 20
 const doc = client.open(room);
 demo.client = client;
 demo.doc = doc;
+demo.syncs = []; // replay flag of every synced answer (true: resumed from a saved position)
+doc.onSynced(({ replay }) => demo.syncs.push(replay));
+// Save the newest state before the page goes away, so a reload resumes from it.
+window.addEventListener('pagehide', () => client.flush());
 
 // ---- connection badge ----------------------------------------------------------------------
 let countdown = null;
@@ -109,24 +113,28 @@ ta.addEventListener('input', () => {
 
 // Remote edits arrive as deltas; move the local selection through them so the caret stays
 // on the same character, then show the document's text.
-function shift(index, delta) {
-  let pos = 0, out = index;
+// `push`: an insertion exactly at the index moves it right (a collapsed caret is pushed along,
+// like in other collaborative editors); without it the index stays left of the insertion
+// (the end of a selection does not swallow text typed right after it).
+function shift(index, delta, push = true) {
+  let at = 0; // position in the text before the change
+  let out = index;
   for (const op of delta) {
-    if (op.retain !== undefined) pos += op.retain;
-    else if (op.insert !== undefined) {
-      if (pos < index) out += op.insert.length;
-      pos += op.insert.length;
-    } else if (op.delete !== undefined) {
-      if (pos < index) out -= Math.min(op.delete, index - pos);
+    if (at > index) break;
+    if (op.retain !== undefined) at += op.retain;
+    else if (op.delete !== undefined) {
+      if (at < index) out -= Math.min(op.delete, index - at);
+      at += op.delete;
+    } else if (op.insert !== undefined && (at < index || (push && at === index))) {
+      out += op.insert.length;
     }
-    if (pos > index) break;
   }
   return out;
 }
 doc.onChange((delta) => {
   const focused = document.activeElement === ta;
   const { selectionStart: s, selectionEnd: e, selectionDirection: dir, scrollTop } = ta;
-  const ns = shift(s, delta), ne = shift(e, delta);
+  const ns = shift(s, delta), ne = s === e ? ns : shift(e, delta, false);
   model = doc.text();
   ta.value = model;
   ta.scrollTop = scrollTop;

@@ -542,6 +542,12 @@ impl ChorusClient {
         connect(&self.inner);
     }
 
+    /// Writes every changed document to localStorage now instead of after the debounce (call
+    /// it on `pagehide`, so a reload resumes from the newest state).
+    pub fn flush(&self) {
+        persist_now(&self.inner);
+    }
+
     /// Closes the socket for good; edits made afterwards stay local (and persisted).
     pub fn close(&self) {
         let ws = {
@@ -603,6 +609,16 @@ impl ChorusDoc {
             .session
             .doc(&self.name)
             .is_some_and(|d| d.is_synced())
+    }
+
+    /// How many local updates the server has not acknowledged yet (0: everything is saved).
+    #[wasm_bindgen(getter, js_name = pendingUpdates)]
+    pub fn pending_updates(&self) -> u32 {
+        self.inner
+            .borrow()
+            .session
+            .doc(&self.name)
+            .map_or(0, |d| d.pending_seqs().len() as u32)
     }
 
     /// The shared text.

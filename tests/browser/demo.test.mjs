@@ -135,15 +135,43 @@ test('the demo loads, syncs, and shows the page-load-to-synced time', async (t) 
 test('two pages on one room converge when both type', async () => {
   const r = room();
   const [a, b] = [await visitor(r), await visitor(r)];
-  await Promise.all([typeAtEnd(a, 'Alpha types here. '), typeAtEnd(b, 'Bravo types too! ')]);
-  await typeAtEnd(a, 'And more from A.');
-  for (const p of [a, b]) await waitForText(p, ['Alpha types here. ', 'Bravo types too! ', 'And more from A.']);
+  await typeAtEnd(a, '[middle]');
+  await waitForText(b, ['[middle]']);
+  // At the same time: A appends, B types at the start.
+  await Promise.all([
+    typeAtEnd(a, ' Alpha types here.'),
+    (async () => { await b.click('#text'); await b.keyboard.press('Control+Home'); await b.keyboard.type('Bravo types too. '); })(),
+  ]);
+  const parts = ['Bravo types too. [middle] Alpha types here.'];
+  await Promise.all([waitForText(a, parts), waitForText(b, parts)]);
+  // Both at the very same spot: characters may interleave, but both pages end up equal and
+  // nothing is lost.
+  const before = (await text(a)).length;
+  await Promise.all([typeAtEnd(a, ' 1111'), typeAtEnd(b, ' 2222')]);
+  const converged = (p) => p.waitForFunction((n) => {
+    const v = document.getElementById('text').value;
+    return v.length === n && (v.match(/1/g) || []).length === 4 && (v.match(/2/g) || []).length === 4;
+  }, before + 10, { timeout: DEADLINE });
+  await Promise.all([converged(a), converged(b)]);
   const [ta, tb] = [await text(a), await text(b)];
   assert.equal(ta, tb);
   // What each user sees is the document's text.
   assert.equal(await a.inputValue('#text'), ta);
   assert.equal(await b.inputValue('#text'), tb);
   await Promise.all([a.context().close(), b.context().close()]);
+});
+
+test('a reload resumes from the saved position instead of refetching', async () => {
+  const r = room();
+  const a = await visitor(r);
+  await typeAtEnd(a, 'persisted locally.');
+  // Acknowledged by the server; the demo flushes its localStorage copy on pagehide.
+  await a.waitForFunction(() => window.chorusDemo.doc.pendingUpdates === 0, null, { timeout: DEADLINE });
+  await a.reload();
+  await waitStatus(a, 'synced');
+  assert.deepEqual(await a.evaluate(() => window.chorusDemo.syncs), [true], 'answered by replay from the saved position');
+  assert.equal(await a.inputValue('#text'), 'persisted locally.');
+  await a.context().close();
 });
 
 test("page A's cursor, caret and name appear on page B; screenshot of two users", async () => {
