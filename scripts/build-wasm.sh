@@ -37,6 +37,8 @@ wasm-bindgen --target web --out-dir web-demo/pkg \
 
 # wasm-opt is optional and only used when it is a known-good build: Debian's binaryen (108)
 # silently breaks wasm-bindgen output. Point WASM_OPT at e.g. npm binaryen@132's wasm-opt.
+# Measured here: -Oz took the raw file from 648 KB to 579 KB but the gzipped one from 201 KB
+# to 220 KB, and gzip is what travels, so it is off by default.
 if [ -n "${WASM_OPT:-}" ]; then
   say "Optimising with $WASM_OPT -Oz"
   "$WASM_OPT" -Oz --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext \
