@@ -174,7 +174,7 @@ test('a reload resumes from the saved position instead of refetching', async () 
   await a.context().close();
 });
 
-test("page A's cursor, caret and name appear on page B; screenshot of two users", async () => {
+test("page A's cursor, caret and name appear on page B; screenshot of two users; a leaver disappears", async () => {
   const r = room();
   const [a, b] = [await visitor(r), await visitor(r)];
   const nameA = await a.evaluate(() => window.chorusDemo.me.name);
@@ -201,7 +201,11 @@ test("page A's cursor, caret and name appear on page B; screenshot of two users"
   await b.screenshot({ path: shot });
   const size = (await fs.stat(shot)).size;
   assert.ok(size > 10_000, `screenshot ${shot} is ${size} bytes`);
-  await Promise.all([a.context().close(), b.context().close()]);
+  // When B leaves, A's list and cursors drop B (the server broadcasts B's state as null).
+  await b.context().close();
+  await a.waitForFunction((n) => ![...document.querySelectorAll('#people li')].some((li) => li.textContent.includes(n))
+    && ![...document.querySelectorAll('.cursor')].some((el) => el.textContent === n), nameB, { timeout: DEADLINE });
+  await a.context().close();
 });
 
 test('both pages reconnect after a server restart and converge, including text typed while it was down', async () => {
