@@ -236,6 +236,37 @@ test('both pages reconnect after a server restart and converge, including text t
   await Promise.all([a.context().close(), b.context().close(), c.context().close()]);
 });
 
+test('the JS API: tokenProvider on connect, several documents on one socket, raw updates', async () => {
+  const page = await visitor(room());
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws.url()));
+  const r = room();
+  const result = await page.evaluate(async ([r]) => {
+    const { ChorusClient } = await import('/pkg/chorus_client.js');
+    let calls = 0;
+    const client = new ChorusClient(`ws://${location.host}/v1/ws`, {
+      tokenProvider: async () => `tok-${++calls}`,
+    });
+    const synced = new Promise((resolve) => client.onStatus((s) => { if (s.state === 'synced') resolve(); }));
+    const one = client.open(`${r}-one`);
+    const two = client.open(`${r}-two`);
+    await synced;
+    one.insert(0, 'first');
+    two.insert(0, 'second');
+    // Raw update out of one document, into a third: same text.
+    const three = client.open(`${r}-three`);
+    three.applyUpdate(one.encodeState());
+    const out = { calls, one: one.text(), two: two.text(), three: three.text(), pending: one.pendingUpdates + two.pendingUpdates };
+    client.close();
+    return out;
+  }, [r]);
+  assert.equal(result.calls, 1);
+  assert.deepEqual([result.one, result.two, result.three], ['first', 'second', 'first']);
+  const mine = sockets.filter((u) => u.includes('token='));
+  assert.deepEqual(mine.map((u) => new URL(u).searchParams.get('token')), ['tok-1'], 'one socket for three documents, with the token');
+  await page.context().close();
+});
+
 test('no page threw', () => {
   assert.deepEqual(pageErrors, []);
 });
