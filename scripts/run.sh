@@ -11,6 +11,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+if [ -d web-demo ]; then
+  # The demo page needs the browser client: client-wasm → web-demo/pkg. The script installs the
+  # wasm32 target and wasm-bindgen-cli (at Cargo.lock's wasm-bindgen version) if missing.
+  ./scripts/build-wasm.sh
+fi
+
 say "Building the chorus server (release; the first build takes a few minutes)"
 cargo build --release -p chorus-server --bin chorus
 
@@ -19,5 +25,5 @@ if [ -d web-demo ]; then
   static_args=(--static-dir web-demo)
 fi
 
-say "Starting chorus: embedded log and snapshots in ${CHORUS_DATA_DIR:-./chorus-data}; Ctrl-C stops it cleanly"
+say "Starting chorus: embedded log and snapshots in ${CHORUS_DATA_DIR:-./chorus-data}; demo at http://127.0.0.1:8080/ (unless --listen says otherwise); Ctrl-C stops it cleanly"
 exec target/release/chorus serve "${static_args[@]}" "$@"

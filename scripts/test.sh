@@ -16,8 +16,19 @@ done
 say "Installing the stock Yjs client used by the compatibility tests (npm ci in tests/js: yjs, y-websocket, ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 
-say "Adding the wasm32-unknown-unknown Rust target (the protocol crate must build for browsers)"
+say "Adding the wasm32-unknown-unknown Rust target (the protocol and client crates must build for browsers)"
 rustup target add wasm32-unknown-unknown
+
+if [ ! -x /usr/bin/chromium ]; then
+  say "Installing Debian's chromium for the browser tests (apt-get update; apt-get install -y chromium)"
+  sudo_cmd=()
+  if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
+  "${sudo_cmd[@]}" apt-get update
+  "${sudo_cmd[@]}" apt-get install -y chromium
+fi
+
+say "Installing the browser test driver (npm ci in tests/browser: playwright-core, which uses /usr/bin/chromium and downloads no browser)"
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
 say "Checking formatting (cargo fmt --check)"
 cargo fmt --all -- --check
@@ -25,13 +36,22 @@ cargo fmt --all -- --check
 say "Linting (cargo clippy, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+say "Linting the browser client for wasm32 (its wasm-bindgen face only compiles there)"
+cargo clippy -p chorus-client --target wasm32-unknown-unknown -- -D warnings
+
 say "Building the protocol crate for wasm32-unknown-unknown"
 cargo build -p chorus-protocol --target wasm32-unknown-unknown
+
+# The same package run.sh builds for the demo page (web-demo/pkg).
+./scripts/build-wasm.sh
 
 say "Building the chorus binary (the process tests start it, kill -9 it and restart it)"
 cargo build -p chorus-server --bin chorus
 
 say "Running all tests (unit + integration, against real sockets and processes)"
 cargo test --workspace
+
+say "Running the browser tests (node --test: real chorus processes, the demo page in headless chromium)"
+(cd tests/browser && node --test --test-concurrency=1 demo.test.mjs)
 
 say "All tests passed in $(( $(date +%s) - started ))s"
