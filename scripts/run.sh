@@ -25,5 +25,5 @@ if [ -d web-demo ]; then
   static_args=(--static-dir web-demo)
 fi
 
-say "Starting chorus: embedded log and snapshots in ${CHORUS_DATA_DIR:-./chorus-data}; demo at http://127.0.0.1:8080/ (unless --listen says otherwise); Ctrl-C stops it cleanly"
+say "Starting chorus: embedded log and snapshots under --data-dir (default ./chorus-data); demo at http://127.0.0.1:8080/ (unless --listen says otherwise); Ctrl-C stops it cleanly"
 exec target/release/chorus serve "${static_args[@]}" "$@"

@@ -12,6 +12,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
+/// Test clients take whatever the server legitimately sends: a `synced` frame is as large as
+/// the document (browsers have no frame cap; tungstenite's client default is 16 MiB).
+fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_frame_size(None)
+        .max_message_size(None)
+}
+
 /// What arrived from the server.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -36,9 +44,10 @@ pub struct NativeClient {
 
 impl NativeClient {
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("websocket connect");
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(url, Some(client_config()), false)
+                .await
+                .expect("websocket connect");
         Self::from_stream(ws)
     }
 
@@ -55,9 +64,13 @@ impl NativeClient {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
         let stream = socket.connect(addr).await.expect("connect");
-        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
-            .await
-            .expect("websocket handshake");
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            Some(client_config()),
+        )
+        .await
+        .expect("websocket handshake");
         Self::from_stream(ws)
     }
 

@@ -279,3 +279,31 @@ async fn a_document_larger_than_the_message_limit_still_syncs() {
     );
     assert_eq!(r.text("big").len(), 15 * chunk.len());
 }
+
+#[tokio::test]
+async fn a_replay_larger_than_the_state_it_leads_to_is_replaced_by_the_state() {
+    let server = TestServer::start(|_| {}).await;
+    let mut w = NativeClient::connect(&server.ws_url()).await;
+    w.subscribe_synced("overwrite").await;
+    let mut r = NativeClient::connect(&server.ws_url()).await;
+    r.subscribe_synced("overwrite").await;
+    let position = r.positions["overwrite"];
+    r.close().await;
+    // 50 overwrites of one 10 KB value: ~500 KB of log entries, a ~10 KB document.
+    let mut last = 0;
+    for i in 0..50 {
+        last = w
+            .set_map("overwrite", "v", &format!("{i}:{}", "x".repeat(10 * 1024)))
+            .await;
+    }
+    w.wait_acked(last).await;
+    let mut back = NativeClient::connect(&server.ws_url()).await;
+    back.subscribe_from("overwrite", Some(position), None).await;
+    let (update, _, replay) = back.wait_synced("overwrite").await;
+    assert!(!replay, "the smaller state is sent instead of the replay");
+    assert!(update.len() < 20 * 1024, "{} bytes", update.len());
+    assert_eq!(
+        back.map_value("overwrite", "v"),
+        w.map_value("overwrite", "v")
+    );
+}

@@ -44,13 +44,20 @@ fn watch_outboxes(addr: SocketAddr) -> (Arc<AtomicBool>, tokio::task::JoinHandle
     (stop, task)
 }
 
-/// Pushes `UPDATES` overwrites of ~10 KB, then `done = yes`; returns the writer.
-async fn push_overwrites(url: &str, doc: &str) -> NativeClient {
+/// Pushes `UPDATES` values of ~10 KB, then `done = yes`; returns the writer. With `grow`,
+/// each goes to a new key, so the document grows (and so does any catch-up); without, they
+/// overwrite one key, so the document's state stays small however much flows through.
+async fn push_values(url: &str, doc: &str, grow: bool) -> NativeClient {
     let mut w = NativeClient::connect(url).await;
     w.subscribe_synced(doc).await;
     let value = "v".repeat(UPDATE_BYTES);
     for i in 0..UPDATES {
-        w.set_map(doc, "big", &format!("{i}{value}")).await;
+        let key = if grow {
+            format!("k{i}")
+        } else {
+            "big".to_string()
+        };
+        w.set_map(doc, &key, &format!("{i}{value}")).await;
         if i % 64 == 0 {
             // Keep reading our own acks so the writer is never the slow one.
             let _ = w.drain_for(Duration::ZERO).await;
@@ -98,7 +105,7 @@ async fn a_stalled_reader_stays_within_budget_and_converges_when_it_resumes() {
     let (stop, sampler) = watch_outboxes(server.addr);
 
     // The slow reader simply stops polling its socket from here on.
-    let mut writer = push_overwrites(&url, "flood").await;
+    let mut writer = push_values(&url, "flood", false).await;
     let writer_sv = writer.state_vector("flood");
 
     for r in fast {
@@ -147,7 +154,8 @@ async fn past_the_slow_client_timeout_a_stalled_reader_is_closed_with_4001_and_r
         // The writer pushes as fast as it can: lift the per-connection message rate.
         c.max_messages_per_second = 1_000_000;
         c.ping_interval = Duration::from_secs(120);
-        c.slow_client_timeout = Duration::from_secs(2);
+        // Also the grace period the test must land in, polling over HTTP on a busy machine.
+        c.slow_client_timeout = Duration::from_secs(4);
     })
     .await;
     let url = server.ws_url();
@@ -155,7 +163,9 @@ async fn past_the_slow_client_timeout_a_stalled_reader_is_closed_with_4001_and_r
     slow.subscribe_synced("flood").await;
     let push = tokio::spawn({
         let url = url.clone();
-        async move { push_overwrites(&url, "flood").await }
+        // A growing document: a catch-up is as large as what was missed, so a reader that
+        // does not read really does stall the socket.
+        async move { push_values(&url, "flood", true).await }
     });
     eventually(
         "the server marks the reader as stalled",

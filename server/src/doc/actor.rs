@@ -19,6 +19,9 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
+/// Replays larger than this are compared with the state diff, and the smaller one is sent.
+const LARGE_REPLAY: usize = 64 * 1024;
+
 struct Sub {
     outbox: Arc<super::Outbox>,
     /// Awareness client ids this connection introduced; removed when it leaves.
@@ -417,12 +420,21 @@ impl Owner {
             sub.outbox.push_synced(&self.doc, frame, position);
             return;
         }
+        let state_diff = || self.encode_diff(&from.state_vector.clone().unwrap_or_default());
         let (update, replay) = match from.position.and_then(|p| self.replay_after(p)) {
-            Some(update) => (update, true),
-            None => {
-                let sv = from.state_vector.clone().unwrap_or_default();
-                (self.encode_diff(&sv), false)
+            Some(update) if update.len() <= LARGE_REPLAY => (update, true),
+            Some(update) => {
+                // A long replay can be far larger than the state it leads to (a value
+                // overwritten many times): send whichever is smaller. Both bring the client
+                // to `position`; the state is a superset of what it had.
+                let state = state_diff();
+                if state.len() < update.len() {
+                    (state, false)
+                } else {
+                    (update, true)
+                }
             }
+            None => (state_diff(), false),
         };
         let frame = match sub.outbox.proto {
             Proto::Native => {
