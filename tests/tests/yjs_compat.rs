@@ -20,6 +20,28 @@ fn awareness_clients(frame: &ServerFrame) -> Vec<(u64, String)> {
     }
 }
 
+/// Reads awareness frames until client `id`'s state satisfies `want`.
+async fn wait_awareness(
+    native: &mut NativeClient,
+    id: u64,
+    want: impl Fn(&str) -> bool,
+    what: &str,
+) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let f = native
+            .wait_for(|f| matches!(f, ServerFrame::Awareness { .. }))
+            .await;
+        if awareness_clients(&f)
+            .iter()
+            .any(|(i, j)| *i == id && want(j))
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < until, "{what}");
+    }
+}
+
 #[tokio::test]
 async fn stock_yjs_client_and_native_client_converge_and_share_presence() {
     let server = TestServer::start(|_| {}).await;
@@ -45,39 +67,22 @@ async fn stock_yjs_client_and_native_client_converge_and_share_presence() {
     stock
         .set_awareness(json!({"user": {"name": "ada", "color": "#ff0000"}}))
         .await;
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let f = native
-            .wait_for(|f| matches!(f, ServerFrame::Awareness { .. }))
-            .await;
-        if awareness_clients(&f)
-            .iter()
-            .any(|(id, j)| *id == stock_id && j.contains("ada"))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "stock awareness never arrived"
-        );
-    }
+    wait_awareness(
+        &mut native,
+        stock_id,
+        |j| j.contains("ada"),
+        "stock awareness never arrived",
+    )
+    .await;
     // ...and is removed (state null) when the stock client's socket goes away.
     stock.kill().await;
-    loop {
-        let f = native
-            .wait_for(|f| matches!(f, ServerFrame::Awareness { .. }))
-            .await;
-        if awareness_clients(&f)
-            .iter()
-            .any(|(id, j)| *id == stock_id && j == "null")
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "stock awareness was never removed"
-        );
-    }
+    wait_awareness(
+        &mut native,
+        stock_id,
+        |j| j == "null",
+        "stock awareness was never removed",
+    )
+    .await;
     assert!(native.errors.is_empty(), "{:?}", native.errors);
 }
 

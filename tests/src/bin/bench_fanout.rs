@@ -9,21 +9,13 @@
 //! the writer's ack latency.
 
 use chorus_protocol::{ClientFrame, Position, ServerFrame};
+use chorus_tests::arg;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
 use yrs::{ReadTxn, Text, Transact};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn frame(f: &ClientFrame) -> Message {
     Message::Binary(f.encode().expect("encode").into())

@@ -14,6 +14,7 @@
 //! compare figures only within one run.
 
 use chorus_protocol::{ClientFrame, ServerFrame};
+use chorus_tests::arg;
 use chorus_tests::native::NativeClient;
 use chorus_tests::{ServerProcess, http};
 use futures_util::{SinkExt, StreamExt};
@@ -22,15 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use yrs::{Map, ReadTxn, Transact};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
