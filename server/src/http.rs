@@ -10,12 +10,12 @@ use crate::doc::outbox::Proto;
 use crate::validate::{self, Rejected};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chorus_protocol::{DocId, DocIdError};
+use chorus_protocol::{DocId, DocIdError, StreamId};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,6 +33,8 @@ pub enum ApiError {
     Append(#[from] BackplaneError),
     #[error("the document is unavailable; retry")]
     Unavailable,
+    #[error("the document reached the {0}-byte limit and takes no more updates")]
+    DocumentTooLarge(usize),
 }
 
 impl IntoResponse for ApiError {
@@ -43,6 +45,7 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Append(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::DocumentTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "document_too_large"),
         };
         let mut resp = (
             status,
@@ -144,33 +147,36 @@ async fn yjs_ws(
         Ok(slot) => slot,
         Err(r) => return Ok(refused(r)),
     };
-    Ok(configure(ws, &ctx).on_upgrade(move |socket| {
+    Ok(configure(ws, &ctx).on_upgrade(move |mut socket| {
         let tracker = ctx.tracker.clone();
         tracker.spawn(async move {
             let outbox = ctx.new_outbox(Proto::Yjs);
             let conn = outbox.conn;
-            for _ in 0..3 {
-                let handle = ctx.registry.handle(&doc);
-                match handle
-                    .subscribe(conn, outbox.clone(), Default::default())
-                    .await
-                {
-                    Ok(()) => {
-                        let session = YjsSession::new(
-                            ctx.registry.clone(),
-                            ctx.config.clone(),
-                            outbox.clone(),
-                            doc,
-                            handle,
-                        );
-                        connection::run(socket, ctx, slot, outbox, session).await;
-                        return;
-                    }
-                    Err(DocError::Gone) => continue,
-                    Err(DocError::Unavailable) => break,
+            match ctx
+                .registry
+                .subscribe(&doc, conn, &outbox, &Default::default())
+                .await
+            {
+                Ok(handle) => {
+                    let session = YjsSession::new(
+                        ctx.registry.clone(),
+                        ctx.config.clone(),
+                        outbox.clone(),
+                        doc,
+                        handle,
+                    );
+                    connection::run(socket, ctx, slot, outbox, session).await;
+                    return;
                 }
+                Err(DocError::Gone | DocError::Unavailable) => {}
             }
             tracing::warn!(%doc, "y-websocket client refused: document unavailable");
+            let code = chorus_protocol::CloseCode::InternalError;
+            let close = CloseFrame {
+                code: code.code(),
+                reason: code.reason().into(),
+            };
+            let _ = socket.send(Message::Close(Some(close))).await;
         });
         std::future::ready(())
     }))
@@ -181,7 +187,10 @@ async fn get_doc(
     Path(doc): Path<String>,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
-    let (state, position) = ctx.registry.handle(&doc).state().await?;
+    let (state, position) = ctx
+        .registry
+        .with_owner(&doc, |h| async move { h.state().await })
+        .await?;
     Ok((
         [
             (
@@ -209,11 +218,22 @@ async fn post_update(
         Rejected::TooLarge(..) => ApiError::TooLarge(e),
         e => ApiError::BadUpdate(e),
     })?;
-    // The document is made hot first so the entry is applied before we answer: a GET right
-    // after this POST sees the update (read-your-writes).
-    let handle = ctx.registry.handle(&doc);
+    // The document is made hot (and loaded) first: its size is known, and the entry is
+    // applied before we answer, so a GET right after this POST sees it (read-your-writes).
+    let size = ctx
+        .registry
+        .with_owner(&doc, |h| async move {
+            h.wait_applied(StreamId::ZERO).await?;
+            Ok(h.approx_size())
+        })
+        .await?;
+    if size + body.len() > ctx.config.max_document_bytes {
+        return Err(ApiError::DocumentTooLarge(ctx.config.max_document_bytes));
+    }
     let position = ctx.registry.backplane().append(&doc, body, None).await?;
-    handle.wait_applied(position.id).await?;
+    ctx.registry
+        .with_owner(&doc, |h| async move { h.wait_applied(position.id).await })
+        .await?;
     Ok((
         StatusCode::OK,
         axum::Json(json!({"position": position.to_string()})),

@@ -73,3 +73,34 @@ async fn bad_requests_get_clear_statuses() {
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["backplane"], "embedded");
 }
+
+#[tokio::test]
+async fn posts_respect_the_document_size_limit_even_on_a_cold_document() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tune = |c: &mut chorus_server::Config| c.max_document_bytes = 2000;
+    let backend = yrs::Doc::new();
+    let text = backend.get_or_insert_text("t");
+    let mut post = |s: &str| {
+        let before = backend.transact().state_vector();
+        let len = text.len(&backend.transact());
+        text.insert(&mut backend.transact_mut(), len, s);
+        backend.transact().encode_state_as_update_v1(&before)
+    };
+    let first = post(&"a".repeat(1500));
+    let second = post(&"b".repeat(1500));
+    let server = TestServer::start_in(dir.path(), tune).await;
+    let ok = http::post(server.addr, "/v1/docs/cap/updates", &first)
+        .await
+        .expect("POST");
+    assert_eq!(ok.status, 200);
+    server.stop().await;
+    // After a restart the document is cold; its size must still be known before appending.
+    let server = TestServer::start_in(dir.path(), tune).await;
+    let full = http::post(server.addr, "/v1/docs/cap/updates", &second)
+        .await
+        .expect("POST");
+    assert_eq!(full.status, 413);
+    assert_eq!(full.json()["error"], "document_too_large");
+    let got = http::get(server.addr, "/v1/docs/cap").await.expect("GET");
+    assert_eq!(text_of(&got.body), "a".repeat(1500));
+}

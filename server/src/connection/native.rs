@@ -156,20 +156,16 @@ impl NativeSession {
             position,
             state_vector,
         };
-        // An owner that is unloading answers Gone; a fresh lookup starts a new one.
-        for _ in 0..3 {
-            let handle = self.registry.handle(&id);
-            match handle
-                .subscribe(self.outbox.conn, self.outbox.clone(), from.clone())
-                .await
-            {
-                Ok(()) => {
-                    self.docs.insert(id, handle);
-                    return Step::Continue;
-                }
-                Err(DocError::Gone) => continue,
-                Err(DocError::Unavailable) => break,
+        match self
+            .registry
+            .subscribe(&id, self.outbox.conn, &self.outbox, &from)
+            .await
+        {
+            Ok(handle) => {
+                self.docs.insert(id, handle);
+                return Step::Continue;
             }
+            Err(DocError::Gone | DocError::Unavailable) => {}
         }
         self.error(
             ErrorCode::Unavailable,

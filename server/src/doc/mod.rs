@@ -282,6 +282,38 @@ impl Registry {
         handle
     }
 
+    /// Runs `op` against the document's owner; if the owner it reached was unloading, runs it
+    /// again against a fresh one (which loads from storage).
+    pub async fn with_owner<T, F, Fut>(&self, doc: &DocId, op: F) -> Result<T, DocError>
+    where
+        F: Fn(DocHandle) -> Fut,
+        Fut: std::future::Future<Output = Result<T, DocError>>,
+    {
+        for _ in 0..3 {
+            match op(self.handle(doc)).await {
+                Err(DocError::Gone) => continue,
+                other => return other,
+            }
+        }
+        Err(DocError::Unavailable)
+    }
+
+    /// Subscribes a connection to a document (loading it if needed); returns the handle it
+    /// holds from then on.
+    pub async fn subscribe(
+        &self,
+        doc: &DocId,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        from: &SyncFrom,
+    ) -> Result<DocHandle, DocError> {
+        self.with_owner(doc, |h| {
+            let (outbox, from) = (outbox.clone(), from.clone());
+            async move { h.subscribe(conn, outbox, from).await.map(|()| h) }
+        })
+        .await
+    }
+
     /// Called by an owner that is unloading: forget it unless a newer owner took its place.
     fn remove(&self, doc: &DocId, generation: u64) {
         let mut docs = self.lock();
