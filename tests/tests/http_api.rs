@@ -80,7 +80,7 @@ async fn posts_respect_the_document_size_limit_even_on_a_cold_document() {
     let tune = |c: &mut chorus_server::Config| c.max_document_bytes = 2000;
     let backend = yrs::Doc::new();
     let text = backend.get_or_insert_text("t");
-    let mut post = |s: &str| {
+    let post = |s: &str| {
         let before = backend.transact().state_vector();
         let len = text.len(&backend.transact());
         text.insert(&mut backend.transact_mut(), len, s);
