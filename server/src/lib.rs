@@ -9,6 +9,7 @@
 //!
 //! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
 
+pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod connection;
