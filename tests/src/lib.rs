@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod native;
+pub mod redis;
 pub mod stock;
 
 use chorus_server::Config;

@@ -98,7 +98,12 @@ fn save(dir: &Path, lock: &Mutex<()>, doc: &DocId, snap: &Snapshot) -> Result<bo
     {
         return Ok(false);
     }
-    let tmp = dir.join(format!(".{doc}.snap.tmp"));
+    // Unique per writer: nodes sharing the directory must never write into the same temp file.
+    let tmp = dir.join(format!(
+        ".{doc}.snap.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     {
         let mut f = File::create(&tmp)?;
         let mut header = Vec::with_capacity(HEADER);
