@@ -3,6 +3,7 @@
 //! `eventually` helper so tests wait on events with deadlines instead of sleeping.
 
 pub mod http;
+pub mod multinode;
 pub mod native;
 pub mod redis;
 pub mod stock;
