@@ -323,7 +323,7 @@ pub struct RedisBackplane {
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 impl RedisBackplane {
@@ -342,7 +342,7 @@ impl RedisBackplane {
                 .map_err(storage)?;
             let mut conn = Conn::Cluster(client.get_async_connection().await.map_err(storage)?);
             let topology = cluster_topology(&mut conn, settings.timeout).await?;
-            (Client::Cluster(client), conn, topology)
+            (Client::Cluster(Box::new(client)), conn, topology)
         } else {
             let url = settings
                 .urls
@@ -1190,10 +1190,11 @@ impl Reader {
                         tracing::warn!(doc = %doc, id, "unreadable log entry skipped");
                         continue;
                     };
-                    if epoch != run_epoch && !run.is_empty() {
-                        if let Some(s) = &sink {
-                            s.deliver(&doc, run_epoch, std::mem::take(&mut run));
-                        }
+                    if epoch != run_epoch
+                        && !run.is_empty()
+                        && let Some(s) = &sink
+                    {
+                        s.deliver(&doc, run_epoch, std::mem::take(&mut run));
                     }
                     run_epoch = epoch;
                     run.push(entry);
