@@ -20,6 +20,11 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   $SUDO apt-get install -y redis-server
 fi
 
+if ! command -v moto_server >/dev/null 2>&1; then
+  say "Installing moto's S3 server from PyPI (pip install 'moto[server]'): the S3 snapshot-store tests run against it"
+  python3 -m pip install --quiet 'moto[server]'
+fi
+
 say "Installing the stock Yjs client used by the compatibility tests (npm ci in tests/js: yjs, y-websocket, ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 

@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_SNAPSHOT_DIR")]
     pub snapshot_dir: Option<PathBuf>,
 
+    /// Snapshots in an S3-compatible object store instead of a directory: `s3://bucket/prefix`.
+    /// Endpoint and credentials come from `AWS_ENDPOINT_URL`, `AWS_REGION`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (`AWS_ALLOW_HTTP=true` for plain HTTP).
+    #[arg(long, env = "CHORUS_SNAPSHOT_STORE")]
+    pub snapshot_store: Option<String>,
+
     /// Graceful shutdown deadline: after SIGTERM/SIGINT, the node closes sockets, saves
     /// documents and exits within this long.
     #[arg(long, env = "CHORUS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -58,11 +58,15 @@ pub async fn run(
             RedisSettings::from_urls(&config.redis_url, config.redis_timeout, config.presence_ttl);
         Arc::new(RedisBackplane::connect(settings, node, &tracker).await?)
     };
-    let snapshot_dir = config
-        .snapshot_dir
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("snapshots"));
-    let store = Arc::new(FsSnapshotStore::open(snapshot_dir)?);
+    let store: Arc<dyn storage::SnapshotStore> = match &config.snapshot_store {
+        Some(url) => Arc::new(storage::s3::S3SnapshotStore::from_url(url)?),
+        None => Arc::new(FsSnapshotStore::open(
+            config
+                .snapshot_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("snapshots")),
+        )?),
+    };
     let registry = Registry::new(
         backplane.clone(),
         store,

@@ -6,6 +6,7 @@ pub mod http;
 pub mod multinode;
 pub mod native;
 pub mod redis;
+pub mod s3;
 pub mod stock;
 
 use chorus_server::Config;
@@ -150,6 +151,11 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_env(data_dir, extra, &[]).await
+    }
+
+    /// Like [`ServerProcess::spawn`], with extra environment variables.
+    pub async fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let child = tokio::process::Command::new(chorus_bin())
@@ -159,6 +165,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
