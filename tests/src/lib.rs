@@ -132,9 +132,14 @@ pub fn chorus_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/chorus
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = profile_dir.join("chorus");
+    // Tests: target/<profile>/deps/<test> → target/<profile>/chorus; binaries (benchmarks)
+    // sit in target/<profile> themselves.
+    let dir = exe.parent().expect("exe dir");
+    let bin = if dir.ends_with("deps") {
+        dir.parent().expect("target dir").join("chorus")
+    } else {
+        dir.join("chorus")
+    };
     assert!(
         bin.exists(),
         "{} not found: build it first with `cargo build -p chorus-server --bin chorus` (the README's test command does)",

@@ -230,8 +230,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Commands this process sent to Redis (an EVAL counts once, whatever the script does
+/// inside), for the benchmark's "commands per update".
+static COMMANDS_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn commands_sent() -> u64 {
+    COMMANDS_SENT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count(n: u64) {
+    COMMANDS_SENT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Runs one command with the backplane's bound on a round trip.
 async fn query(conn: &mut Conn, cmd: &Cmd, timeout: Duration) -> BackplaneResult<Value> {
+    count(1);
     match tokio::time::timeout(timeout, cmd.query_async::<Value>(conn)).await {
         Err(_) => Err(BackplaneError::Storage(format!(
             "redis did not answer within {timeout:?}"
@@ -905,6 +918,7 @@ async fn run_waker(inner: Arc<Inner>) {
                 .arg(60_000)
                 .ignore();
             // If Redis is down the reader is reconnecting anyway and reads everything watched.
+            count(2);
             let _ = tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
         }
     }
