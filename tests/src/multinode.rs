@@ -181,14 +181,26 @@ pub async fn converge(
 }
 
 /// A replica's state in a form that is equal byte for byte whenever the replicas hold the same
-/// CRDT content: its encoded state vector (which items it has) followed by the text those
+/// CRDT content: its state vector (which items it has, sorted by client) followed by the text those
 /// items make. The raw `encode_state_as_update_v1` bytes are not comparable: a replica squashes
 /// its own consecutive edits into one block while another keeps the same items in several
 /// blocks, so identical documents encode differently (seen in the cluster test).
 pub fn canonical_state(doc: &yrs::Doc) -> Vec<u8> {
     use yrs::GetString;
     let txn = doc.transact();
-    let mut out = txn.state_vector().encode_v1();
+    // Sorted by client: the state vector is a hash map, and its own encoding follows the
+    // map's (randomly seeded) iteration order.
+    let mut clocks: Vec<(u64, u32)> = txn
+        .state_vector()
+        .iter()
+        .map(|(c, clock)| (c.get(), *clock))
+        .collect();
+    clocks.sort();
+    let mut out = Vec::new();
+    for (c, clock) in clocks {
+        out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(&clock.to_le_bytes());
+    }
     if let Some(t) = txn.get_text("t") {
         out.extend_from_slice(t.get_string(&txn).as_bytes());
     }
