@@ -13,6 +13,18 @@ for tool in cargo rustup node npm; do
   fi
 done
 
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  say "Installing redis-server and redis-cli with apt-get (the multi-node tests start real Redis servers and a 3-master cluster on free ports)"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update
+  $SUDO apt-get install -y redis-server
+fi
+
+if ! command -v moto_server >/dev/null 2>&1; then
+  say "Installing moto's S3 server from PyPI (pip install 'moto[server]==5.2.1'): the S3 snapshot-store tests run against it"
+  python3 -m pip install --quiet 'moto[server]==5.2.1'
+fi
+
 say "Installing the stock Yjs client used by the compatibility tests (npm ci in tests/js: yjs, y-websocket, ws)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 

@@ -189,10 +189,10 @@ impl Auth {
     }
 
     pub fn is_revoked(&self, p: &Principal) -> bool {
-        if let Some(jti) = &p.jti {
-            if lock(&self.revoked.jti).contains_key(jti) {
-                return true;
-            }
+        if let Some(jti) = &p.jti
+            && lock(&self.revoked.jti).contains_key(jti)
+        {
+            return true;
         }
         match lock(&self.revoked.sub).get(&p.sub) {
             // Tokens without `iat` cannot prove they came after the revocation.

@@ -123,6 +123,32 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_DOCUMENT_BYTES", default_value_t = 64 << 20)]
     pub max_document_bytes: usize,
 
+    /// Redis backplane: `redis://host:port` for one server; repeat the flag (or use
+    /// `redis+cluster://h1:p1,h2:p2`) for the seeds of a Redis Cluster. Unset: the embedded log.
+    #[arg(long = "redis-url", env = "CHORUS_REDIS_URL")]
+    pub redis_url: Vec<String>,
+
+    /// Bound on one Redis round trip: with Redis unreachable, an append fails (retryable
+    /// `append_failed`) within about this long, and nothing unappended is acknowledged.
+    #[arg(long, env = "CHORUS_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// With Redis: a node that stopped heartbeating for this long is dead, and the presence of
+    /// its clients disappears from every other node.
+    #[arg(long, env = "CHORUS_PRESENCE_TTL", default_value = "15s", value_parser = parse_duration)]
+    pub presence_ttl: Duration,
+
+    /// Snapshot directory (default `<data-dir>/snapshots`). Nodes sharing a Redis must share
+    /// their snapshots too: point them all at one shared directory.
+    #[arg(long, env = "CHORUS_SNAPSHOT_DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// Snapshots in an S3-compatible object store instead of a directory: `s3://bucket/prefix`.
+    /// Endpoint and credentials come from `AWS_ENDPOINT_URL`, `AWS_REGION`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (`AWS_ALLOW_HTTP=true` for plain HTTP).
+    #[arg(long, env = "CHORUS_SNAPSHOT_STORE")]
+    pub snapshot_store: Option<String>,
+
     /// Graceful shutdown deadline: after SIGTERM/SIGINT, the node closes sockets, saves
     /// documents and exits within this long.
     #[arg(long, env = "CHORUS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -4,7 +4,8 @@
 //! - [`connection`] — per-socket reader/writer; native and y-websocket sessions
 //! - [`validate`] — guards every client-supplied update before yrs decodes it
 //! - [`doc`] — registry of hot documents, each owned by one task; the coalescing outbox
-//! - [`backplane`] — the log every update goes through (embedded: fsynced redb)
+//! - [`backplane`] — the log every update goes through (embedded: fsynced redb; or Redis streams
+//!   shared by many nodes)
 //! - [`storage`] — snapshots
 //!
 //! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
@@ -23,6 +24,7 @@ pub use config::Config;
 
 use backplane::Backplane;
 use backplane::embedded::EmbeddedBackplane;
+use backplane::redis::{RedisBackplane, RedisSettings};
 use connection::ConnContext;
 use doc::{DocSettings, Registry};
 use std::future::Future;
@@ -47,13 +49,27 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let conn_tracker = TaskTracker::new();
 
-    let backplane: Arc<dyn Backplane> = Arc::new(EmbeddedBackplane::open(
-        &config.data_dir.join("log.redb"),
-        config.log_cache_bytes,
-        &tracker,
-    )?);
-    let store = Arc::new(FsSnapshotStore::open(config.data_dir.join("snapshots"))?);
     let node = rand::random::<u64>();
+    let backplane: Arc<dyn Backplane> = if config.redis_url.is_empty() {
+        Arc::new(EmbeddedBackplane::open(
+            &config.data_dir.join("log.redb"),
+            config.log_cache_bytes,
+            &tracker,
+        )?)
+    } else {
+        let settings =
+            RedisSettings::from_urls(&config.redis_url, config.redis_timeout, config.presence_ttl);
+        Arc::new(RedisBackplane::connect(settings, node, &tracker).await?)
+    };
+    let store: Arc<dyn storage::SnapshotStore> = match &config.snapshot_store {
+        Some(url) => Arc::new(storage::s3::S3SnapshotStore::from_url(url)?),
+        None => Arc::new(FsSnapshotStore::open(
+            config
+                .snapshot_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("snapshots")),
+        )?),
+    };
     let registry = Registry::new(
         backplane.clone(),
         store,

@@ -3,7 +3,10 @@
 //! `eventually` helper so tests wait on events with deadlines instead of sleeping.
 
 pub mod http;
+pub mod multinode;
 pub mod native;
+pub mod redis;
+pub mod s3;
 pub mod stock;
 
 use chorus_server::Config;
@@ -139,14 +142,14 @@ pub fn chorus_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // Tests live in target/<profile>/deps/, binaries (benchmarks) in target/<profile>/.
+    // Tests: target/<profile>/deps/<test> → target/<profile>/chorus; binaries (benchmarks)
+    // sit in target/<profile> themselves.
     let dir = exe.parent().expect("exe dir");
-    let profile_dir = if dir.ends_with("deps") {
-        dir.parent().expect("target dir")
+    let bin = if dir.ends_with("deps") {
+        dir.parent().expect("target dir").join("chorus")
     } else {
-        dir
+        dir.join("chorus")
     };
-    let bin = profile_dir.join("chorus");
     assert!(
         bin.exists(),
         "{} not found: build it first with `cargo build -p chorus-server --bin chorus` (the README's test command does)",
@@ -163,6 +166,11 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_env(data_dir, extra, &[]).await
+    }
+
+    /// Like [`ServerProcess::spawn`], with extra environment variables.
+    pub async fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let child = tokio::process::Command::new(chorus_bin())
@@ -172,6 +180,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -3,9 +3,11 @@
 //! A backplane owns each document's log. Appends are durable before they complete; entries
 //! reach the node's documents only through an [`EntrySink`], in log order — a node's own
 //! appends included — so every position handed to a client means "everything up to here".
-//! The embedded implementation lives here; the Redis one plugs in behind the same trait.
+//! The embedded implementation is single-node; the Redis one ([`redis`]) shares logs, presence
+//! and a compaction lock between nodes behind the same trait.
 
 pub mod embedded;
+pub mod redis;
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
@@ -65,6 +67,13 @@ pub type BackplaneResult<T> = Result<T, BackplaneError>;
 /// backplane's own tasks, so it must not block.
 pub trait EntrySink: Send + Sync + 'static {
     fn deliver(&self, doc: &DocId, epoch: u64, entries: Vec<Entry>);
+
+    /// An awareness update published by a client on another node (`node`). Presence is
+    /// best-effort: a newer state replaces an older one, so a dropped update heals itself.
+    fn deliver_awareness(&self, _doc: &DocId, _node: u64, _update: Bytes) {}
+
+    /// `node` stopped heartbeating: the presence of its clients must disappear everywhere.
+    fn node_gone(&self, _node: u64) {}
 }
 
 pub trait Backplane: Send + Sync + 'static {
@@ -104,6 +113,25 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// The document is no longer hot here: stop reading its entries.
     fn unwatch(&self, doc: &DocId);
+
+    /// Publishes a local client's awareness change to the other nodes watching `doc`.
+    /// Single-node backplanes have nobody to tell.
+    fn publish_awareness(&self, _doc: &DocId, _update: Bytes) {}
+
+    /// Takes the document's compaction lock for `ttl` (one node at a time writes snapshots
+    /// and trims). A single-node backplane has no competitor, so it always grants it.
+    fn lock_compaction(
+        &self,
+        _doc: &DocId,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'static, BackplaneResult<bool>> {
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Releases the lock taken with [`Backplane::lock_compaction`] (if this node still holds it).
+    fn unlock_compaction(&self, _doc: &DocId) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 
     /// Stops accepting appends and finishes the ones already admitted.
     fn close(&self) -> BoxFuture<'static, ()>;

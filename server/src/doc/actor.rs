@@ -48,7 +48,13 @@ pub(crate) struct Owner {
     native_subs: usize,
     yjs_subs: usize,
     waiters: Vec<(StreamId, oneshot::Sender<Position>)>,
+    /// Awareness client ids introduced by clients of other nodes, per node, so that a dead
+    /// node's presence can be removed.
+    remote_awareness: HashMap<u64, HashSet<ClientID>>,
 }
+
+/// How long one node may hold a document's compaction lock (snapshot + trim).
+const COMPACTION_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Owner {
     pub(crate) fn new(
@@ -74,6 +80,7 @@ impl Owner {
             native_subs: 0,
             yjs_subs: 0,
             waiters: Vec::new(),
+            remote_awareness: HashMap::new(),
         }
     }
 
@@ -121,8 +128,9 @@ impl Owner {
         // Unloading. Save while still registered, so that "no longer hot" implies "saved";
         // commands that arrive meanwhile wait and are then told to go to a fresh owner, which
         // loads from storage. Unwatch before unregistering: a new owner can only start after
-        // we unregister, so its `watch` comes last.
-        self.save_snapshot().await;
+        // we unregister, so its `watch` comes last. With a shared log, only the holder of the
+        // document's compaction lock writes snapshots.
+        self.save_snapshot_locked().await;
         self.shared.backplane.unwatch(&self.doc);
         self.unregister();
         commands.close();
@@ -281,7 +289,7 @@ impl Owner {
     /// The log was recreated under us (a new epoch): keep the CRDT state (it is a superset),
     /// take every entry of the new log, and resync every subscriber from scratch.
     async fn reset_epoch(&mut self) {
-        let head: LogHead = match self
+        let (head, fresh): (LogHead, Vec<Entry>) = match self
             .shared
             .backplane
             .read_after(&self.doc, StreamId::ZERO)
@@ -294,8 +302,8 @@ impl Owner {
                 self.recent_bytes = 0;
                 self.recent_floor = head.floor;
                 self.snapshot = None;
-                self.ingest(entries);
-                head
+                let fresh = self.ingest(entries);
+                (head, fresh)
             }
             Err(e) => {
                 tracing::warn!(doc = %self.doc, error = %e, "reading the recreated log failed");
@@ -304,11 +312,26 @@ impl Owner {
             }
         };
         tracing::warn!(doc = %self.doc, epoch = head.epoch, "log epoch changed; resyncing subscribers");
+        // The reader may stand past the new log's ids; point it at what we applied.
+        self.shared.backplane.watch(&self.doc, self.applied);
         let conns: Vec<u64> = self.subs.keys().copied().collect();
         for conn in conns {
             self.send_sync(conn, &SyncFrom::default());
         }
+        // Updates of our clients that landed in the new log are acknowledged at the position
+        // the sync just brought them to (never behind it).
+        let position = self.position();
+        for e in &fresh {
+            if let Some(o) = e.origin.filter(|o| o.node == self.shared.node)
+                && let Some(sub) = self.subs.get(&o.conn)
+            {
+                sub.outbox.push_own(&self.doc, o.seq, position);
+            }
+        }
         self.wake_waiters();
+        // What we hold beyond the new log (everything from before it was lost) goes into a
+        // snapshot of the new epoch, so a node loading the document later has it too.
+        self.save_snapshot_locked().await;
     }
 
     fn fan_out(&self, e: &Entry) {
@@ -377,6 +400,8 @@ impl Owner {
                 self.waiters.push((id, reply));
                 self.wake_waiters();
             }
+            Command::RemoteAwareness { node, update } => self.apply_remote_awareness(node, &update),
+            Command::NodeGone { node } => self.remove_node_awareness(node),
         }
     }
 
@@ -504,6 +529,38 @@ impl Owner {
             self.awareness.remove_state(*id);
         }
         if let Ok(update) = self.awareness.update_with_clients(ids) {
+            let raw = update.encode_v1();
+            self.broadcast_awareness(None, &raw);
+            self.shared
+                .backplane
+                .publish_awareness(&self.doc, Bytes::from(raw));
+        }
+    }
+
+    fn apply_remote_awareness(&mut self, node: u64, raw: &[u8]) {
+        let Ok(update) = yrs::sync::awareness::AwarenessUpdate::decode_v1(raw) else {
+            return; // validated by the publishing node; nothing else writes this stream
+        };
+        self.remote_awareness
+            .entry(node)
+            .or_default()
+            .extend(update.clients.keys().copied());
+        if let Ok(Some(summary)) = self.awareness.apply_update_summary(update)
+            && let Ok(changed) = self.awareness.update_with_clients(summary.all_changes())
+        {
+            self.broadcast_awareness(None, &changed.encode_v1());
+        }
+    }
+
+    fn remove_node_awareness(&mut self, node: u64) {
+        let Some(ids) = self.remote_awareness.remove(&node) else {
+            return;
+        };
+        let ids: Vec<ClientID> = ids.into_iter().collect();
+        for id in &ids {
+            self.awareness.remove_state(*id);
+        }
+        if let Ok(update) = self.awareness.update_with_clients(ids) {
             self.broadcast_awareness(None, &update.encode_v1());
         }
     }
@@ -516,7 +573,11 @@ impl Owner {
         match self.awareness.apply_update_summary(update) {
             Ok(Some(summary)) => {
                 if let Ok(changed) = self.awareness.update_with_clients(summary.all_changes()) {
-                    self.broadcast_awareness(Some(conn), &changed.encode_v1());
+                    let raw = changed.encode_v1();
+                    self.broadcast_awareness(Some(conn), &raw);
+                    self.shared
+                        .backplane
+                        .publish_awareness(&self.doc, Bytes::from(raw));
                 }
             }
             Ok(None) => {}
@@ -548,6 +609,33 @@ impl Owner {
         if self.since_snapshot.0 < s.compact_entries && self.since_snapshot.1 < s.compact_bytes {
             return;
         }
+        // Every node applies every entry, so all of them reach the threshold together; the
+        // lock lets one compact. The others start counting afresh instead of asking again on
+        // every entry.
+        match self
+            .shared
+            .backplane
+            .lock_compaction(&self.doc, COMPACTION_LOCK)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                self.since_snapshot = (0, 0);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(doc = %self.doc, error = %e, "compaction lock unavailable; retrying later");
+                self.since_snapshot = (0, 0);
+                return;
+            }
+        }
+        self.compact_locked(&s).await;
+        self.shared.backplane.unlock_compaction(&self.doc).await;
+    }
+
+    /// Snapshot first, trim after: a crash in between leaves a log that still holds
+    /// everything the snapshot covers, so nothing is lost.
+    async fn compact_locked(&mut self, s: &super::DocSettings) {
         if !self.save_snapshot().await {
             return;
         }
@@ -559,6 +647,21 @@ impl Owner {
         let before = window_start.min(self.applied.successor());
         if let Err(e) = self.shared.backplane.trim(&self.doc, before).await {
             tracing::warn!(doc = %self.doc, error = %e, "trimming the log failed; it will be retried at the next compaction");
+        }
+    }
+
+    /// Saves a snapshot under the compaction lock (nodes sharing a snapshot store take turns).
+    /// Without the lock nothing is saved: another node is saving, and the log still holds
+    /// everything.
+    async fn save_snapshot_locked(&mut self) {
+        if let Ok(true) = self
+            .shared
+            .backplane
+            .lock_compaction(&self.doc, COMPACTION_LOCK)
+            .await
+        {
+            self.save_snapshot().await;
+            self.shared.backplane.unlock_compaction(&self.doc).await;
         }
     }
 

@@ -91,6 +91,15 @@ pub(crate) enum Command {
         id: StreamId,
         reply: oneshot::Sender<Position>,
     },
+    /// Awareness published by a client on another node.
+    RemoteAwareness {
+        node: u64,
+        update: bytes::Bytes,
+    },
+    /// A node died: drop the presence of its clients.
+    NodeGone {
+        node: u64,
+    },
 }
 
 /// A cheap, cloneable way to reach a document's owner task.
@@ -346,5 +355,28 @@ impl EntrySink for Registry {
         if h.inner.entries.try_send((epoch, entries)).is_err() {
             h.inner.lagged.store(true, Ordering::Release);
         }
+    }
+
+    fn deliver_awareness(&self, doc: &DocId, node: u64, update: bytes::Bytes) {
+        let Some(h) = self.lock().get(doc).cloned() else {
+            return;
+        };
+        // Presence is best-effort: with the owner's queue full this state is dropped and the
+        // client's next (periodic) awareness update replaces it.
+        let _ = h
+            .inner
+            .commands
+            .try_send(Command::RemoteAwareness { node, update });
+    }
+
+    fn node_gone(&self, node: u64) {
+        // Must reach every owner (a dropped removal would leave a ghost cursor), so wait for
+        // queue room in one task rather than dropping.
+        let handles: Vec<DocHandle> = self.lock().values().cloned().collect();
+        self.shared.tracker.spawn(async move {
+            for h in handles {
+                let _ = h.send(Command::NodeGone { node }).await;
+            }
+        });
     }
 }

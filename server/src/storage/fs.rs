@@ -60,6 +60,35 @@ fn read_header(bytes: &[u8], doc: &DocId) -> Result<(Position, usize, u32), Stor
     Ok((position, len, u32::from_le_bytes(crc)))
 }
 
+/// The snapshot file format, shared with the object-store backend.
+pub(crate) fn encode(snap: &Snapshot) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + snap.state.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&snap.position.epoch.to_le_bytes());
+    out.extend_from_slice(&snap.position.id.ms.to_le_bytes());
+    out.extend_from_slice(&snap.position.id.seq.to_le_bytes());
+    out.extend_from_slice(&(snap.state.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&snap.state).to_le_bytes());
+    out.extend_from_slice(&snap.state);
+    out
+}
+
+/// Parses and checks (length, CRC) a snapshot in the shared format.
+pub(crate) fn decode(bytes: &[u8], doc: &DocId) -> Result<Snapshot, StoreError> {
+    let (position, len, crc) = read_header(bytes, doc)?;
+    let state = &bytes[HEADER..];
+    if state.len() != len || crc32fast::hash(state) != crc {
+        return Err(StoreError::Corrupt {
+            doc: doc.to_string(),
+            why: "checksum or length mismatch",
+        });
+    }
+    Ok(Snapshot {
+        position,
+        state: Bytes::copy_from_slice(state),
+    })
+}
+
 fn load(dir: &Path, doc: &DocId) -> Result<Option<Snapshot>, StoreError> {
     let mut file = match File::open(FsSnapshotStore::path(dir, doc)) {
         Ok(f) => f,
@@ -68,18 +97,7 @@ fn load(dir: &Path, doc: &DocId) -> Result<Option<Snapshot>, StoreError> {
     };
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
-    let (position, len, crc) = read_header(&bytes, doc)?;
-    let state = &bytes[HEADER..];
-    if state.len() != len || crc32fast::hash(state) != crc {
-        return Err(StoreError::Corrupt {
-            doc: doc.to_string(),
-            why: "checksum or length mismatch",
-        });
-    }
-    Ok(Some(Snapshot {
-        position,
-        state: Bytes::copy_from_slice(state),
-    }))
+    decode(&bytes, doc).map(Some)
 }
 
 fn stored_position(path: &Path, doc: &DocId) -> Option<Position> {
@@ -98,18 +116,15 @@ fn save(dir: &Path, lock: &Mutex<()>, doc: &DocId, snap: &Snapshot) -> Result<bo
     {
         return Ok(false);
     }
-    let tmp = dir.join(format!(".{doc}.snap.tmp"));
+    // Unique per writer: nodes sharing the directory must never write into the same temp file.
+    let tmp = dir.join(format!(
+        ".{doc}.snap.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     {
         let mut f = File::create(&tmp)?;
-        let mut header = Vec::with_capacity(HEADER);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&snap.position.epoch.to_le_bytes());
-        header.extend_from_slice(&snap.position.id.ms.to_le_bytes());
-        header.extend_from_slice(&snap.position.id.seq.to_le_bytes());
-        header.extend_from_slice(&(snap.state.len() as u64).to_le_bytes());
-        header.extend_from_slice(&crc32fast::hash(&snap.state).to_le_bytes());
-        f.write_all(&header)?;
-        f.write_all(&snap.state)?;
+        f.write_all(&encode(snap))?;
         f.sync_all()?;
     }
     fs::rename(&tmp, &path)?;

@@ -5,6 +5,7 @@
 //! that nodes sharing a Redis can share a directory or an object store.
 
 pub mod fs;
+pub mod s3;
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position};

@@ -1,0 +1,197 @@
+//! Real `redis-server` processes for the multi-node tests: one standalone server per test (on a
+//! free port, AOF on, killable and restartable on the same port with its data), or a
+//! three-master Redis Cluster.
+
+use crate::{DEADLINE, eventually, free_port};
+use std::path::PathBuf;
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+
+/// Runs `redis-cli -p PORT ARGS...` and returns its stdout.
+pub async fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn spawn_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new("redis-server")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--bind")
+        .arg("127.0.0.1")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--save")
+        .arg("")
+        .arg("--appendonly")
+        .arg("yes")
+        // Every acknowledged write is on disk before Redis answers: the restart test kills
+        // Redis with SIGKILL and still expects every acked update.
+        .arg("--appendfsync")
+        .arg("always")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn redis-server (install it: apt-get install redis-server)")
+}
+
+async fn wait_ping(port: u16) {
+    eventually("redis-server answers PING", DEADLINE, || async {
+        cli(port, &["PING"])
+            .await
+            .filter(|s| s.trim() == "PONG")
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// One standalone Redis.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = spawn_redis(port, dir.path(), &[]);
+        wait_ping(port).await;
+        RedisServer {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no shutdown save runs (AOF with `appendfsync always` keeps every acked write).
+    pub async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill redis");
+        }
+    }
+
+    /// Starts it again on the same port with the same data directory.
+    pub async fn restart(&mut self) {
+        self.kill9().await;
+        self.child = Some(spawn_redis(self.port, self.dir.path(), &[]));
+        wait_ping(self.port).await;
+    }
+
+    pub async fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args).await.expect("redis-cli")
+    }
+
+    /// Total calls of each command since the server started (`INFO commandstats`).
+    pub async fn command_calls(&self) -> std::collections::HashMap<String, u64> {
+        parse_commandstats(&self.cli(&["INFO", "commandstats"]).await)
+    }
+}
+
+pub fn parse_commandstats(info: &str) -> std::collections::HashMap<String, u64> {
+    info.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// A three-master Redis Cluster (no replicas), created with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+    _children: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        let mut ports = Vec::new();
+        let mut dirs = Vec::new();
+        let mut children = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            // Cluster bus port = port + 10000: pick ports whose bus port is free too.
+            let port = loop {
+                let p = free_port();
+                if p < 55535 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+                    break p;
+                }
+            };
+            let conf: PathBuf = dir.path().join("nodes.conf");
+            children.push(spawn_redis(
+                port,
+                dir.path(),
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().expect("utf-8 path"),
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            ));
+            wait_ping(port).await;
+            ports.push(port);
+            dirs.push(dir);
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        cli(ports[0], &args)
+            .await
+            .expect("redis-cli --cluster create");
+        for &p in &ports {
+            eventually(
+                "cluster_state:ok on every master",
+                DEADLINE,
+                || async move {
+                    cli(p, &["CLUSTER", "INFO"])
+                        .await
+                        .filter(|s| s.contains("cluster_state:ok"))
+                        .map(|_| ())
+                },
+            )
+            .await;
+        }
+        RedisCluster {
+            ports,
+            _dirs: dirs,
+            _children: children,
+        }
+    }
+
+    /// The seeds as one `--redis-url` value.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}

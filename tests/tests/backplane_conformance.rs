@@ -1,0 +1,294 @@
+//! One conformance suite, run against both backplanes: the embedded log and Redis streams.
+//! Append, read after, delivery in order with origins, wake-up on a newly watched document,
+//! trim, and a new epoch when the log is lost.
+
+use bytes::Bytes;
+use chorus_protocol::{DocId, Position, StreamId};
+use chorus_server::backplane::embedded::EmbeddedBackplane;
+use chorus_server::backplane::redis::{RedisBackplane, RedisSettings};
+use chorus_server::backplane::{Backplane, Entry, EntrySink, Origin};
+use chorus_tests::redis::RedisServer;
+use chorus_tests::{DEADLINE, eventually};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+
+#[derive(Default)]
+struct Collect(Mutex<Vec<(String, u64, Entry)>>);
+
+impl EntrySink for Collect {
+    fn deliver(&self, doc: &DocId, epoch: u64, entries: Vec<Entry>) {
+        let mut v = self.0.lock().expect("lock");
+        for e in entries {
+            v.push((doc.to_string(), epoch, e));
+        }
+    }
+}
+
+impl Collect {
+    fn of(&self, doc: &str) -> Vec<(u64, Entry)> {
+        self.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(d, _, _)| d == doc)
+            .map(|(_, ep, e)| (*ep, e.clone()))
+            .collect()
+    }
+}
+
+/// What differs between the backplanes: how to make one, and how to lose a log.
+enum Fixture {
+    Embedded {
+        dir: tempfile::TempDir,
+        tracker: TaskTracker,
+    },
+    Redis {
+        server: RedisServer,
+        tracker: TaskTracker,
+    },
+}
+
+impl Fixture {
+    async fn backplane(&self) -> Arc<dyn Backplane> {
+        match self {
+            Fixture::Embedded { dir, tracker } => Arc::new(
+                EmbeddedBackplane::open(&dir.path().join("log.redb"), 4 << 20, tracker)
+                    .expect("open"),
+            ),
+            Fixture::Redis { server, tracker } => Arc::new(
+                RedisBackplane::connect(
+                    RedisSettings::from_urls(
+                        &[server.url()],
+                        Duration::from_secs(2),
+                        Duration::from_secs(2),
+                    ),
+                    rand::random(),
+                    tracker,
+                )
+                .await
+                .expect("connect"),
+            ),
+        }
+    }
+
+    /// Loses every log (a new redb file; FLUSHALL) and returns the backplane to use after.
+    async fn lose_logs(&self, old: Arc<dyn Backplane>) -> Arc<dyn Backplane> {
+        match self {
+            Fixture::Embedded { dir, .. } => {
+                old.close().await;
+                drop(old);
+                std::fs::remove_file(dir.path().join("log.redb")).expect("remove log");
+                self.backplane().await
+            }
+            Fixture::Redis { server, .. } => {
+                server.cli(&["FLUSHALL"]).await;
+                old
+            }
+        }
+    }
+}
+
+fn origin(seq: u64) -> Option<Origin> {
+    Some(Origin {
+        node: 7,
+        conn: 9,
+        seq: Some(seq),
+    })
+}
+
+async fn suite(fixture: Fixture) {
+    let mut bp = fixture.backplane().await;
+    let collect = Arc::new(Collect::default());
+    let sink: Arc<dyn EntrySink> = collect.clone();
+    bp.attach(Arc::downgrade(&sink));
+    let a = DocId::parse("conf-a").expect("doc");
+    let b = DocId::parse("conf-b").expect("doc");
+
+    // Open: a new log, nothing in it.
+    let head = bp.open(&a).await.expect("open");
+    assert_ne!(head.epoch, 0);
+    assert!(head.epoch < 1 << 53);
+    assert_eq!(head.last, StreamId::ZERO);
+    let epoch = head.epoch;
+    bp.watch(&a, head.last);
+
+    // Append: positions in call order, all in the log's epoch. Calls are issued before any is
+    // awaited: admission order is the log order.
+    let futs: Vec<_> = (0..5u64)
+        .map(|i| bp.append(&a, Bytes::from(vec![i as u8; 3]), origin(i)))
+        .collect();
+    let mut ids = Vec::new();
+    for f in futs {
+        let p = f.await.expect("append");
+        assert_eq!(p.epoch, epoch);
+        ids.push(p.id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+    // Delivery: every entry, in log order, once, with its origin and epoch.
+    let delivered = eventually("all five entries delivered", DEADLINE, || async {
+        let got = collect.of("conf-a");
+        (got.len() >= 5).then_some(got)
+    })
+    .await;
+    assert_eq!(
+        delivered.iter().map(|(_, e)| e.id).collect::<Vec<_>>(),
+        ids,
+        "delivered in log order, no duplicates"
+    );
+    for (i, (ep, e)) in delivered.iter().enumerate() {
+        assert_eq!(*ep, epoch);
+        assert_eq!(e.origin, origin(i as u64), "origin round trip");
+        assert_eq!(e.update.as_ref(), &[i as u8; 3]);
+    }
+
+    // Read after: exactly the entries after the id, and the head.
+    let (head, entries) = bp.read_after(&a, ids[1]).await.expect("read");
+    assert_eq!(head.epoch, epoch);
+    assert_eq!(head.last, ids[4]);
+    assert_eq!(
+        entries.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[2..].to_vec()
+    );
+    assert_eq!(entries[0].origin, origin(2));
+    let (_, none) = bp.read_after(&a, ids[4]).await.expect("read");
+    assert!(none.is_empty());
+
+    // Wake-up: a document watched while the reader is (probably) blocked is read promptly.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let head_b = bp.open(&b).await.expect("open b");
+    bp.watch(&b, head_b.last);
+    let started = tokio::time::Instant::now();
+    let pb = bp
+        .append(&b, Bytes::from_static(b"b"), None)
+        .await
+        .expect("append b");
+    eventually(
+        "entry of a newly watched document delivered",
+        DEADLINE,
+        || async {
+            collect
+                .of("conf-b")
+                .iter()
+                .any(|(_, e)| e.id == pb.id)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "a newly watched document must wake the reader, not wait for its timeout ({:?})",
+        started.elapsed()
+    );
+
+    // Trim: entries below the id go, the floor is the newest removed one, replay stops there.
+    bp.trim(&a, ids[2]).await.expect("trim");
+    let (head, entries) = bp.read_after(&a, StreamId::ZERO).await.expect("read");
+    assert_eq!(head.floor, ids[1]);
+    assert_eq!(
+        entries.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[2..].to_vec()
+    );
+    assert!(head.can_replay_after(Position::new(epoch, ids[1])));
+    assert!(!head.can_replay_after(Position::new(epoch, ids[0])));
+    assert!(!head.can_replay_after(Position::new(epoch + 1, ids[3])));
+    let reopened = bp.open(&a).await.expect("open again");
+    assert_eq!(
+        (reopened.epoch, reopened.last, reopened.floor),
+        (epoch, ids[4], ids[1]),
+        "open does not disturb an existing log"
+    );
+
+    // Epoch change: the log is lost; the next append starts a new epoch, readers deliver it
+    // with the new epoch, and old positions are not replayable.
+    bp = fixture.lose_logs(bp).await;
+    bp.attach(Arc::downgrade(&sink));
+    bp.watch(&a, ids[4]);
+    let p = bp
+        .append(&a, Bytes::from_static(b"new"), origin(99))
+        .await
+        .expect("append after loss");
+    assert_ne!(p.epoch, epoch, "a lost log gets a new epoch");
+    let (head, entries) = bp.read_after(&a, StreamId::ZERO).await.expect("read");
+    assert_eq!(head.epoch, p.epoch);
+    assert_eq!(entries.len(), 1, "the new log holds only what came after");
+    assert!(!head.can_replay_after(Position::new(epoch, ids[4])));
+    eventually("entry of the new epoch delivered", DEADLINE, || async {
+        collect
+            .of("conf-a")
+            .iter()
+            .any(|(ep, e)| *ep == p.epoch && e.id == p.id)
+            .then_some(())
+    })
+    .await;
+    bp.close().await;
+}
+
+#[tokio::test]
+async fn embedded_backplane_conforms() {
+    suite(Fixture::Embedded {
+        dir: tempfile::tempdir().expect("tempdir"),
+        tracker: TaskTracker::new(),
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_backplane_conforms() {
+    suite(Fixture::Redis {
+        server: RedisServer::start().await,
+        tracker: TaskTracker::new(),
+    })
+    .await;
+}
+
+/// Redis specifics the shared suite cannot express: a log whose stream key alone was deleted
+/// is a lost log too (new epoch), and appends with Redis down fail within the bound and are
+/// never acknowledged.
+#[tokio::test]
+async fn redis_detects_a_deleted_stream_and_fails_appends_when_down() {
+    let mut server = RedisServer::start().await;
+    let tracker = TaskTracker::new();
+    let bp = RedisBackplane::connect(
+        RedisSettings::from_urls(
+            &[server.url()],
+            Duration::from_millis(500),
+            Duration::from_secs(2),
+        ),
+        1,
+        &tracker,
+    )
+    .await
+    .expect("connect");
+    let d = DocId::parse("del").expect("doc");
+    let p1 = bp
+        .append(&d, Bytes::from_static(b"1"), None)
+        .await
+        .expect("append");
+    server.cli(&["DEL", "chorus:{del}:log"]).await;
+    let p2 = bp
+        .append(&d, Bytes::from_static(b"2"), None)
+        .await
+        .expect("append");
+    assert_ne!(p1.epoch, p2.epoch, "a deleted stream means a new epoch");
+
+    server.kill9().await;
+    let started = tokio::time::Instant::now();
+    let r = bp.append(&d, Bytes::from_static(b"3"), None).await;
+    assert!(r.is_err(), "no ack without Redis: {r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failure within the bound ({:?})",
+        started.elapsed()
+    );
+    server.restart().await;
+    let p3 = eventually(
+        "appends work again after Redis is back",
+        DEADLINE,
+        || async { bp.append(&d, Bytes::from_static(b"4"), None).await.ok() },
+    )
+    .await;
+    assert_eq!(p3.epoch, p2.epoch, "AOF kept the log and its epoch");
+    bp.close().await;
+}
