@@ -64,6 +64,11 @@ pub enum Event {
     Dirty {
         doc: String,
     },
+    /// The server says the socket's token expires at `expires_at` (Unix seconds): get a fresh
+    /// one and pass it to [`Session::refresh_token`], or the socket is closed (4101).
+    TokenExpiring {
+        expires_at: u64,
+    },
 }
 
 /// What the driver should do after a socket closed.
@@ -397,8 +402,18 @@ impl Session {
         }
     }
 
+    /// Sends a fresh token over the open socket (answer to [`Event::TokenExpiring`]).
+    pub fn refresh_token(&mut self, token: &str) {
+        self.send(&ClientFrame::Auth {
+            token: token.to_string(),
+        });
+    }
+
     fn handle(&mut self, frame: ServerFrame) {
         match frame {
+            ServerFrame::AuthExpiring { expires_at } => {
+                self.events.push_back(Event::TokenExpiring { expires_at });
+            }
             ServerFrame::Synced {
                 doc,
                 update,

@@ -51,6 +51,8 @@ struct Inner {
     storage_prefix: Option<String>,
     dirty: BTreeSet<String>,
     persist_scheduled: bool,
+    /// The server warned that the token expires: ask the provider for a fresh one.
+    refresh_due: bool,
 }
 
 /// A connection to a Chorus server (`ws://host/v1/ws`), carrying any number of documents.
@@ -170,6 +172,39 @@ fn pump(shared: &Shared) {
         }
     }
     schedule_persist(shared);
+    refresh_token_if_due(shared);
+}
+
+/// Answers the server's `auth_expiring` with a fresh token from the `tokenProvider`, on the
+/// open socket (no reconnect). Without a provider the socket closes at expiry and the next
+/// connection uses whatever `token` is then.
+fn refresh_token_if_due(shared: &Shared) {
+    let provider = {
+        let mut inner = shared.borrow_mut();
+        if !std::mem::take(&mut inner.refresh_due) {
+            return;
+        }
+        inner.token_provider.clone()
+    };
+    let Some(provider) = provider else { return };
+    let s = shared.clone();
+    wasm_bindgen_futures::spawn_local(async move {
+        let token = match provider.call0(&JsValue::NULL) {
+            Ok(v) => match v.dyn_into::<Promise>() {
+                Ok(p) => wasm_bindgen_futures::JsFuture::from(p).await,
+                Err(v) => Ok(v),
+            },
+            Err(e) => Err(e),
+        };
+        if let Some(t) = token.ok().and_then(|t| t.as_string()) {
+            {
+                let mut inner = s.borrow_mut();
+                inner.token = Some(t.clone());
+                inner.session.refresh_token(&t);
+            }
+            pump(&s);
+        }
+    });
 }
 
 fn collect_calls(inner: &mut Inner, ev: Event, calls: &mut Vec<(Function, JsValue, JsValue)>) {
@@ -247,6 +282,7 @@ fn collect_calls(inner: &mut Inner, ev: Event, calls: &mut Vec<(Function, JsValu
             }
             push(&inner.error_listeners, e, JsValue::UNDEFINED);
         }
+        Event::TokenExpiring { .. } => inner.refresh_due = true,
         Event::Dirty { doc } => {
             if inner.storage_prefix.is_some() {
                 inner.dirty.insert(doc);
@@ -474,6 +510,7 @@ impl ChorusClient {
             storage_prefix,
             dirty: BTreeSet::new(),
             persist_scheduled: false,
+            refresh_due: false,
         }));
         connect(&inner);
         Ok(ChorusClient { inner })

@@ -31,6 +31,12 @@ pub enum ErrorCode {
     RateLimited,
     /// The document reached the size limit and takes no more updates.
     DocumentTooLarge,
+    /// The token does not grant access to this document.
+    Forbidden,
+    /// The token grants only read access to this document; the update was not applied.
+    ReadOnly,
+    /// The token sent with `auth` is invalid, expired or revoked; the socket keeps its old one.
+    BadToken,
     /// The document could not be loaded. Retry later.
     Unavailable,
 }
@@ -58,6 +64,9 @@ impl ErrorCode {
             ErrorCode::AppendFailed => "append_failed",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::DocumentTooLarge => "document_too_large",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::ReadOnly => "read_only",
+            ErrorCode::BadToken => "bad_token",
             ErrorCode::Unavailable => "unavailable",
         }
     }
@@ -87,6 +96,10 @@ pub enum CloseCode {
     /// The client read too slowly and its pending data passed the hard limit: reconnect and
     /// resume from the last position it received.
     TooSlow = 4001,
+    /// The socket's token expired without a refresh: reconnect with a fresh token.
+    TokenExpired = 4101,
+    /// The socket's token (or its subject) was revoked.
+    Revoked = 4103,
 }
 
 impl CloseCode {
@@ -104,6 +117,8 @@ impl CloseCode {
             CloseCode::InternalError => "internal error, reconnect and resume",
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::TooSlow => "too slow, reconnect and resume",
+            CloseCode::TokenExpired => "token expired",
+            CloseCode::Revoked => "token revoked",
         }
     }
 
@@ -112,6 +127,8 @@ impl CloseCode {
         !matches!(
             self,
             CloseCode::Normal
+                | CloseCode::TokenExpired
+                | CloseCode::Revoked
                 | CloseCode::UnsupportedData
                 | CloseCode::PolicyViolation
                 | CloseCode::MessageTooBig

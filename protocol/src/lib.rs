@@ -47,6 +47,9 @@ pub enum ClientFrame {
     },
     /// Stop receiving a document; the server removes the awareness states this socket set on it.
     Unsubscribe { doc: String },
+    /// A fresh token for this socket (before the current one expires). Its grants replace the
+    /// old ones; documents it no longer grants are unsubscribed with a `forbidden` error.
+    Auth { token: String },
 }
 
 /// A frame sent by the server on `/v1/ws`.
@@ -84,6 +87,9 @@ pub enum ServerFrame {
         seq: Option<u64>,
         position: Position,
     },
+    /// The socket's token expires at `expires_at` (Unix seconds): send `auth` with a fresh
+    /// one before then, or the socket is closed with 4101.
+    AuthExpiring { expires_at: u64 },
     /// A request failed. `doc` and `seq` say which one, when it concerned one.
     Error {
         code: ErrorCode,
@@ -125,7 +131,8 @@ impl DecodeError {
 pub struct EncodeError(#[from] rmp_serde::encode::Error);
 
 impl ClientFrame {
-    pub const TYPES: &'static [&'static str] = &["subscribe", "update", "awareness", "unsubscribe"];
+    pub const TYPES: &'static [&'static str] =
+        &["subscribe", "update", "awareness", "unsubscribe", "auth"];
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         rmp_serde::from_slice(bytes).map_err(|e| DecodeError::classify(bytes, e, Self::TYPES))
@@ -137,7 +144,14 @@ impl ClientFrame {
 }
 
 impl ServerFrame {
-    pub const TYPES: &'static [&'static str] = &["synced", "update", "awareness", "ack", "error"];
+    pub const TYPES: &'static [&'static str] = &[
+        "synced",
+        "update",
+        "awareness",
+        "ack",
+        "auth_expiring",
+        "error",
+    ];
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         rmp_serde::from_slice(bytes).map_err(|e| DecodeError::classify(bytes, e, Self::TYPES))
@@ -154,6 +168,7 @@ impl ServerFrame {
             ServerFrame::Update { .. } => "update",
             ServerFrame::Awareness { .. } => "awareness",
             ServerFrame::Ack { .. } => "ack",
+            ServerFrame::AuthExpiring { .. } => "auth_expiring",
             ServerFrame::Error { .. } => "error",
         }
     }

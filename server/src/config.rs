@@ -149,6 +149,30 @@ pub struct Config {
     #[arg(long, env = "CHORUS_SNAPSHOT_STORE")]
     pub snapshot_store: Option<String>,
 
+    /// Turns auth on: tokens are HS256 JWTs signed with this secret. Without this or
+    /// `--auth-public-key` the node is open to everyone (and says so in its log and /healthz).
+    #[arg(long, env = "CHORUS_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+
+    /// Turns auth on with a public key (PEM file): Ed25519 (EdDSA) or P-256 (ES256) tokens.
+    #[arg(long, env = "CHORUS_AUTH_PUBLIC_KEY")]
+    pub auth_public_key: Option<PathBuf>,
+
+    /// Key for the admin API (`Authorization: Bearer <key>`, e.g. revocation); without it the
+    /// admin API answers 404.
+    #[arg(long, env = "CHORUS_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
+    /// Browser origins allowed to open WebSockets and call the HTTP API, comma-separated
+    /// (e.g. `https://app.example.com`). Empty: any origin. Requests without `Origin`
+    /// (non-browser clients) are not affected.
+    #[arg(long, env = "CHORUS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// A native socket is warned (`auth_expiring`) this long before its token expires.
+    #[arg(long, env = "CHORUS_TOKEN_WARNING", default_value = "30s", value_parser = parse_duration)]
+    pub token_warning: Duration,
+
     /// Graceful shutdown deadline: after SIGTERM/SIGINT, the node closes sockets, saves
     /// documents and exits within this long.
     #[arg(long, env = "CHORUS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -1,5 +1,6 @@
 //! HTTP face of a node: routes, the WebSocket upgrades, the document API and health.
 
+use crate::auth::{Access, AuthError, Principal};
 use crate::backplane::BackplaneError;
 use crate::connection::Refused;
 use crate::connection::native::NativeSession;
@@ -11,14 +12,16 @@ use crate::validate::{self, Rejected};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chorus_protocol::{DocId, DocIdError, StreamId};
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Errors of the HTTP API, each with its status.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,10 @@ pub enum ApiError {
     Unavailable,
     #[error("the document reached the {0}-byte limit and takes no more updates")]
     DocumentTooLarge(usize),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("admin key missing or wrong")]
+    Admin,
 }
 
 impl IntoResponse for ApiError {
@@ -46,6 +53,13 @@ impl IntoResponse for ApiError {
             ApiError::Append(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::DocumentTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "document_too_large"),
+            ApiError::Auth(AuthError::Forbidden | AuthError::Origin) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
+            ApiError::Auth(AuthError::Expired) => (StatusCode::UNAUTHORIZED, "token_expired"),
+            ApiError::Auth(AuthError::Revoked) => (StatusCode::UNAUTHORIZED, "token_revoked"),
+            ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
+            ApiError::Admin => (StatusCode::UNAUTHORIZED, "bad_admin_key"),
         };
         let mut resp = (
             status,
@@ -77,13 +91,69 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
             post(post_update).layer(DefaultBodyLimit::max(body_limit)),
         )
         .route("/healthz", get(healthz))
+        .route("/v1/admin/revoke", post(revoke))
         .route("/v1/stats", get(stats));
     if let Some(dir) = &ctx.config.static_dir
         && dir.is_dir()
     {
         router = router.fallback_service(tower_http::services::ServeDir::new(dir));
     }
-    router.with_state(ctx)
+    let cors = if ctx.config.allowed_origins.is_empty() {
+        CorsLayer::new().allow_origin(AllowOrigin::any())
+    } else {
+        let origins = ctx
+            .config
+            .allowed_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect::<Vec<_>>();
+        CorsLayer::new().allow_origin(AllowOrigin::list(origins))
+    }
+    .allow_methods([Method::GET, Method::POST])
+    .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+    .expose_headers([header::HeaderName::from_static("x-chorus-position")]);
+    router.layer(cors).with_state(ctx)
+}
+
+#[derive(serde::Deserialize)]
+struct Revoke {
+    sub: Option<String>,
+    jti: Option<String>,
+    /// Until when a revoked token id must be remembered (its `exp`); default a day.
+    exp: Option<u64>,
+}
+
+/// `POST /v1/admin/revoke` with `Authorization: Bearer <admin key>`: revokes a subject or a
+/// token id and closes the sockets it holds on this node with 4103.
+async fn revoke(
+    State(ctx): State<Arc<ConnContext>>,
+    headers: HeaderMap,
+    axum::Json(req): axum::Json<Revoke>,
+) -> Result<Response, ApiError> {
+    let Some(key) = &ctx.config.admin_key else {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        return Err(ApiError::Admin);
+    }
+    if req.sub.is_none() && req.jti.is_none() {
+        return Ok((
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "nothing_to_revoke"})),
+        )
+            .into_response());
+    }
+    let closed = ctx.revoke(req.sub.as_deref(), req.jti.as_deref(), req.exp);
+    Ok(axum::Json(json!({"closed": closed})).into_response())
+}
+
+/// Compares secrets without an early exit that would leak how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Socket buffer sizes. tungstenite reads into a 128 KiB buffer per connection by default,
@@ -122,32 +192,118 @@ fn refused(r: Refused) -> Response {
     resp
 }
 
-async fn native_ws(State(ctx): State<Arc<ConnContext>>, ws: WebSocketUpgrade) -> Response {
+/// The token a request carries: `?token=`, `Authorization: Bearer`, or (for browsers, which
+/// cannot set headers on a WebSocket) a `chorus-token.<jwt>` subprotocol, which the answer
+/// must echo.
+struct Presented {
+    token: Option<String>,
+    subprotocol: Option<String>,
+}
+
+fn presented(headers: &HeaderMap, query: &HashMap<String, String>) -> Presented {
+    let subprotocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(',')
+                .map(str::trim)
+                .find(|p| p.starts_with(TOKEN_PROTOCOL))
+        })
+        .map(str::to_owned);
+    let token = query
+        .get("token")
+        .cloned()
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned)
+        })
+        .or_else(|| {
+            subprotocol
+                .as_ref()
+                .map(|p| p[TOKEN_PROTOCOL.len()..].to_owned())
+        });
+    Presented { token, subprotocol }
+}
+
+const TOKEN_PROTOCOL: &str = "chorus-token.";
+
+/// Origin allow-list for browsers; requests without `Origin` (non-browser clients) pass.
+fn check_origin(ctx: &ConnContext, headers: &HeaderMap) -> Result<(), ApiError> {
+    let allowed = &ctx.config.allowed_origins;
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(origin) if !allowed.is_empty() && !allowed.iter().any(|a| a == origin) => {
+            Err(ApiError::Auth(AuthError::Origin))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Verifies the caller and, for a document, that the token grants at least `need`.
+fn authorize(
+    ctx: &ConnContext,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    doc: Option<(&DocId, Access)>,
+) -> Result<(Principal, Option<String>), ApiError> {
+    check_origin(ctx, headers)?;
+    let p = presented(headers, query);
+    let principal = ctx.auth.verify(p.token.as_deref())?;
+    if let Some((doc, need)) = doc
+        && principal.access(doc).is_none_or(|a| a < need)
+    {
+        return Err(ApiError::Auth(AuthError::Forbidden));
+    }
+    Ok((principal, p.subprotocol))
+}
+
+/// Echoes the token subprotocol a browser offered (it fails the socket otherwise).
+fn with_subprotocol(mut resp: Response, subprotocol: Option<String>) -> Response {
+    if let Some(v) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    resp
+}
+
+async fn native_ws(
+    State(ctx): State<Arc<ConnContext>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    // A bad token gets an HTTP status with a reason, never an upgraded socket.
+    let (principal, subprotocol) = authorize(&ctx, &headers, &query, None)?;
     let slot = match ctx.admit() {
         Ok(slot) => slot,
-        Err(r) => return refused(r),
+        Err(r) => return Ok(refused(r)),
     };
-    configure(ws, &ctx).on_upgrade(move |socket| {
+    let resp = configure(ws, &ctx).on_upgrade(move |socket| {
         let outbox = ctx.new_outbox(Proto::Native);
-        let session = NativeSession::new(ctx.registry.clone(), ctx.config.clone(), outbox.clone());
+        let session = NativeSession::new(ctx.clone(), outbox.clone(), principal);
         // Upgraded sockets outlive the HTTP request: they are tracked here, not by axum.
         let tracker = ctx.tracker.clone();
         tracker.spawn(connection::run(socket, ctx, slot, outbox, session));
         std::future::ready(())
-    })
+    });
+    Ok(with_subprotocol(resp, subprotocol))
 }
 
 async fn yjs_ws(
     State(ctx): State<Arc<ConnContext>>,
     Path(doc): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
+    let (principal, subprotocol) = authorize(&ctx, &headers, &query, Some((&doc, Access::Read)))?;
     let slot = match ctx.admit() {
         Ok(slot) => slot,
         Err(r) => return Ok(refused(r)),
     };
-    Ok(configure(ws, &ctx).on_upgrade(move |mut socket| {
+    let resp = configure(ws, &ctx).on_upgrade(move |mut socket| {
         let tracker = ctx.tracker.clone();
         tracker.spawn(async move {
             let outbox = ctx.new_outbox(Proto::Yjs);
@@ -158,13 +314,8 @@ async fn yjs_ws(
                 .await
             {
                 Ok(handle) => {
-                    let session = YjsSession::new(
-                        ctx.registry.clone(),
-                        ctx.config.clone(),
-                        outbox.clone(),
-                        doc,
-                        handle,
-                    );
+                    let session =
+                        YjsSession::new(ctx.clone(), outbox.clone(), doc, handle, principal);
                     connection::run(socket, ctx, slot, outbox, session).await;
                     return;
                 }
@@ -179,14 +330,18 @@ async fn yjs_ws(
             let _ = socket.send(Message::Close(Some(close))).await;
         });
         std::future::ready(())
-    }))
+    });
+    Ok(with_subprotocol(resp, subprotocol))
 }
 
 async fn get_doc(
     State(ctx): State<Arc<ConnContext>>,
     Path(doc): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
+    authorize(&ctx, &headers, &query, Some((&doc, Access::Read)))?;
     let (state, position) = ctx
         .registry
         .with_owner(&doc, |h| async move { h.state().await })
@@ -211,9 +366,15 @@ async fn get_doc(
 async fn post_update(
     State(ctx): State<Arc<ConnContext>>,
     Path(doc): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
+    if let Err(e) = authorize(&ctx, &headers, &query, Some((&doc, Access::Write))) {
+        ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
+        return Err(e);
+    }
     validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
         Rejected::TooLarge(..) => ApiError::TooLarge(e),
         e => ApiError::BadUpdate(e),
@@ -246,6 +407,7 @@ async fn healthz(State(ctx): State<Arc<ConnContext>>) -> Response {
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "backplane": ctx.registry.backplane().name(),
+        "auth": if ctx.auth.enabled() { "on" } else { "OFF: anyone may read and write every document" },
         "connections": ctx.open.load(Ordering::Relaxed),
         "hot_documents": ctx.registry.hot_documents(),
     }))
@@ -258,6 +420,7 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
     let s = &ctx.stats;
     axum::Json(json!({
         "connections": ctx.open.load(Ordering::Relaxed),
+        "refused_writes": ctx.refused_writes.load(Ordering::Relaxed),
         "hot_documents": ctx.registry.hot_documents(),
         "outbox": {
             "pending_bytes": total,

@@ -83,10 +83,23 @@ pub async fn run(
         node,
         tracker.clone(),
     );
+    let auth = Arc::new(match (&config.auth_secret, &config.auth_public_key) {
+        (Some(secret), _) => auth::Auth::hs256(secret.as_bytes()),
+        (None, Some(path)) => auth::Auth::public_key_pem(&std::fs::read(path)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        (None, None) => {
+            tracing::warn!(
+                "AUTH IS OFF: anyone who can reach this node may read and write every document \
+                 (set --auth-secret or --auth-public-key)"
+            );
+            auth::Auth::disabled()
+        }
+    });
     let stop = CancellationToken::new();
     let ctx = Arc::new(ConnContext::new(
         registry.clone(),
         config.clone(),
+        auth,
         stop.clone(),
         conn_tracker.clone(),
     ));

@@ -246,7 +246,7 @@ impl NativeClient {
                 self.errors.push(frame.clone());
                 return;
             }
-            ServerFrame::Awareness { .. } => return,
+            ServerFrame::Awareness { .. } | ServerFrame::AuthExpiring { .. } => return,
         };
         if let Some(update) = update {
             let d = self.doc(doc);

@@ -9,6 +9,7 @@
 pub mod native;
 pub mod yjs;
 
+use crate::auth::{Auth, Principal};
 use crate::doc::outbox::{Outbox, OutboxLimits, OutboxStats, Proto};
 use crate::doc::{ConnId, DocHandle, Registry};
 use crate::limits::{ConnectionSlot, TokenBucket};
@@ -33,8 +34,13 @@ pub struct ConnContext {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub stats: Arc<OutboxStats>,
+    pub auth: Arc<Auth>,
+    /// Writes refused because a token granted only read access (or none).
+    pub refused_writes: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,
+    /// Who holds each open connection, so revocations can find their sockets.
+    holders: Mutex<HashMap<ConnId, (Principal, Weak<Outbox>)>>,
     accept_rate: Mutex<TokenBucket>,
     outboxes: Mutex<HashMap<ConnId, Weak<Outbox>>>,
     next_conn: AtomicU64,
@@ -55,6 +61,7 @@ impl ConnContext {
     pub fn new(
         registry: Arc<Registry>,
         config: Arc<crate::Config>,
+        auth: Arc<Auth>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
@@ -65,6 +72,9 @@ impl ConnContext {
             shutdown,
             tracker,
             stats: Arc::new(OutboxStats::default()),
+            auth,
+            refused_writes: AtomicU64::new(0),
+            holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
             outboxes: Mutex::new(HashMap::new()),
@@ -109,6 +119,36 @@ impl ConnContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn);
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn);
+    }
+
+    /// Records (or, after a refresh, replaces) who holds a connection.
+    pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal) {
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(outbox.conn, (principal, Arc::downgrade(outbox)));
+    }
+
+    /// Revokes a subject or token id and closes every socket it holds on this node with 4103;
+    /// returns how many were closed.
+    pub fn revoke(&self, sub: Option<&str>, jti: Option<&str>, exp: Option<u64>) -> usize {
+        self.auth.revoke(sub, jti, exp);
+        let hit: Vec<Arc<Outbox>> = self
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|(p, _)| self.auth.is_revoked(p))
+            .filter_map(|(_, o)| o.upgrade())
+            .collect();
+        for outbox in &hit {
+            outbox.request_close(CloseCode::Revoked);
+        }
+        hit.len()
     }
 
     /// (total, largest) bytes waiting in connection outboxes right now.
@@ -146,6 +186,10 @@ pub trait Session: Send + 'static {
     fn on_appended(&mut self, done: native::AppendDone) -> Step;
     /// Documents this connection holds, to release when it ends.
     fn documents(&mut self) -> Vec<DocHandle>;
+    /// When the connection's token expires (Unix seconds); it is closed with 4101 then.
+    fn expires_at(&self) -> Option<u64>;
+    /// The token expires soon: tell the client, if the protocol can.
+    fn warn_expiring(&mut self);
 }
 
 /// Appends one connection may have in flight before we stop reading its frames.
@@ -177,11 +221,27 @@ pub async fn run<S: Session>(
         started,
     ));
 
+    let mut warned_for = None;
+    let mut expired = false;
     let reason = loop {
         let inflight_full = session.inflight().len() >= MAX_INFLIGHT;
+        let expiry = session.expires_at();
+        let expire_at = expiry.filter(|_| !expired).map(instant_at);
+        let warn_at = expiry
+            .filter(|e| warned_for != Some(*e))
+            .map(|e| instant_at(e) - ctx.config.token_warning);
         tokio::select! {
             biased;
             _ = done.cancelled() => break "writer finished",
+            _ = sleep_until_opt(expire_at) => {
+                expired = true;
+                tracing::info!(conn, "token expired; closing");
+                outbox.request_close(CloseCode::TokenExpired);
+            }
+            _ = sleep_until_opt(warn_at) => {
+                warned_for = expiry;
+                session.warn_expiring();
+            }
             Some(appended) = session.inflight().next() => {
                 if let Step::Close(code) = session.on_appended(appended) {
                     outbox.request_close(code);
@@ -394,6 +454,15 @@ async fn bounded(
         Ok(Err(_)) => Wrote::Failed,
         Err(_) => Wrote::Stalled,
     }
+}
+
+/// The instant a Unix time (seconds) falls on, at millisecond precision.
+fn instant_at(unix_secs: u64) -> Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Instant::now() + Duration::from_millis((unix_secs * 1000).saturating_sub(now_ms))
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

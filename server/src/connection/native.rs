@@ -1,6 +1,7 @@
 //! The native protocol session (`/v1/ws`): MessagePack frames, many documents per socket.
 
-use super::{Session, Step};
+use super::{ConnContext, Session, Step};
+use crate::auth::{Access, Principal};
 use crate::backplane::{BackplaneError, Origin};
 use crate::doc::outbox::Outbox;
 use crate::doc::{DocError, DocHandle, Registry, SyncFrom};
@@ -14,6 +15,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// An append in flight: which document and client `seq` it answers, and how it ended.
@@ -74,6 +76,9 @@ impl Default for ErrorBudget {
 }
 
 pub struct NativeSession {
+    ctx: Arc<ConnContext>,
+    /// Who holds this socket and what they may touch; replaced by `auth` refreshes.
+    principal: Principal,
     registry: Arc<Registry>,
     config: Arc<crate::Config>,
     outbox: Arc<Outbox>,
@@ -83,10 +88,13 @@ pub struct NativeSession {
 }
 
 impl NativeSession {
-    pub fn new(registry: Arc<Registry>, config: Arc<crate::Config>, outbox: Arc<Outbox>) -> Self {
+    pub fn new(ctx: Arc<ConnContext>, outbox: Arc<Outbox>, principal: Principal) -> Self {
+        ctx.set_holder(&outbox, principal.clone());
         NativeSession {
-            registry,
-            config,
+            registry: ctx.registry.clone(),
+            config: ctx.config.clone(),
+            ctx,
+            principal,
             outbox,
             docs: HashMap::new(),
             inflight: FuturesUnordered::new(),
@@ -134,6 +142,14 @@ impl NativeSession {
             Ok(id) => id,
             Err(step) => return step,
         };
+        if self.principal.access(&id).is_none() {
+            return self.error(
+                ErrorCode::Forbidden,
+                "the token does not grant access to this document",
+                Some(&doc),
+                None,
+            );
+        }
         if !self.docs.contains_key(&id) && self.docs.len() >= self.config.max_docs_per_connection {
             let limit = self.config.max_docs_per_connection;
             return self.error(
@@ -175,6 +191,37 @@ impl NativeSession {
         )
     }
 
+    /// A fresh token over the open socket: its grants replace the old ones, and documents it
+    /// no longer grants are unsubscribed (with `forbidden`), the others keep working.
+    async fn refresh(&mut self, token: &str) -> Step {
+        let principal = match self.ctx.auth.verify(Some(token)) {
+            Ok(p) => p,
+            Err(e) => return self.error(ErrorCode::BadToken, e.to_string(), None, None),
+        };
+        self.ctx.set_holder(&self.outbox, principal.clone());
+        self.principal = principal;
+        let denied: Vec<DocId> = self
+            .docs
+            .keys()
+            .filter(|d| self.principal.access(d).is_none())
+            .cloned()
+            .collect();
+        for id in denied {
+            if let Some(handle) = self.docs.remove(&id) {
+                handle.unsubscribe(self.outbox.conn).await;
+            }
+            if let Step::Close(code) = self.error(
+                ErrorCode::Forbidden,
+                "the new token does not grant this document; unsubscribed",
+                Some(id.as_str()),
+                None,
+            ) {
+                return Step::Close(code);
+            }
+        }
+        Step::Continue
+    }
+
     fn update(&mut self, doc: String, update: Vec<u8>, seq: Option<u64>) -> Step {
         let id = match self.doc_id(&doc) {
             Ok(id) => id,
@@ -188,6 +235,15 @@ impl NativeSession {
                 seq,
             );
         };
+        if self.principal.access(&id) != Some(Access::Write) {
+            self.ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
+            return self.error(
+                ErrorCode::ReadOnly,
+                "the token grants only read access to this document",
+                Some(&doc),
+                seq,
+            );
+        }
         if size + update.len() > self.config.max_document_bytes {
             let limit = self.config.max_document_bytes;
             return self.error(
@@ -259,6 +315,7 @@ impl Session for NativeSession {
             }) => self.subscribe(doc, position, state_vector).await,
             Ok(ClientFrame::Update { doc, update, seq }) => self.update(doc, update, seq),
             Ok(ClientFrame::Awareness { doc, update }) => self.awareness(doc, update).await,
+            Ok(ClientFrame::Auth { token }) => self.refresh(&token).await,
             Ok(ClientFrame::Unsubscribe { doc }) => {
                 if let Ok(id) = DocId::parse(&doc)
                     && let Some(handle) = self.docs.remove(&id)
@@ -309,5 +366,18 @@ impl Session for NativeSession {
 
     fn documents(&mut self) -> Vec<DocHandle> {
         self.docs.drain().map(|(_, h)| h).collect()
+    }
+
+    fn expires_at(&self) -> Option<u64> {
+        self.principal.exp
+    }
+
+    fn warn_expiring(&mut self) {
+        if let Some(expires_at) = self.principal.exp {
+            let frame = ServerFrame::AuthExpiring { expires_at };
+            if let Ok(bytes) = frame.encode() {
+                self.outbox.push_control(Bytes::from(bytes));
+            }
+        }
     }
 }

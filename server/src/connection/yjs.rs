@@ -7,7 +7,8 @@
 //! yrs decodes anything.
 
 use super::native::{AppendDone, AppendFuture, ErrorBudget, start_append};
-use super::{Session, Step};
+use super::{ConnContext, Session, Step};
+use crate::auth::{Access, Principal};
 use crate::backplane::Origin;
 use crate::doc::outbox::Outbox;
 use crate::doc::{DocHandle, Registry};
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId};
 use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use yrs::StateVector;
 use yrs::sync::protocol::{
     MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC, MSG_SYNC_STEP_1, MSG_SYNC_STEP_2,
@@ -64,6 +66,7 @@ pub fn permission_denied_message(reason: &str) -> Vec<u8> {
 }
 
 pub struct YjsSession {
+    ctx: Arc<ConnContext>,
     registry: Arc<Registry>,
     config: Arc<crate::Config>,
     outbox: Arc<Outbox>,
@@ -71,24 +74,31 @@ pub struct YjsSession {
     handle: Option<DocHandle>,
     inflight: FuturesUnordered<AppendFuture>,
     errors: ErrorBudget,
+    principal: Principal,
+    /// The client was told (once) that it may not write.
+    told_read_only: bool,
 }
 
 impl YjsSession {
     pub fn new(
-        registry: Arc<Registry>,
-        config: Arc<crate::Config>,
+        ctx: Arc<ConnContext>,
         outbox: Arc<Outbox>,
         doc: DocId,
         handle: DocHandle,
+        principal: Principal,
     ) -> Self {
+        ctx.set_holder(&outbox, principal.clone());
         YjsSession {
-            registry,
-            config,
+            registry: ctx.registry.clone(),
+            config: ctx.config.clone(),
+            ctx,
             outbox,
             doc,
             handle: Some(handle),
             inflight: FuturesUnordered::new(),
             errors: ErrorBudget::new(),
+            principal,
+            told_read_only: false,
         }
     }
 
@@ -104,6 +114,18 @@ impl YjsSession {
     }
 
     fn append(&mut self, update: &[u8]) -> Step {
+        if self.principal.access(&self.doc) != Some(Access::Write) {
+            // Read-only: never appended. The client hears it once (y-protocols permission
+            // denied); later writes are dropped and counted.
+            self.ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
+            if !std::mem::replace(&mut self.told_read_only, true) {
+                let msg = permission_denied_message(
+                    "read-only: this token may not write to the document",
+                );
+                self.outbox.push_control(Bytes::from(msg));
+            }
+            return Step::Continue;
+        }
         let size = self.handle.as_ref().map_or(0, DocHandle::approx_size);
         if size + update.len() > self.config.max_document_bytes {
             // Documented: a full document is read-only; y-websocket clients are told with the
@@ -212,6 +234,13 @@ impl Session for YjsSession {
     fn documents(&mut self) -> Vec<DocHandle> {
         self.handle.take().into_iter().collect()
     }
+
+    fn expires_at(&self) -> Option<u64> {
+        self.principal.exp
+    }
+
+    /// y-websocket has no way to refresh a token: the socket is simply closed at expiry.
+    fn warn_expiring(&mut self) {}
 }
 
 #[cfg(test)]

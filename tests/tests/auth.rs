@@ -1,0 +1,334 @@
+//! Auth end to end: tokens checked before the upgrade, per-document grants on a multiplexed
+//! socket, read-only, refresh and expiry, revocation, and the HTTP API.
+
+use chorus_protocol::{ClientFrame, ErrorCode, ServerFrame};
+use chorus_tests::native::{Event, NativeClient};
+use chorus_tests::{DEADLINE, TestServer, http};
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "test-secret";
+const ADMIN: &str = "admin-key";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn token_with(claims: Value, secret: &str) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode")
+}
+
+fn token(sub: &str, ttl: u64, docs: Value) -> String {
+    token_with(
+        json!({"sub": sub, "exp": now() + ttl, "iat": now() - 1, "docs": docs}),
+        SECRET,
+    )
+}
+
+fn writer_of_all() -> String {
+    token("backend", 600, json!([{"doc": "*", "access": "write"}]))
+}
+
+async fn server() -> TestServer {
+    TestServer::start(|c| {
+        c.auth_secret = Some(SECRET.into());
+        c.admin_key = Some(ADMIN.into());
+        c.token_warning = Duration::from_secs(1);
+    })
+    .await
+}
+
+async fn upgrade_status(url: &str) -> Option<u16> {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Some(resp.status().as_u16()),
+        Ok(_) => None,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_and_insufficient_ones_403_never_a_socket() {
+    let server = server().await;
+    let ws = server.ws_url();
+    assert_eq!(upgrade_status(&ws).await, Some(401), "no token");
+    let expired = token_with(json!({"sub": "a", "exp": now() - 5}), SECRET);
+    assert_eq!(
+        upgrade_status(&format!("{ws}?token={expired}")).await,
+        Some(401),
+        "expired"
+    );
+    let mut tampered = token("a", 60, json!([]));
+    tampered.insert(tampered.len() - 5, 'A');
+    assert_eq!(
+        upgrade_status(&format!("{ws}?token={tampered}")).await,
+        Some(401),
+        "tampered"
+    );
+    let wrong_key = token_with(json!({"sub": "a", "exp": now() + 60}), "other-secret");
+    assert_eq!(
+        upgrade_status(&format!("{ws}?token={wrong_key}")).await,
+        Some(401),
+        "wrong key"
+    );
+    let other_doc = token("a", 60, json!([{"doc": "other", "access": "write"}]));
+    assert_eq!(
+        upgrade_status(&format!("{}/mine?token={other_doc}", server.yjs_base())).await,
+        Some(403),
+        "y-websocket for a document the token does not grant"
+    );
+    // The reason is in the body.
+    let r = http::get(server.addr, "/v1/docs/x").await.expect("GET");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "bad_token");
+    let r = http::get(server.addr, &format!("/v1/docs/x?token={expired}"))
+        .await
+        .expect("GET");
+    assert_eq!(r.json()["error"], "token_expired");
+    let health = http::get(server.addr, "/healthz")
+        .await
+        .expect("GET")
+        .json();
+    assert_eq!(health["auth"], "on");
+}
+
+#[tokio::test]
+async fn a_denied_document_fails_alone_and_read_grants_never_write() {
+    let server = server().await;
+    let t = token(
+        "ann",
+        600,
+        json!([{"doc": "mine", "access": "write"}, {"doc": "shared-*", "access": "read"}]),
+    );
+    let mut c = NativeClient::connect(&format!("{}?token={t}", server.ws_url())).await;
+    c.subscribe_synced("mine").await;
+    c.subscribe_from("secret", None, None).await;
+    let e = c
+        .wait_for(|f| {
+            matches!(
+                f,
+                ServerFrame::Error {
+                    code: ErrorCode::Forbidden,
+                    ..
+                }
+            )
+        })
+        .await;
+    assert!(matches!(e, ServerFrame::Error { doc: Some(ref d), .. } if d == "secret"));
+    // The rest of the socket keeps working.
+    let s = c.insert("mine", 0, "ok").await;
+    c.wait_acked(s).await;
+
+    // Read-only: subscribe and receive, never write.
+    let backend = writer_of_all();
+    let mut w = NativeClient::connect(&format!("{}?token={backend}", server.ws_url())).await;
+    w.subscribe_synced("shared-1").await;
+    let s = w.insert("shared-1", 0, "from backend").await;
+    w.wait_acked(s).await;
+    c.subscribe_synced("shared-1").await;
+    assert_eq!(c.text("shared-1"), "from backend");
+    let before = http::get(server.addr, &format!("/v1/docs/shared-1?token={backend}"))
+        .await
+        .expect("GET")
+        .body;
+    for _ in 0..5 {
+        c.insert("shared-1", 0, "vandal").await;
+    }
+    c.wait_for(|f| {
+        matches!(
+            f,
+            ServerFrame::Error {
+                code: ErrorCode::ReadOnly,
+                ..
+            }
+        )
+    })
+    .await;
+    let _ = w.drain_for(Duration::from_millis(200)).await;
+    assert_eq!(
+        w.text("shared-1"),
+        "from backend",
+        "nothing reached the other client"
+    );
+    let after = http::get(server.addr, &format!("/v1/docs/shared-1?token={backend}"))
+        .await
+        .expect("GET")
+        .body;
+    assert_eq!(before, after, "nothing reached the document");
+    let stats = http::get(server.addr, "/v1/stats")
+        .await
+        .expect("stats")
+        .json();
+    assert!(stats["refused_writes"].as_u64() >= Some(5), "{stats}");
+
+    // The HTTP API honours the same grants.
+    let update = vec![0, 0];
+    let r = http::post(
+        server.addr,
+        &format!("/v1/docs/shared-1/updates?token={t}"),
+        &update,
+    )
+    .await
+    .expect("POST");
+    assert_eq!(r.status, 403, "read grant cannot POST");
+    let r = http::get(server.addr, &format!("/v1/docs/shared-1?token={t}"))
+        .await
+        .expect("GET");
+    assert_eq!(r.status, 200, "read grant can GET");
+    let r = http::get(server.addr, &format!("/v1/docs/secret?token={t}"))
+        .await
+        .expect("GET");
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test]
+async fn refresh_keeps_the_socket_and_expiry_closes_it_within_a_second() {
+    let server = server().await;
+    let docs = json!([{"doc": "*", "access": "write"}]);
+    // This one refreshes when warned.
+    let short = token("kim", 3, docs.clone());
+    let mut r = NativeClient::connect(&format!("{}?token={short}", server.ws_url())).await;
+    r.subscribe_synced("d").await;
+    let warned = r
+        .wait_for(|f| matches!(f, ServerFrame::AuthExpiring { .. }))
+        .await;
+    let ServerFrame::AuthExpiring { expires_at } = warned else {
+        unreachable!()
+    };
+    r.send(&ClientFrame::Auth {
+        token: token("kim", 600, docs.clone()),
+    })
+    .await;
+    // Past the old expiry (plus the 1 s allowance) the socket is still open and working.
+    let until = UNIX_EPOCH + Duration::from_secs(expires_at) + Duration::from_millis(1500);
+    let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
+    for e in r.drain_for(wait).await {
+        assert!(
+            !matches!(e, Event::Closed(_)),
+            "a refreshed socket was closed: {e:?}"
+        );
+    }
+    let s = r.insert("d", 0, "still here").await;
+    r.wait_acked(s).await;
+
+    // This one does not refresh: closed with 4101 within a second of expiry.
+    let exp = now() + 2;
+    let t = token_with(json!({"sub": "lee", "exp": exp, "docs": docs}), SECRET);
+    let mut x = NativeClient::connect(&format!("{}?token={t}", server.ws_url())).await;
+    x.subscribe_synced("d").await;
+    assert_eq!(x.wait_closed().await, Some(4101));
+    let late = SystemTime::now()
+        .duration_since(UNIX_EPOCH + Duration::from_secs(exp))
+        .unwrap_or_default();
+    assert!(
+        late <= Duration::from_secs(1),
+        "closed {late:?} after expiry"
+    );
+    eprintln!("token expiry to close: {late:?}");
+}
+
+#[tokio::test]
+async fn revocation_closes_the_subjects_sockets_within_a_second() {
+    let server = server().await;
+    let t = token("eve", 600, json!([{"doc": "*", "access": "write"}]));
+    let mut eve = NativeClient::connect(&format!("{}?token={t}", server.ws_url())).await;
+    eve.subscribe_synced("d").await;
+    let other = writer_of_all();
+    let mut bystander = NativeClient::connect(&format!("{}?token={other}", server.ws_url())).await;
+    bystander.subscribe_synced("d").await;
+
+    let denied = http::request(
+        server.addr,
+        "POST",
+        "/v1/admin/revoke",
+        &[("content-type", "application/json")],
+        br#"{"sub":"eve"}"#,
+    )
+    .await
+    .expect("POST");
+    assert_eq!(denied.status, 401, "the admin API needs its key");
+    let started = std::time::Instant::now();
+    let r = http::request(
+        server.addr,
+        "POST",
+        "/v1/admin/revoke",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {ADMIN}")),
+        ],
+        br#"{"sub":"eve"}"#,
+    )
+    .await
+    .expect("POST");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["closed"], 1);
+    assert_eq!(eve.wait_closed().await, Some(4103));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "revocation to close took {took:?}"
+    );
+    eprintln!("revocation to close: {took:?}");
+    let url = format!("{}?token={t}", server.ws_url());
+    assert_eq!(
+        upgrade_status(&url).await,
+        Some(401),
+        "the revoked token cannot reconnect"
+    );
+    // Everyone else is untouched.
+    let s = bystander.insert("d", 0, "fine").await;
+    bystander.wait_acked(s).await;
+}
+
+#[tokio::test]
+async fn read_only_y_websocket_writes_never_reach_the_document() {
+    let server = server().await;
+    let reader = token("viewer", 600, json!([{"doc": "page", "access": "read"}]));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}/page?token={reader}", server.yjs_base()))
+            .await
+            .expect("a read grant may connect");
+    // A real update: insert "x" into text "t".
+    let doc = yrs::Doc::new();
+    let update = {
+        use yrs::{ReadTxn, Text, Transact};
+        let text = doc.get_or_insert_text("t");
+        text.insert(&mut doc.transact_mut(), 0, "x");
+        doc.transact()
+            .encode_state_as_update_v1(&Default::default())
+    };
+    let mut msg = vec![0, 2, update.len() as u8];
+    msg.extend_from_slice(&update);
+    ws.send(Message::Binary(msg.into())).await.expect("send");
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let m = tokio::time::timeout_at(until, ws.next())
+            .await
+            .expect("permission denied in time");
+        if let Some(Ok(Message::Binary(b))) = m
+            && b.first() == Some(&2)
+        {
+            assert_eq!(b.get(1), Some(&0), "y-protocols permission denied");
+            break;
+        }
+    }
+    let backend = writer_of_all();
+    let state = http::get(server.addr, &format!("/v1/docs/page?token={backend}"))
+        .await
+        .expect("GET");
+    assert_eq!(
+        state.body,
+        vec![0, 0],
+        "the read-only update was never applied"
+    );
+}
