@@ -437,3 +437,26 @@ fn persisted_state_resumes_by_position_with_pending_updates() {
     assert!(t.open_persisted("e", "not base64!").is_err());
     let _ = StateVector::default().encode_v1();
 }
+
+#[test]
+fn an_expiry_warning_surfaces_and_a_fresh_token_goes_out_on_the_open_socket() {
+    let mut s = session();
+    s.open("room").expect("open");
+    s.connecting();
+    s.opened();
+    let _ = sent(&mut s);
+    let _ = events(&mut s);
+    s.received(&frame(ServerFrame::AuthExpiring {
+        expires_at: 1_900_000_000,
+    }));
+    assert!(events(&mut s).contains(&Event::TokenExpiring {
+        expires_at: 1_900_000_000
+    }));
+    s.refresh_token("fresh.jwt.token");
+    assert_eq!(
+        sent(&mut s),
+        vec![ClientFrame::Auth {
+            token: "fresh.jwt.token".into()
+        }]
+    );
+}
