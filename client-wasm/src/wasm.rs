@@ -189,14 +189,7 @@ fn refresh_token_if_due(shared: &Shared) {
     let Some(provider) = provider else { return };
     let s = shared.clone();
     wasm_bindgen_futures::spawn_local(async move {
-        let token = match provider.call0(&JsValue::NULL) {
-            Ok(v) => match v.dyn_into::<Promise>() {
-                Ok(p) => wasm_bindgen_futures::JsFuture::from(p).await,
-                Err(v) => Ok(v),
-            },
-            Err(e) => Err(e),
-        };
-        if let Some(t) = token.ok().and_then(|t| t.as_string()) {
+        if let Some(t) = ask_token(&provider).await {
             {
                 let mut inner = s.borrow_mut();
                 inner.token = Some(t.clone());
@@ -205,6 +198,18 @@ fn refresh_token_if_due(shared: &Shared) {
             pump(&s);
         }
     });
+}
+
+/// Calls the `tokenProvider`, which may return a string or a Promise of one.
+async fn ask_token(provider: &Function) -> Option<String> {
+    let token = match provider.call0(&JsValue::NULL) {
+        Ok(v) => match v.dyn_into::<Promise>() {
+            Ok(p) => wasm_bindgen_futures::JsFuture::from(p).await,
+            Err(v) => Ok(v),
+        },
+        Err(e) => Err(e),
+    };
+    token.ok().and_then(|t| t.as_string())
 }
 
 fn collect_calls(inner: &mut Inner, ev: Event, calls: &mut Vec<(Function, JsValue, JsValue)>) {
@@ -346,17 +351,10 @@ fn connect(shared: &Shared) {
         None => open_socket(shared, with_token(&url, token.as_deref())),
         Some(provider) => {
             // Ask for a fresh token before every connection (it may have expired while we
-            // were away); the provider may return a string or a Promise of one.
+            // were away).
             let s = shared.clone();
             wasm_bindgen_futures::spawn_local(async move {
-                let token = match provider.call0(&JsValue::NULL) {
-                    Ok(v) => match v.dyn_into::<Promise>() {
-                        Ok(p) => wasm_bindgen_futures::JsFuture::from(p).await,
-                        Err(v) => Ok(v),
-                    },
-                    Err(e) => Err(e),
-                };
-                match token.ok().and_then(|t| t.as_string()) {
+                match ask_token(&provider).await {
                     Some(t) => {
                         s.borrow_mut().token = Some(t.clone());
                         open_socket(&s, with_token(&url, Some(&t)));

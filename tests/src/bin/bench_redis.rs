@@ -19,14 +19,7 @@ use chorus_tests::{ServerProcess, TestServer};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use chorus_tests::arg;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
