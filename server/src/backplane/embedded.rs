@@ -14,8 +14,8 @@
 //! one update per fsync.
 
 use super::{
-    Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, new_epoch,
-    next_id, now_ms,
+    Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, answer,
+    new_epoch, next_id, now_ms,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus_protocol::{DocId, Position, StreamId};
@@ -122,12 +122,6 @@ impl EmbeddedBackplane {
     }
 }
 
-fn reply_future<T: Send + 'static>(
-    rx: oneshot::Receiver<BackplaneResult<T>>,
-) -> BoxFuture<'static, BackplaneResult<T>> {
-    async move { rx.await.unwrap_or(Err(BackplaneError::Closed)) }.boxed()
-}
-
 impl Backplane for EmbeddedBackplane {
     fn name(&self) -> &'static str {
         "embedded"
@@ -135,13 +129,13 @@ impl Backplane for EmbeddedBackplane {
 
     fn open(&self, doc: &DocId) -> BoxFuture<'static, BackplaneResult<LogHead>> {
         let (reply, rx) = oneshot::channel();
-        match self.submit(WriteOp::Open {
-            doc: doc.clone(),
-            reply,
-        }) {
-            Ok(()) => reply_future(rx),
-            Err(e) => async move { Err(e) }.boxed(),
-        }
+        answer(
+            self.submit(WriteOp::Open {
+                doc: doc.clone(),
+                reply,
+            }),
+            rx,
+        )
     }
 
     fn append(
@@ -151,15 +145,15 @@ impl Backplane for EmbeddedBackplane {
         origin: Option<Origin>,
     ) -> BoxFuture<'static, BackplaneResult<Position>> {
         let (reply, rx) = oneshot::channel();
-        match self.submit(WriteOp::Append {
-            doc: doc.clone(),
-            update,
-            origin,
-            reply,
-        }) {
-            Ok(()) => reply_future(rx),
-            Err(e) => async move { Err(e) }.boxed(),
-        }
+        answer(
+            self.submit(WriteOp::Append {
+                doc: doc.clone(),
+                update,
+                origin,
+                reply,
+            }),
+            rx,
+        )
     }
 
     fn read_after(
@@ -177,14 +171,14 @@ impl Backplane for EmbeddedBackplane {
 
     fn trim(&self, doc: &DocId, before: StreamId) -> BoxFuture<'static, BackplaneResult<()>> {
         let (reply, rx) = oneshot::channel();
-        match self.submit(WriteOp::Trim {
-            doc: doc.clone(),
-            before,
-            reply,
-        }) {
-            Ok(()) => reply_future(rx),
-            Err(e) => async move { Err(e) }.boxed(),
-        }
+        answer(
+            self.submit(WriteOp::Trim {
+                doc: doc.clone(),
+                before,
+                reply,
+            }),
+            rx,
+        )
     }
 
     fn attach(&self, sink: Weak<dyn EntrySink>) {

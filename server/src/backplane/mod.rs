@@ -137,6 +137,21 @@ pub trait Backplane: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'static, ()>;
 }
 
+/// The future of a queued write: `admitted` is whether the bounded queue took it (admission
+/// happens at call time, which is what keeps appends in call order); the answer comes from
+/// the writer once the write is durable.
+pub(crate) fn answer<T: Send + 'static>(
+    admitted: BackplaneResult<()>,
+    rx: tokio::sync::oneshot::Receiver<BackplaneResult<T>>,
+) -> BoxFuture<'static, BackplaneResult<T>> {
+    use futures_util::FutureExt;
+    async move {
+        admitted?;
+        rx.await.unwrap_or(Err(BackplaneError::Closed))
+    }
+    .boxed()
+}
+
 /// A fresh epoch: random, non-zero, and below 2^53 so JavaScript numbers hold it exactly.
 pub fn new_epoch() -> u64 {
     loop {

@@ -22,7 +22,8 @@
 //! the appenders only once Redis answered. Reads: see [`Reader`].
 
 use super::{
-    Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, new_epoch,
+    Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, answer,
+    new_epoch,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus_protocol::{DocId, Position, StreamId};
@@ -480,12 +481,6 @@ async fn cluster_topology(conn: &mut Conn, timeout: Duration) -> BackplaneResult
     })
 }
 
-fn reply_future<T: Send + 'static>(
-    rx: oneshot::Receiver<BackplaneResult<T>>,
-) -> BoxFuture<'static, BackplaneResult<T>> {
-    async move { rx.await.unwrap_or(Err(BackplaneError::Closed)) }.boxed()
-}
-
 impl Backplane for RedisBackplane {
     fn name(&self) -> &'static str {
         match self.client {
@@ -518,15 +513,15 @@ impl Backplane for RedisBackplane {
         origin: Option<Origin>,
     ) -> BoxFuture<'static, BackplaneResult<Position>> {
         let (reply, rx) = oneshot::channel();
-        match self.submit(WriteOp::Append {
-            doc: doc.clone(),
-            update,
-            origin,
-            reply,
-        }) {
-            Ok(()) => reply_future(rx),
-            Err(e) => async move { Err(e) }.boxed(),
-        }
+        answer(
+            self.submit(WriteOp::Append {
+                doc: doc.clone(),
+                update,
+                origin,
+                reply,
+            }),
+            rx,
+        )
     }
 
     fn read_after(
