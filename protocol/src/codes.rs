@@ -39,6 +39,12 @@ pub enum ErrorCode {
     BadToken,
     /// The document could not be loaded. Retry later.
     Unavailable,
+    /// The update builds on changes the document does not have (and did not receive within
+    /// the wait bound); yrs would park it forever. It was not appended.
+    MissingDependencies,
+    /// The awareness update set or removed a client id another connection introduced. Nothing
+    /// in it was applied.
+    AwarenessNotOwned,
 }
 
 impl ErrorCode {
@@ -68,6 +74,8 @@ impl ErrorCode {
             ErrorCode::ReadOnly => "read_only",
             ErrorCode::BadToken => "bad_token",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::MissingDependencies => "missing_dependencies",
+            ErrorCode::AwarenessNotOwned => "awareness_not_owned",
         }
     }
 }

@@ -123,6 +123,12 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_DOCUMENT_BYTES", default_value_t = 64 << 20)]
     pub max_document_bytes: usize,
 
+    /// How long an update that builds on changes this node has not applied yet may wait for
+    /// them (they may still be on their way from another node) before it is refused with
+    /// `missing_dependencies`. yrs would otherwise park it in `pending` forever.
+    #[arg(long, env = "CHORUS_MISSING_DEPS_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub missing_deps_wait: Duration,
+
     /// Redis backplane: `redis://host:port` for one server; repeat the flag (or use
     /// `redis+cluster://h1:p1,h2:p2`) for the seeds of a Redis Cluster. Unset: the embedded log.
     #[arg(long = "redis-url", env = "CHORUS_REDIS_URL")]

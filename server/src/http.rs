@@ -42,6 +42,8 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error("admin key missing or wrong")]
     Admin,
+    #[error("the update builds on changes this document does not have")]
+    MissingDependencies,
 }
 
 impl IntoResponse for ApiError {
@@ -60,6 +62,7 @@ impl IntoResponse for ApiError {
             ApiError::Auth(AuthError::Revoked) => (StatusCode::UNAUTHORIZED, "token_revoked"),
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
             ApiError::Admin => (StatusCode::UNAUTHORIZED, "bad_admin_key"),
+            ApiError::MissingDependencies => (StatusCode::CONFLICT, "missing_dependencies"),
         };
         let mut resp = (
             status,
@@ -375,21 +378,30 @@ async fn post_update(
         ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
         return Err(e);
     }
-    validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
-        Rejected::TooLarge(..) => ApiError::TooLarge(e),
-        e => ApiError::BadUpdate(e),
-    })?;
-    // The document is made hot (and loaded) first: its size is known, and the entry is
-    // applied before we answer, so a GET right after this POST sees it (read-your-writes).
-    let size = ctx
+    let checked =
+        validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
+            Rejected::TooLarge(..) => ApiError::TooLarge(e),
+            e => ApiError::BadUpdate(e),
+        })?;
+    // The document is made hot (and loaded) first: its size and state are known, and the
+    // entry is applied before we answer, so a GET right after this POST sees it
+    // (read-your-writes).
+    let deps = &checked.deps;
+    let wait = ctx.config.missing_deps_wait;
+    let (size, ready) = ctx
         .registry
         .with_owner(&doc, |h| async move {
             h.wait_applied(StreamId::ZERO).await?;
-            Ok(h.approx_size())
+            let ready = h.wait_ready(deps, None, wait).await;
+            Ok((h.approx_size(), ready))
         })
         .await?;
     if size + body.len() > ctx.config.max_document_bytes {
         return Err(ApiError::DocumentTooLarge(ctx.config.max_document_bytes));
+    }
+    if !ready {
+        ctx.refused_missing_deps.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::MissingDependencies);
     }
     let position = ctx.registry.backplane().append(&doc, body, None).await?;
     ctx.registry
@@ -421,6 +433,8 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
     axum::Json(json!({
         "connections": ctx.open.load(Ordering::Relaxed),
         "refused_writes": ctx.refused_writes.load(Ordering::Relaxed),
+        "refused_missing_dependencies": ctx.refused_missing_deps.load(Ordering::Relaxed),
+        "refused_awareness": ctx.registry.refused_awareness(),
         "hot_documents": ctx.registry.hot_documents(),
         "outbox": {
             "pending_bytes": total,

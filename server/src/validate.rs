@@ -131,69 +131,146 @@ impl<'a> Lib0Reader<'a> {
     }
 }
 
-/// Walks a lib0 v1 update the way `yrs::Update::decode_v1` does, without building anything.
-pub fn scan_update(update: &[u8]) -> Scan<()> {
+/// What an update needs from a document before yrs can integrate it.
+///
+/// yrs parks an update whose predecessors it has not seen in `pending`, forever, and re-merges
+/// that set on every later update at superlinear cost (20k such updates: 47 s of CPU,
+/// reliability.md §2). Every node replays the log, so one such update would burden them all.
+/// The write path therefore only appends an update whose needs the document (plus the writer's
+/// own earlier appends) already meets.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Deps {
+    /// Per client, sorted: (clock the document must have reached, clock the blocks end at).
+    runs: Vec<(u64, u64, u64)>,
+    /// Per client, sorted: one past the highest id that an origin, a parent or a deletion
+    /// refers to.
+    refs: Vec<(u64, u64)>,
+}
+
+impl Deps {
+    /// Whether everything the update builds on is known, `known(client)` being the next clock
+    /// expected from that client (a state vector lookup).
+    pub fn met_by(&self, known: impl Fn(u64) -> u64) -> bool {
+        if self.runs.iter().any(|&(c, need, _)| known(c) < need) {
+            return false;
+        }
+        self.refs.iter().all(|&(c, upto)| {
+            let own = self
+                .runs
+                .binary_search_by_key(&c, |r| r.0)
+                .map_or(0, |i| self.runs[i].2);
+            known(c).max(own) >= upto
+        })
+    }
+
+    /// Per client, the clock this update's blocks reach: what a later update from the same
+    /// writer may build on before this one is applied.
+    pub fn ends(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|&(c, _, end)| (c, end))
+    }
+
+    /// Sorts by client, keeping the strictest need and the furthest reach per client.
+    fn finish(mut self) -> Self {
+        self.runs.sort_unstable_by_key(|r| r.0);
+        self.runs.dedup_by(|later, kept| {
+            later.0 == kept.0 && {
+                kept.1 = kept.1.max(later.1);
+                kept.2 = kept.2.max(later.2);
+                true
+            }
+        });
+        self.refs.sort_unstable();
+        self.refs.dedup_by(|later, kept| {
+            later.0 == kept.0 && {
+                kept.1 = kept.1.max(later.1);
+                true
+            }
+        });
+        self
+    }
+
+    fn refer(&mut self, client: u64, clock: u64) {
+        let upto = clock.saturating_add(1);
+        match self.refs.last_mut() {
+            Some(last) if last.0 == client => last.1 = last.1.max(upto),
+            _ => self.refs.push((client, upto)),
+        }
+    }
+}
+
+/// Walks a lib0 v1 update the way `yrs::Update::decode_v1` does, without building anything,
+/// and collects what the update builds on.
+pub fn scan_update(update: &[u8]) -> Scan<Deps> {
     let mut r = Lib0Reader::new(update);
+    let mut deps = Deps::default();
     let clients = r.count(3)?;
     for _ in 0..clients {
         let blocks = r.count(2)?;
-        r.var_u64()?; // client
-        r.var_u64()?; // first clock
+        let client = r.var_u64()?;
+        let mut clock = r.var_u64()?;
+        let mut need = clock;
         for _ in 0..blocks {
-            scan_block(&mut r)?;
+            let (len, skip) = scan_block(&mut r, &mut deps)?;
+            clock = clock.saturating_add(len);
+            if skip {
+                // Blocks after a gap integrate only once the gap is known.
+                need = clock;
+            }
         }
+        deps.runs.push((client, need, clock));
     }
     // delete set: clients × (client, ranges × (clock, len))
     let clients = r.count(2)?;
     for _ in 0..clients {
-        r.var_u64()?;
+        let client = r.var_u64()?;
         let ranges = r.count(2)?;
         for _ in 0..ranges {
-            r.var_u64()?;
-            r.var_u64()?;
+            let clock = r.var_u64()?;
+            let len = r.var_u64()?;
+            if len > 0 {
+                deps.refer(client, clock.saturating_add(len - 1));
+            }
         }
     }
-    Ok(())
+    Ok(deps.finish())
 }
 
 const HAS_ORIGIN: u8 = 0b1000_0000;
 const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
 const HAS_PARENT_SUB: u8 = 0b0010_0000;
 
-fn scan_block(r: &mut Lib0Reader<'_>) -> Scan<()> {
+/// One block: its length in clock units, and whether it is a skip (a gap in the update).
+fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<(u64, bool)> {
     let info = r.u8()?;
     match info {
-        0 | 10 => {
-            // GC / Skip: a length
-            r.var_u64()?;
-            return Ok(());
-        }
+        // GC / Skip: a length
+        0 => return Ok((r.var_u64()?, false)),
+        10 => return Ok((r.var_u64()?, true)),
         _ => {}
     }
     if info & HAS_ORIGIN != 0 {
-        r.var_u64()?;
-        r.var_u64()?;
+        let (client, clock) = (r.var_u64()?, r.var_u64()?);
+        deps.refer(client, clock);
     }
     if info & HAS_RIGHT_ORIGIN != 0 {
-        r.var_u64()?;
-        r.var_u64()?;
+        let (client, clock) = (r.var_u64()?, r.var_u64()?);
+        deps.refer(client, clock);
     }
     let cant_copy_parent_info = info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0;
     if cant_copy_parent_info {
         if r.var_u64()? == 1 {
             r.string()?; // named root type
         } else {
-            r.var_u64()?; // parent item id
-            r.var_u64()?;
+            let (client, clock) = (r.var_u64()?, r.var_u64()?); // parent item id
+            deps.refer(client, clock);
         }
         if info & HAS_PARENT_SUB != 0 {
             r.string()?;
         }
     }
-    match info & 0b1111 {
-        1 => {
-            r.var_u64()?; // deleted length
-        }
+    // Content lengths as yrs counts clocks: strings in UTF-16 code units, `Any` per value.
+    let len = match info & 0b1111 {
+        1 => r.var_u64()?, // deleted length
         2 => {
             // Legacy ContentJSON. yrs 0.28 reads len+1 strings here but writes len, so such an
             // item does not survive re-encoding (the "pending poison" of reliability.md §2).
@@ -202,37 +279,43 @@ fn scan_block(r: &mut Lib0Reader<'_>) -> Scan<()> {
         }
         3 => {
             r.buf()?;
+            1
         }
-        4 => {
-            r.string()?;
-        }
+        4 => r.string()?.encode_utf16().count() as u64,
         5 => {
             json_depth_ok(r.string()?)?; // embed
+            1
         }
         6 => {
             r.string()?; // format key
             json_depth_ok(r.string()?)?;
+            1
         }
-        7 => match r.u8()? {
-            3 => {
-                r.string()?; // XmlElement name
+        7 => {
+            match r.u8()? {
+                3 => {
+                    r.string()?; // XmlElement name
+                }
+                0 | 1 | 2 | 4 | 5 | 6 | 9 | 15 => {}
+                _ => return Err(Rejected::Malformed("unknown type reference")),
             }
-            0 | 1 | 2 | 4 | 5 | 6 | 9 | 15 => {}
-            _ => return Err(Rejected::Malformed("unknown type reference")),
-        },
+            1
+        }
         8 => {
             let n = r.count(1)?;
             for _ in 0..n {
                 scan_any(r, 1)?;
             }
+            n as u64
         }
         9 => {
             r.string()?; // sub-document guid
             scan_any(r, 1)?;
+            1
         }
         _ => return Err(Rejected::Malformed("unknown content type")),
-    }
-    Ok(())
+    };
+    Ok((len, false))
 }
 
 fn scan_any(r: &mut Lib0Reader<'_>, depth: usize) -> Scan<()> {
@@ -294,13 +377,20 @@ fn json_depth_ok(s: &str) -> Scan<()> {
     Ok(())
 }
 
+/// A client update that passed [`check_update`].
+pub struct Checked {
+    pub update: Update,
+    /// What it builds on; the caller checks these against the document before appending.
+    pub deps: Deps,
+}
+
 /// Full check of a client update before it may be appended to the log: size, structure,
 /// decode, and a trial on a scratch document that must still encode afterwards.
-pub fn check_update(update: &[u8], max_bytes: usize) -> Result<Update, Rejected> {
+pub fn check_update(update: &[u8], max_bytes: usize) -> Result<Checked, Rejected> {
     if update.len() > max_bytes {
         return Err(Rejected::TooLarge(update.len(), max_bytes));
     }
-    scan_update(update)?;
+    let deps = scan_update(update)?;
     let decoded = Update::decode_v1(update).map_err(|e| Rejected::Unapplicable(e.to_string()))?;
     // The trial runs on an empty document: an update that depends on state we do not pass in
     // stays pending there, which is fine; what must not happen is a panic or a document that
@@ -316,7 +406,10 @@ pub fn check_update(update: &[u8], max_bytes: usize) -> Result<Update, Rejected>
         Ok(())
     }));
     match trial {
-        Ok(Ok(())) => Ok(decoded),
+        Ok(Ok(())) => Ok(Checked {
+            update: decoded,
+            deps,
+        }),
         Ok(Err(e)) => Err(Rejected::Unapplicable(e)),
         Err(_) => Err(Rejected::Unapplicable("the update makes yrs panic".into())),
     }
@@ -396,6 +489,126 @@ mod tests {
         scan_update(Update::EMPTY_V1).expect("empty update");
     }
 
+    /// Updates of two writers editing concurrently (text, map, array, a nested type, deletions
+    /// of each other's content), each encoded against what its writer had seen.
+    fn two_writer_trace() -> Vec<Vec<u8>> {
+        let a = Doc::with_client_id(1);
+        let b = Doc::with_client_id(2);
+        let mut out = Vec::new();
+        for round in 0..6u32 {
+            for (i, doc) in [&a, &b].into_iter().enumerate() {
+                let before = doc.transact().state_vector();
+                {
+                    let text = doc.get_or_insert_text("t");
+                    let map = doc.get_or_insert_map("m");
+                    let mut txn = doc.transact_mut();
+                    let len = text.len(&txn);
+                    // At the start (builds on a right origin) and at the end (a left origin);
+                    // the emoji counts two clock units.
+                    let at = if i == 0 { 0 } else { len };
+                    text.insert(&mut txn, at, if i == 0 { "ab😀" } else { "xé" });
+                    if round % 2 == 1 && len > 2 {
+                        text.remove_range(&mut txn, 0, 2);
+                    }
+                    let nested = map.insert(
+                        &mut txn,
+                        format!("n{round}{i}"),
+                        yrs::ArrayPrelim::default(),
+                    );
+                    nested.push_back(&mut txn, Any::from(f64::from(round)));
+                }
+                out.push(doc.transact().encode_state_as_update_v1(&before));
+            }
+            // Exchange everything so the next round builds on the other writer's content.
+            let ua = a
+                .transact()
+                .encode_state_as_update_v1(&b.transact().state_vector());
+            let ub = b
+                .transact()
+                .encode_state_as_update_v1(&a.transact().state_vector());
+            b.transact_mut()
+                .apply_update(Update::decode_v1(&ua).expect("decodes"))
+                .expect("applies");
+            a.transact_mut()
+                .apply_update(Update::decode_v1(&ub).expect("decodes"))
+                .expect("applies");
+        }
+        out
+    }
+
+    #[test]
+    fn deps_predict_exactly_when_yrs_would_park_an_update() {
+        let trace = two_writer_trace();
+        let (mut met, mut unmet) = (0, 0);
+        for j in 0..=trace.len() {
+            // A document holding the first j updates.
+            let doc = Doc::new();
+            for u in &trace[..j] {
+                doc.transact_mut()
+                    .apply_update(Update::decode_v1(u).expect("decodes"))
+                    .expect("applies");
+            }
+            assert!(!doc.transact().has_missing_updates());
+            let sv = doc.transact().state_vector();
+            for u in &trace {
+                let deps = check_update(u, 1 << 20).expect("valid").deps;
+                let predicted = deps.met_by(|c| u64::from(sv.get(&yrs::ClientID::new(c))));
+                let probe = Doc::new();
+                let mut txn = probe.transact_mut();
+                txn.apply_update(
+                    Update::decode_v1(
+                        &doc.transact()
+                            .encode_state_as_update_v1(&StateVector::default()),
+                    )
+                    .expect("decodes"),
+                )
+                .expect("applies");
+                txn.apply_update(Update::decode_v1(u).expect("decodes"))
+                    .expect("applies");
+                assert_eq!(
+                    predicted,
+                    !txn.has_missing_updates(),
+                    "update {u:?} after {j}"
+                );
+                if predicted { met += 1 } else { unmet += 1 }
+            }
+        }
+        assert!(
+            met > 0 && unmet > 0,
+            "both outcomes exercised: {met} met, {unmet} unmet"
+        );
+    }
+
+    #[test]
+    fn a_writer_may_build_on_its_own_unapplied_updates() {
+        let trace = sample_updates();
+        let mut own: std::collections::HashMap<u64, u64> = Default::default();
+        for u in &trace {
+            let deps = check_update(u, 1 << 20).expect("valid").deps;
+            assert!(deps.met_by(|c| own.get(&c).copied().unwrap_or(0)));
+            for (c, end) in deps.ends() {
+                own.insert(c, end);
+            }
+        }
+        let last = check_update(trace.last().expect("updates"), 1 << 20)
+            .expect("valid")
+            .deps;
+        assert!(
+            !last.met_by(|_| 0),
+            "the last update builds on the ones before it"
+        );
+    }
+
+    #[test]
+    fn a_gap_makes_the_blocks_after_it_wait() {
+        // client 5, from clock 0: a GC block of 2, a skip of 3, then a GC block of 1.
+        let u = [1, 3, 5, 0, 0, 2, 10, 3, 0, 1, 0];
+        let deps = scan_update(&u).expect("scan");
+        assert!(!deps.met_by(|_| 0));
+        assert!(!deps.met_by(|_| 4));
+        assert!(deps.met_by(|_| 5));
+    }
+
     fn nested_array_update(depth: usize) -> Vec<u8> {
         // one client, one block at clock 0 in root map "m" under key "k", content Any
         let mut u = vec![1, 1, 1, 0];
@@ -414,8 +627,8 @@ mod tests {
     fn deep_nesting_is_rejected_before_yrs_sees_it() {
         // 6,240 levels aborts yrs 0.28.1 with a stack overflow; we never hand it over.
         assert_eq!(
-            check_update(&nested_array_update(7_000), 1 << 20),
-            Err(Rejected::TooDeep)
+            check_update(&nested_array_update(7_000), 1 << 20).err(),
+            Some(Rejected::TooDeep)
         );
         assert_eq!(
             scan_update(&nested_array_update(MAX_ANY_DEPTH + 1)),
@@ -460,7 +673,10 @@ mod tests {
     #[test]
     fn size_limit_applies_first() {
         let u = sample_updates().remove(0);
-        assert_eq!(check_update(&u, 3), Err(Rejected::TooLarge(u.len(), 3)));
+        assert_eq!(
+            check_update(&u, 3).err(),
+            Some(Rejected::TooLarge(u.len(), 3))
+        );
     }
 
     #[test]

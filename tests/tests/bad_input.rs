@@ -174,3 +174,120 @@ fn rmp_frame(v: serde_json::Value) -> Vec<u8> {
     }
     out
 }
+
+/// Two updates of one writer, the second building on the first.
+fn dependent_pair() -> (Vec<u8>, Vec<u8>) {
+    use yrs::{Doc, ReadTxn, StateVector, Text, Transact};
+    let doc = Doc::with_client_id(4242);
+    let text = doc.get_or_insert_text("t");
+    text.insert(&mut doc.transact_mut(), 0, "first ");
+    let first = doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
+    let after_first = doc.transact().state_vector();
+    text.insert(&mut doc.transact_mut(), 6, "second");
+    let second = doc.transact().encode_state_as_update_v1(&after_first);
+    (first, second)
+}
+
+#[tokio::test]
+async fn an_update_whose_dependencies_never_arrive_is_refused_and_never_logged() {
+    let server = TestServer::start(|c| c.missing_deps_wait = Duration::from_millis(300)).await;
+    let (_first, second) = dependent_pair();
+    let mut c = NativeClient::connect(&server.ws_url()).await;
+    let mut watcher = NativeClient::connect(&server.ws_url()).await;
+    c.subscribe_synced("orphans").await;
+    watcher.subscribe_synced("orphans").await;
+    let seq = c.send_update("orphans", second.clone()).await;
+    let e = expect_error(&mut c, ErrorCode::MissingDependencies).await;
+    assert!(matches!(e, ServerFrame::Error { seq: Some(s), .. } if s == seq));
+
+    // The HTTP API refuses it the same way.
+    let resp = http::post(server.addr, "/v1/docs/orphans/updates", &second)
+        .await
+        .expect("POST");
+    assert_eq!(resp.status, 409);
+    assert_eq!(resp.json()["error"], "missing_dependencies");
+
+    // Nothing reached the log or the other client; the document still encodes.
+    let state = http::get(server.addr, "/v1/docs/orphans")
+        .await
+        .expect("GET");
+    assert_eq!(state.body, vec![0, 0]);
+    assert!(
+        watcher
+            .drain_for(Duration::from_millis(100))
+            .await
+            .iter()
+            .all(|e| !matches!(
+                e,
+                chorus_tests::native::Event::Frame(ServerFrame::Update { .. })
+            )),
+        "the refused update never reached another client"
+    );
+    let stats = http::get(server.addr, "/v1/stats")
+        .await
+        .expect("stats")
+        .json();
+    assert_eq!(stats["refused_missing_dependencies"], 2);
+    bystander_still_works(&server, "orphans").await;
+}
+
+#[tokio::test]
+async fn an_update_waits_for_a_dependency_that_arrives_from_another_writer() {
+    let server = TestServer::start(|c| c.missing_deps_wait = Duration::from_secs(10)).await;
+    let (first, second) = dependent_pair();
+    let mut late = NativeClient::connect(&server.ws_url()).await;
+    let mut early = NativeClient::connect(&server.ws_url()).await;
+    let mut reader = NativeClient::connect(&server.ws_url()).await;
+    late.subscribe_synced("relay").await;
+    early.subscribe_synced("relay").await;
+    reader.subscribe_synced("relay").await;
+    // The dependent update arrives first (as when its writer moved to a node that has not
+    // read the first one yet); it is held, not parked in the document or refused.
+    let s2 = late.send_update("relay", second).await;
+    let s1 = early.send_update("relay", first).await;
+    early.wait_acked(s1).await;
+    late.wait_acked(s2).await;
+    reader.wait_text("relay", "first second").await;
+    let state = http::get(server.addr, "/v1/docs/relay").await.expect("GET");
+    let doc = yrs::Doc::new();
+    {
+        use yrs::updates::decoder::Decode;
+        use yrs::{ReadTxn, Transact};
+        let mut txn = doc.transact_mut();
+        txn.apply_update(yrs::Update::decode_v1(&state.body).expect("decodes"))
+            .expect("applies");
+        assert!(
+            !txn.has_missing_updates(),
+            "nothing is pending on the server"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_orphan_updates_is_refused_without_growing_the_document() {
+    // reliability.md §2: 20k updates whose predecessor never arrives cost yrs 47 s of CPU and
+    // sit in `pending` forever. Here each is refused at once and the sender is soon closed.
+    let server = TestServer::start(|c| c.missing_deps_wait = Duration::ZERO).await;
+    let mut c = NativeClient::connect(&server.ws_url()).await;
+    c.subscribe_synced("flood").await;
+    // Enough to exhaust the error budget (20) several times over, few enough that the client
+    // is not still writing when the close arrives.
+    for i in 0..60u32 {
+        // Each continues client 77 from clock 1,000 + i: clock 0 never arrives.
+        let mut u = vec![1, 1, 77];
+        let mut clock = 1_000 + i;
+        while clock >= 0x80 {
+            u.push((clock as u8 & 0x7f) | 0x80);
+            clock >>= 7;
+        }
+        u.push(clock as u8);
+        u.extend([4, 1, 1, b't', 1, b'x', 0]); // string "x" in root text "t"; no deletions
+        c.send_update("flood", u).await;
+    }
+    assert_eq!(c.wait_closed().await, Some(1008));
+    let state = http::get(server.addr, "/v1/docs/flood").await.expect("GET");
+    assert_eq!(state.body, vec![0, 0], "nothing was appended");
+    bystander_still_works(&server, "flood").await;
+}

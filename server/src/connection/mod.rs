@@ -37,6 +37,8 @@ pub struct ConnContext {
     pub auth: Arc<Auth>,
     /// Writes refused because a token granted only read access (or none).
     pub refused_writes: AtomicU64,
+    /// Updates refused because what they build on never reached the document.
+    pub refused_missing_deps: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,
     /// Who holds each open connection, so revocations can find their sockets.
@@ -74,6 +76,7 @@ impl ConnContext {
             stats: Arc::new(OutboxStats::default()),
             auth,
             refused_writes: AtomicU64::new(0),
+            refused_missing_deps: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),

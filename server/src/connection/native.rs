@@ -85,6 +85,9 @@ pub struct NativeSession {
     docs: HashMap<DocId, DocHandle>,
     inflight: FuturesUnordered<AppendFuture>,
     errors: ErrorBudget,
+    /// Per document, the clocks this socket's admitted appends reach, per yrs client: a
+    /// client's next update may build on its previous one before the document applied it.
+    own: HashMap<DocId, HashMap<u64, u64>>,
 }
 
 impl NativeSession {
@@ -99,6 +102,7 @@ impl NativeSession {
             docs: HashMap::new(),
             inflight: FuturesUnordered::new(),
             errors: ErrorBudget::new(),
+            own: HashMap::new(),
         }
     }
 
@@ -222,12 +226,12 @@ impl NativeSession {
         Step::Continue
     }
 
-    fn update(&mut self, doc: String, update: Vec<u8>, seq: Option<u64>) -> Step {
+    async fn update(&mut self, doc: String, update: Vec<u8>, seq: Option<u64>) -> Step {
         let id = match self.doc_id(&doc) {
             Ok(id) => id,
             Err(step) => return step,
         };
-        let Some(size) = self.docs.get(&id).map(DocHandle::approx_size) else {
+        let Some(handle) = self.docs.get(&id).cloned() else {
             return self.error(
                 ErrorCode::NotSubscribed,
                 "subscribe before sending updates",
@@ -244,7 +248,7 @@ impl NativeSession {
                 seq,
             );
         }
-        if size + update.len() > self.config.max_document_bytes {
+        if handle.approx_size() + update.len() > self.config.max_document_bytes {
             let limit = self.config.max_document_bytes;
             return self.error(
                 ErrorCode::DocumentTooLarge,
@@ -253,13 +257,40 @@ impl NativeSession {
                 seq,
             );
         }
-        if let Err(e) = validate::check_update(&update, self.config.max_update_bytes) {
-            let code = match e {
-                Rejected::TooLarge(..) => ErrorCode::TooLarge,
-                _ => ErrorCode::BadUpdate,
-            };
-            return self.error(code, e.to_string(), Some(&doc), seq);
+        let deps = match validate::check_update(&update, self.config.max_update_bytes) {
+            Ok(checked) => checked.deps,
+            Err(e) => {
+                let code = match e {
+                    Rejected::TooLarge(..) => ErrorCode::TooLarge,
+                    _ => ErrorCode::BadUpdate,
+                };
+                return self.error(code, e.to_string(), Some(&doc), seq);
+            }
+        };
+        // Reading this socket pauses while an update waits for its dependencies: appends must
+        // be admitted in the order the client sent them.
+        let mut own = self.own.remove(&id).unwrap_or_default();
+        handle.forget_known(&mut own);
+        if !handle
+            .wait_ready(&deps, Some(&own), self.config.missing_deps_wait)
+            .await
+        {
+            self.ctx
+                .refused_missing_deps
+                .fetch_add(1, Ordering::Relaxed);
+            self.own.insert(id, own);
+            return self.error(
+                ErrorCode::MissingDependencies,
+                "the update builds on changes this document does not have",
+                Some(&doc),
+                seq,
+            );
         }
+        for (client, end) in deps.ends() {
+            let reach = own.entry(client).or_default();
+            *reach = (*reach).max(end);
+        }
+        self.own.insert(id.clone(), own);
         let origin = Origin {
             node: self.registry.node(),
             conn: self.outbox.conn,
@@ -313,13 +344,14 @@ impl Session for NativeSession {
                 position,
                 state_vector,
             }) => self.subscribe(doc, position, state_vector).await,
-            Ok(ClientFrame::Update { doc, update, seq }) => self.update(doc, update, seq),
+            Ok(ClientFrame::Update { doc, update, seq }) => self.update(doc, update, seq).await,
             Ok(ClientFrame::Awareness { doc, update }) => self.awareness(doc, update).await,
             Ok(ClientFrame::Auth { token }) => self.refresh(&token).await,
             Ok(ClientFrame::Unsubscribe { doc }) => {
                 if let Ok(id) = DocId::parse(&doc)
                     && let Some(handle) = self.docs.remove(&id)
                 {
+                    self.own.remove(&id);
                     handle.unsubscribe(self.outbox.conn).await;
                 }
                 Step::Continue
@@ -354,6 +386,8 @@ impl Session for NativeSession {
             Ok(_) => Step::Continue,
             Err(e) => {
                 tracing::warn!(doc = %done.doc, error = %e, "append failed");
+                // What this socket's later updates may build on did not make it into the log.
+                self.own.remove(&done.doc);
                 self.error(
                     ErrorCode::AppendFailed,
                     e.to_string(),

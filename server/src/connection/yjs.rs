@@ -16,6 +16,7 @@ use crate::validate::{self, Lib0Reader};
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId};
 use futures_util::stream::FuturesUnordered;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use yrs::StateVector;
@@ -77,6 +78,8 @@ pub struct YjsSession {
     principal: Principal,
     /// The client was told (once) that it may not write.
     told_read_only: bool,
+    /// Clocks this socket's admitted appends reach, per yrs client (see the native session).
+    own: HashMap<u64, u64>,
 }
 
 impl YjsSession {
@@ -99,6 +102,7 @@ impl YjsSession {
             errors: ErrorBudget::new(),
             principal,
             told_read_only: false,
+            own: HashMap::new(),
         }
     }
 
@@ -113,7 +117,7 @@ impl YjsSession {
         }
     }
 
-    fn append(&mut self, update: &[u8]) -> Step {
+    async fn append(&mut self, update: &[u8]) -> Step {
         if self.principal.access(&self.doc) != Some(Access::Write) {
             // Read-only: never appended. The client hears it once (y-protocols permission
             // denied); later writes are dropped and counted.
@@ -140,8 +144,35 @@ impl YjsSession {
         match validate::check_update(update, self.config.max_update_bytes) {
             // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
             // to log.
-            Ok(decoded) if decoded.is_empty() => Step::Continue,
-            Ok(_) => {
+            Ok(checked) if checked.update.is_empty() => Step::Continue,
+            Ok(checked) => {
+                let Some(handle) = self.handle.clone() else {
+                    return Step::Close(CloseCode::InternalError);
+                };
+                handle.forget_known(&mut self.own);
+                if !handle
+                    .wait_ready(
+                        &checked.deps,
+                        Some(&self.own),
+                        self.config.missing_deps_wait,
+                    )
+                    .await
+                {
+                    self.ctx
+                        .refused_missing_deps
+                        .fetch_add(1, Ordering::Relaxed);
+                    let msg = permission_denied_message(
+                        "update refused: it builds on changes this document does not have",
+                    );
+                    if !self.outbox.push_control(Bytes::from(msg)) {
+                        return Step::Close(CloseCode::PolicyViolation);
+                    }
+                    return self.bad("update with missing dependencies");
+                }
+                for (client, end) in checked.deps.ends() {
+                    let reach = self.own.entry(client).or_default();
+                    *reach = (*reach).max(end);
+                }
                 let origin = Origin {
                     node: self.registry.node(),
                     conn: self.outbox.conn,
@@ -181,7 +212,7 @@ impl Session for YjsSession {
                         Ok(sv) => handle.sync_step1(conn, sv).await,
                         Err(_) => return self.bad("invalid state vector"),
                     },
-                    MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE => return self.append(payload),
+                    MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE => return self.append(payload).await,
                     _ => return self.bad("unknown sync message"),
                 }
             }
@@ -226,6 +257,7 @@ impl Session for YjsSession {
                 // The client believes it sent this update. Closing makes it reconnect and send
                 // its state again (sync step 2), so nothing it holds is lost.
                 tracing::warn!(doc = %done.doc, error = %e, "append failed; closing y-websocket client so it resyncs");
+                self.own.clear();
                 Step::Close(CloseCode::InternalError)
             }
         }

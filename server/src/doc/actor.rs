@@ -51,7 +51,16 @@ pub(crate) struct Owner {
     /// Awareness client ids introduced by clients of other nodes, per node, so that a dead
     /// node's presence can be removed.
     remote_awareness: HashMap<u64, HashSet<ClientID>>,
+    /// Which local connection introduced each awareness client id: only it may set or remove
+    /// that id's state (y-protocols has no ownership; without this any client could move or
+    /// erase another's cursor).
+    awareness_owner: HashMap<ClientID, u64>,
 }
+
+/// Awareness client ids one connection may introduce per document. A Yjs client uses one
+/// (its document's client id); a few more leave room for clients that hold several docs
+/// under one socket id scheme, without letting one socket flood everyone's presence.
+pub(crate) const MAX_AWARENESS_IDS: usize = 8;
 
 /// How long one node may hold a document's compaction lock (snapshot + trim).
 const COMPACTION_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
@@ -81,6 +90,7 @@ impl Owner {
             yjs_subs: 0,
             waiters: Vec::new(),
             remote_awareness: HashMap::new(),
+            awareness_owner: HashMap::new(),
         }
     }
 
@@ -185,6 +195,9 @@ impl Owner {
             .map_err(|e| e.to_string())?;
         self.recent_floor = head.floor;
         self.ingest(entries);
+        let sv = self.awareness.doc().transact().state_vector();
+        self.handle
+            .publish_known(sv.iter().map(|(c, k)| (*c, *k)), true);
         Ok(())
     }
 
@@ -192,7 +205,9 @@ impl Owner {
     /// that were new.
     fn ingest(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
         let mut fresh = Vec::with_capacity(entries.len());
-        {
+        let mut grown: Vec<(ClientID, u32)> = Vec::new();
+        let mut exact = false;
+        let pending = {
             // `Doc` is a shared handle; a clone lets the transaction live beside `&mut self`.
             let doc = self.awareness.doc().clone();
             let mut txn = doc.transact_mut();
@@ -213,7 +228,16 @@ impl Owner {
                         .and_then(|u| txn.apply_update(u).map_err(|err| err.to_string()))
                 }));
                 match applied {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        // yrs's `Update::state_vector` only counts updates that start at clock
+                        // 0, so the reach comes from our own walk of the entry.
+                        match crate::validate::scan_update(&e.update) {
+                            Ok(deps) => grown.extend(deps.ends().map(|(c, end)| {
+                                (ClientID::new(c), u32::try_from(end).unwrap_or(u32::MAX))
+                            })),
+                            Err(_) => exact = true,
+                        }
+                    }
                     // Entries are validated before they are appended, so this means a yrs bug
                     // or a log written by something else. The node keeps serving; the entry's
                     // position still counts as passed so positions stay meaningful.
@@ -234,6 +258,25 @@ impl Owner {
                 self.remember(e.id, e.update.clone());
                 fresh.push(e);
             }
+            // Writers only append updates whose dependencies are met, so the log integrates
+            // fully and the applied updates' reach is the document's new state. A log written
+            // otherwise (older versions, another tool) can leave something pending; then the
+            // exact state vector is published instead, which leaves pending blocks out.
+            if txn.has_missing_updates() {
+                tracing::warn!(doc = %self.doc, "log entries wait for missing dependencies");
+                Some(txn.state_vector())
+            } else if exact {
+                Some(txn.state_vector())
+            } else {
+                None
+            }
+        };
+        match pending {
+            Some(sv) => self
+                .handle
+                .publish_known(sv.iter().map(|(c, k)| (*c, *k)), true),
+            None if !grown.is_empty() => self.handle.publish_known(grown, false),
+            None => {}
         }
         fresh
     }
@@ -526,6 +569,7 @@ impl Owner {
         }
         let ids: Vec<ClientID> = sub.awareness_ids.into_iter().collect();
         for id in &ids {
+            self.awareness_owner.remove(id);
             self.awareness.remove_state(*id);
         }
         if let Ok(update) = self.awareness.update_with_clients(ids) {
@@ -541,10 +585,16 @@ impl Owner {
         let Ok(update) = yrs::sync::awareness::AwarenessUpdate::decode_v1(raw) else {
             return; // validated by the publishing node; nothing else writes this stream
         };
-        self.remote_awareness
-            .entry(node)
-            .or_default()
-            .extend(update.clients.keys().copied());
+        // A removal (state `null`) ends that node's claim, so the client may reappear through
+        // any node (a reconnect through the load balancer).
+        let claims = self.remote_awareness.entry(node).or_default();
+        for (id, entry) in &update.clients {
+            if &*entry.json == "null" {
+                claims.remove(id);
+            } else {
+                claims.insert(*id);
+            }
+        }
         if let Ok(Some(summary)) = self.awareness.apply_update_summary(update)
             && let Ok(changed) = self.awareness.update_with_clients(summary.all_changes())
         {
@@ -566,10 +616,50 @@ impl Owner {
     }
 
     fn apply_awareness(&mut self, conn: u64, update: yrs::sync::awareness::AwarenessUpdate) {
-        let Some(sub) = self.subs.get_mut(&conn) else {
+        let Some(sub) = self.subs.get(&conn) else {
             return;
         };
-        sub.awareness_ids.extend(update.clients.keys().copied());
+        let mut introduced = 0;
+        let mut foreign = false;
+        for id in update.clients.keys() {
+            if sub.awareness_ids.contains(id) {
+                continue;
+            }
+            introduced += 1;
+            foreign |= self.awareness_owner.contains_key(id)
+                || self.remote_awareness.values().any(|ids| ids.contains(id));
+        }
+        if foreign || sub.awareness_ids.len() + introduced > MAX_AWARENESS_IDS {
+            // All or nothing: a partly applied update would still move someone else's cursor.
+            self.shared
+                .refused_awareness
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(doc = %self.doc, conn, foreign, "awareness update refused");
+            if sub.outbox.proto == Proto::Native {
+                let message = if foreign {
+                    "the awareness update touches a client id another connection introduced"
+                } else {
+                    "this socket already introduced the most awareness client ids allowed"
+                };
+                let frame = chorus_protocol::ServerFrame::Error {
+                    code: chorus_protocol::ErrorCode::AwarenessNotOwned,
+                    message: message.into(),
+                    doc: Some(self.doc.as_str().to_owned()),
+                    seq: None,
+                };
+                if let Ok(bytes) = frame.encode() {
+                    sub.outbox.push_control(Bytes::from(bytes));
+                }
+            }
+            return;
+        }
+        let ids: Vec<ClientID> = update.clients.keys().copied().collect();
+        if let Some(sub) = self.subs.get_mut(&conn) {
+            sub.awareness_ids.extend(ids.iter().copied());
+        }
+        for id in ids {
+            self.awareness_owner.insert(id, conn);
+        }
         match self.awareness.apply_update_summary(update) {
             Ok(Some(summary)) => {
                 if let Ok(changed) = self.awareness.update_with_clients(summary.all_changes()) {

@@ -10,17 +10,18 @@ pub mod outbox;
 
 use crate::backplane::{Backplane, Entry, EntrySink};
 use crate::storage::SnapshotStore;
+use crate::validate::Deps;
 use chorus_protocol::{DocId, Position, StreamId};
 use outbox::Outbox;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use yrs::StateVector;
 use yrs::sync::awareness::AwarenessUpdate;
+use yrs::{ClientID, StateVector};
 
 /// A connection's id on this node.
 pub type ConnId = u64;
@@ -118,6 +119,11 @@ struct HandleInner {
     lagged: AtomicBool,
     /// Encoded size at the last snapshot plus update bytes since: what the size limit checks.
     approx_size: AtomicUsize,
+    /// The document's state vector as of the newest applied entry, published by the owner so
+    /// writers can check an update's dependencies without a round trip to it.
+    known: std::sync::RwLock<StateVector>,
+    /// Bumped whenever `known` grows, to wake writers waiting for dependencies.
+    known_version: watch::Sender<u64>,
 }
 
 /// Commands waiting for one document's owner; senders wait when it is full.
@@ -133,6 +139,60 @@ impl DocHandle {
     /// The document's approximate encoded size (see `--max-document-bytes`).
     pub fn approx_size(&self) -> usize {
         self.inner.approx_size.load(Ordering::Relaxed)
+    }
+
+    /// Whether the document (plus `own`: clocks the writer's earlier, already admitted appends
+    /// reach) has everything `deps` builds on; waits up to `wait` for it to get there, since a
+    /// dependency may still be on its way from another node.
+    pub async fn wait_ready(
+        &self,
+        deps: &Deps,
+        own: Option<&HashMap<u64, u64>>,
+        wait: Duration,
+    ) -> bool {
+        let met = || {
+            let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
+            deps.met_by(|c| {
+                let mine = own.and_then(|o| o.get(&c)).copied().unwrap_or(0);
+                u64::from(known.get(&ClientID::new(c))).max(mine)
+            })
+        };
+        if met() {
+            return true;
+        }
+        let mut changed = self.inner.known_version.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if met() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                // Deadline, or the owner is gone.
+                _ => return met(),
+            }
+        }
+    }
+
+    /// Drops entries of `own` the document has caught up with.
+    pub fn forget_known(&self, own: &mut HashMap<u64, u64>) {
+        let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
+        own.retain(|c, end| u64::from(known.get(&ClientID::new(*c))) < *end);
+    }
+
+    /// Called by the owner after applying entries: `grown` holds the clocks the applied
+    /// updates reached (or, after a reload, the whole state vector).
+    fn publish_known(&self, grown: impl IntoIterator<Item = (ClientID, u32)>, replace: bool) {
+        {
+            let mut known = self.inner.known.write().unwrap_or_else(|p| p.into_inner());
+            if replace {
+                *known = StateVector::default();
+            }
+            for (c, clock) in grown {
+                known.set_max(c, clock);
+            }
+        }
+        self.inner.known_version.send_modify(|v| *v += 1);
     }
 
     async fn send(&self, cmd: Command) -> Result<(), DocError> {
@@ -205,6 +265,8 @@ pub(crate) struct Shared {
     pub node: u64,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// Awareness updates refused for touching a client id another connection introduced.
+    pub refused_awareness: AtomicU64,
 }
 
 /// Every hot document on this node.
@@ -232,6 +294,7 @@ impl Registry {
                 node,
                 cancel: CancellationToken::new(),
                 tracker,
+                refused_awareness: AtomicU64::new(0),
             }),
             generation: AtomicU64::new(1),
             me: me.clone(),
@@ -251,6 +314,11 @@ impl Registry {
 
     pub fn backplane(&self) -> &Arc<dyn Backplane> {
         &self.shared.backplane
+    }
+
+    /// Awareness updates refused so far for touching another connection's client id.
+    pub fn refused_awareness(&self) -> u64 {
+        self.shared.refused_awareness.load(Ordering::Relaxed)
     }
 
     pub fn hot_documents(&self) -> usize {
@@ -275,6 +343,8 @@ impl Registry {
                 entries: entries_tx,
                 lagged: AtomicBool::new(false),
                 approx_size: AtomicUsize::new(0),
+                known: std::sync::RwLock::new(StateVector::default()),
+                known_version: watch::channel(0).0,
             }),
         };
         // Registered before the owner reads the log, so no entry appended meanwhile is missed
