@@ -201,17 +201,22 @@ impl Auth {
         }
     }
 
-    /// Revokes a token id (until `exp`, default a day) or every token of a subject issued up
-    /// to now.
-    pub fn revoke(&self, sub: Option<&str>, jti: Option<&str>, exp: Option<u64>) {
-        let now = now_secs();
+    /// Revokes a token id (until `exp`, default a day after `at`) or every token of a subject
+    /// issued up to `at`. Applying the same revocation twice (it comes back from the shared
+    /// stream) changes nothing; an older one never undoes a newer one.
+    pub fn revoke(&self, sub: Option<&str>, jti: Option<&str>, exp: Option<u64>, at: u64) {
         if let Some(jti) = jti {
+            let now = now_secs();
             let mut map = lock(&self.revoked.jti);
             map.retain(|_, until| *until > now);
-            map.insert(jti.to_string(), exp.unwrap_or(now + 86_400));
+            let until = exp.unwrap_or(at + 86_400);
+            let kept = map.entry(jti.to_string()).or_insert(until);
+            *kept = (*kept).max(until);
         }
         if let Some(sub) = sub {
-            lock(&self.revoked.sub).insert(sub.to_string(), now);
+            let mut map = lock(&self.revoked.sub);
+            let kept = map.entry(sub.to_string()).or_insert(at);
+            *kept = (*kept).max(at);
         }
     }
 }
@@ -284,8 +289,8 @@ mod tests {
         let a = token(b"k", json!({"sub": "a", "exp": exp, "jti": "t1"}));
         let b = token(b"k", json!({"sub": "b", "exp": exp, "iat": now_secs() - 5}));
         assert!(auth.verify(Some(&a)).is_ok() && auth.verify(Some(&b)).is_ok());
-        auth.revoke(None, Some("t1"), Some(exp));
-        auth.revoke(Some("b"), None, None);
+        auth.revoke(None, Some("t1"), Some(exp), now_secs());
+        auth.revoke(Some("b"), None, None, now_secs());
         assert_eq!(auth.verify(Some(&a)).err(), Some(AuthError::Revoked));
         assert_eq!(auth.verify(Some(&b)).err(), Some(AuthError::Revoked));
         let later = token(b"k", json!({"sub": "b", "exp": exp, "iat": now_secs() + 1}));

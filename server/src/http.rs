@@ -150,8 +150,31 @@ async fn revoke(
         )
             .into_response());
     }
-    let closed = ctx.revoke(req.sub.as_deref(), req.jti.as_deref(), req.exp);
-    Ok(axum::Json(json!({"closed": closed})).into_response())
+    let rev = crate::backplane::Revocation {
+        sub: req.sub,
+        jti: req.jti,
+        exp: req.exp,
+        at: crate::auth::now_secs(),
+    };
+    // Applied here first, so this node is safe even if the other nodes cannot be told.
+    let closed = ctx.revoke(&rev);
+    match ctx.registry.backplane().publish_revocation(rev).await {
+        Ok(()) => Ok(axum::Json(json!({"closed": closed, "propagated": true})).into_response()),
+        Err(e) => {
+            tracing::error!(error = %e, "revocation applied on this node but not propagated");
+            Ok((
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+                axum::Json(json!({
+                    "error": "not_propagated",
+                    "message": format!("revoked on this node only; the other nodes could not be told ({e}); retry"),
+                    "closed": closed,
+                    "propagated": false,
+                })),
+            )
+                .into_response())
+        }
+    }
 }
 
 /// Compares secrets without an early exit that would leak how much matched.

@@ -103,6 +103,15 @@ pub async fn run(
         stop.clone(),
         conn_tracker.clone(),
     ));
+    // Revocations from any node (with Redis; the embedded backplane has no others) close the
+    // matching sockets here too. Weak: the backplane outlives nothing it is handed.
+    let revoker = Arc::downgrade(&ctx);
+    backplane.watch_revocations(Arc::new(move |rev| {
+        if let Some(ctx) = revoker.upgrade() {
+            let closed = ctx.revoke(&rev);
+            tracing::info!(sub = ?rev.sub, jti = ?rev.jti, closed, "revocation applied");
+        }
+    }));
     tracing::info!(
         addr = %listener.local_addr()?,
         backplane = backplane.name(),

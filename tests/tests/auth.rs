@@ -332,3 +332,62 @@ async fn read_only_y_websocket_writes_never_reach_the_document() {
         "the read-only update was never applied"
     );
 }
+
+#[tokio::test]
+async fn revocation_reaches_every_node_through_redis_and_nodes_started_later() {
+    let redis = chorus_tests::redis::RedisServer::start().await;
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let tune = |c: &mut chorus_server::Config| {
+        c.auth_secret = Some(SECRET.into());
+        c.admin_key = Some(ADMIN.into());
+    };
+    let nodes = chorus_tests::multinode::start_nodes(&redis.url(), snaps.path(), 2, tune).await;
+    let t = token("mal", 600, json!([{"doc": "*", "access": "write"}]));
+    let mut on_first = NativeClient::connect(&format!("{}?token={t}", nodes[0].ws_url())).await;
+    let mut on_second = NativeClient::connect(&format!("{}?token={t}", nodes[1].ws_url())).await;
+    on_first.subscribe_synced("d").await;
+    on_second.subscribe_synced("d").await;
+    let other = writer_of_all();
+    let mut bystander =
+        NativeClient::connect(&format!("{}?token={other}", nodes[1].ws_url())).await;
+    bystander.subscribe_synced("d").await;
+
+    // Revoked through the first node; the socket on the second closes too.
+    let started = std::time::Instant::now();
+    let r = http::request(
+        nodes[0].addr,
+        "POST",
+        "/v1/admin/revoke",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {ADMIN}")),
+        ],
+        br#"{"sub":"mal"}"#,
+    )
+    .await
+    .expect("POST");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["propagated"], true);
+    assert_eq!(on_second.wait_closed().await, Some(4103));
+    let took = started.elapsed();
+    assert_eq!(on_first.wait_closed().await, Some(4103));
+    assert!(
+        took < Duration::from_secs(1),
+        "revocation to close on another node took {took:?}"
+    );
+    eprintln!("revocation to close on another node (via Redis): {took:?}");
+    for n in &nodes {
+        let url = format!("{}?token={t}", n.ws_url());
+        assert_eq!(upgrade_status(&url).await, Some(401), "refused everywhere");
+    }
+    // A node that starts after the revocation learns it from the stream.
+    let late = chorus_tests::multinode::start_nodes(&redis.url(), snaps.path(), 1, tune).await;
+    let url = format!("{}?token={t}", late[0].ws_url());
+    chorus_tests::eventually("the new node refuses the revoked token", DEADLINE, || {
+        let url = url.clone();
+        async move { (upgrade_status(&url).await == Some(401)).then_some(()) }
+    })
+    .await;
+    let s = bystander.insert("d", 0, "unaffected").await;
+    bystander.wait_acked(s).await;
+}

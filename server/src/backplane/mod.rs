@@ -33,6 +33,21 @@ pub struct Entry {
     pub origin: Option<Origin>,
 }
 
+/// A revoked subject or token id, as every node must apply it (see `Auth::revoke`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub sub: Option<String>,
+    pub jti: Option<String>,
+    /// Until when a revoked token id must be remembered (Unix seconds).
+    pub exp: Option<u64>,
+    /// When it was issued (Unix seconds): a subject's tokens issued up to then are refused, on
+    /// every node alike.
+    pub at: u64,
+}
+
+/// Applies revocations published by any node (the node closes the matching sockets).
+pub type RevocationSink = std::sync::Arc<dyn Fn(Revocation) + Send + Sync>;
+
 /// Where a document's log stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogHead {
@@ -117,6 +132,16 @@ pub trait Backplane: Send + Sync + 'static {
     /// Publishes a local client's awareness change to the other nodes watching `doc`.
     /// Single-node backplanes have nobody to tell.
     fn publish_awareness(&self, _doc: &DocId, _update: Bytes) {}
+
+    /// Tells every node about a revocation; resolves once it is recorded where the other nodes
+    /// read it. A single node has nobody to tell (the caller applies it locally either way).
+    fn publish_revocation(&self, _rev: Revocation) -> BoxFuture<'static, BackplaneResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// From now on, calls `apply` with every revocation any node publishes, starting with the
+    /// ones already recorded (so a node that starts later refuses those tokens too).
+    fn watch_revocations(&self, _apply: RevocationSink) {}
 
     /// Takes the document's compaction lock for `ttl` (one node at a time writes snapshots
     /// and trims). A single-node backplane has no competitor, so it always grants it.

@@ -8,6 +8,8 @@
 //! - `chorus:{DOC}:aw`   — short-lived awareness stream; fields `n` (node), `u` (update)
 //! - `chorus:{DOC}:lock` — compaction lock (`SET NX PX`), value = node id
 //! - `chorus:node:NODE`  — node heartbeat, expires after `presence_ttl`
+//! - `chorus:revocations` — stream of revoked subjects / token ids (fields `s`, `j`, `x`, `t`),
+//!   read by every node from the start, so nodes that start later learn them too
 //! - `chorus:ctl:NODE`   — per-node control stream that wakes its blocking XREAD (standalone)
 //! - `chorus:{TAG}:wake` — per-shard wake stream (cluster), TAG hashes into that shard
 //!
@@ -22,8 +24,8 @@
 //! the appenders only once Redis answered. Reads: see [`Reader`].
 
 use super::{
-    Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, answer,
-    new_epoch,
+    Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, Revocation,
+    RevocationSink, answer, new_epoch,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus_protocol::{DocId, Position, StreamId};
@@ -332,6 +334,7 @@ pub struct RedisBackplane {
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
     client: Client,
+    tracker: TaskTracker,
 }
 
 #[derive(Clone)]
@@ -408,6 +411,7 @@ impl RedisBackplane {
             tx: Mutex::new(Some(tx)),
             writer_done: Mutex::new(Some(done_rx)),
             client,
+            tracker: tracker.clone(),
         })
     }
 
@@ -641,6 +645,43 @@ impl Backplane for RedisBackplane {
             let _ = query(&mut conn, &cmd, timeout).await;
         }
         .boxed()
+    }
+
+    fn publish_revocation(&self, rev: Revocation) -> BoxFuture<'static, BackplaneResult<()>> {
+        let mut conn = self.inner.conn.clone();
+        let timeout = self.inner.settings.timeout;
+        async move {
+            let mut cmd = redis::cmd("XADD");
+            // Kept generously: a subject revocation matters for as long as tokens issued before
+            // it live, and entries are tiny.
+            cmd.arg(REVOCATIONS_KEY)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(100_000)
+                .arg("*")
+                .arg("t")
+                .arg(rev.at);
+            if let Some(sub) = &rev.sub {
+                cmd.arg("s").arg(sub);
+            }
+            if let Some(jti) = &rev.jti {
+                cmd.arg("j").arg(jti);
+            }
+            if let Some(exp) = rev.exp {
+                cmd.arg("x").arg(exp);
+            }
+            query(&mut conn, &cmd, timeout).await.map(drop)
+        }
+        .boxed()
+    }
+
+    fn watch_revocations(&self, apply: RevocationSink) {
+        let reader = Reader {
+            inner: self.inner.clone(),
+            client: self.client.clone(),
+            shard: 0,
+        };
+        self.tracker.spawn(run_revocations(reader, apply));
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
@@ -917,6 +958,81 @@ async fn run_waker(inner: Arc<Inner>) {
             let _ = tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
         }
     }
+}
+
+const REVOCATIONS_KEY: &str = "chorus:revocations";
+
+/// Follows the revocation stream from its start for as long as the node runs, reconnecting
+/// after Redis failures and continuing after the last entry applied.
+async fn run_revocations(reader: Reader, apply: RevocationSink) {
+    let mut last = "0-0".to_string();
+    let mut backoff = Duration::from_millis(50);
+    while !reader.inner.cancel.is_cancelled() {
+        let conn = tokio::select! {
+            _ = reader.inner.cancel.cancelled() => return,
+            c = reader.connect() => c,
+        };
+        let mut conn = match conn {
+            Ok(ReadConn::Single(c)) => Conn::Plain(c),
+            Ok(ReadConn::Cluster(c)) => Conn::Cluster(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation reader cannot reach redis; retrying");
+                tokio::select! {
+                    _ = reader.inner.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        loop {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(REVOCATIONS_KEY)
+                .arg(&last);
+            let reply = tokio::select! {
+                _ = reader.inner.cancel.cancelled() => return,
+                r = query(&mut conn, &cmd, BLOCK + reader.inner.settings.timeout) => r,
+            };
+            let batches = match reply.and_then(parse_xread) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation reader lost redis; reconnecting");
+                    break;
+                }
+            };
+            for (_, entries) in batches {
+                for (id, fields) in entries {
+                    if let Some(rev) = revocation_from(&fields) {
+                        apply(rev);
+                    }
+                    last = id;
+                }
+            }
+        }
+    }
+}
+
+fn revocation_from(fields: &HashMap<String, Vec<u8>>) -> Option<Revocation> {
+    let text = |k: &str| {
+        fields
+            .get(k)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    let number = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
+    let rev = Revocation {
+        sub: text("s"),
+        jti: text("j"),
+        exp: number("x"),
+        at: number("t")?,
+    };
+    (rev.sub.is_some() || rev.jti.is_some()).then_some(rev)
 }
 
 fn ctl_key(node: u64) -> String {

@@ -136,10 +136,11 @@ impl ConnContext {
             .insert(outbox.conn, (principal, Arc::downgrade(outbox)));
     }
 
-    /// Revokes a subject or token id and closes every socket it holds on this node with 4103;
-    /// returns how many were closed.
-    pub fn revoke(&self, sub: Option<&str>, jti: Option<&str>, exp: Option<u64>) -> usize {
-        self.auth.revoke(sub, jti, exp);
+    /// Applies a revocation (made here or published by another node) and closes every socket
+    /// it covers on this node with 4103; returns how many were closed.
+    pub fn revoke(&self, rev: &crate::backplane::Revocation) -> usize {
+        self.auth
+            .revoke(rev.sub.as_deref(), rev.jti.as_deref(), rev.exp, rev.at);
         let hit: Vec<Arc<Outbox>> = self
             .holders
             .lock()

@@ -58,6 +58,48 @@ pub fn awareness_message(update: &[u8]) -> Vec<u8> {
     message(&[MSG_AWARENESS], update)
 }
 
+/// One y-websocket message from a client, decoded and checked by `validate`.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    SyncStep1(StateVector),
+    /// Sync step 2 or an update: both carry a v1 update to append (not yet checked).
+    Update(&'a [u8]),
+    Awareness(yrs::sync::awareness::AwarenessUpdate),
+    QueryAwareness,
+    /// Clients do not send auth messages in y-websocket; ignored rather than failed.
+    Auth,
+}
+
+/// Decodes one client message. Everything yrs decodes here passed the bounds-checked pre-scan;
+/// updates are left to `validate::check_update` on the write path.
+pub fn parse_message(bytes: &[u8], max_update_bytes: usize) -> Result<Incoming<'_>, &'static str> {
+    let mut r = Lib0Reader::new(bytes);
+    let tag = r.var_u64().map_err(|_| "empty message")?;
+    match u8::try_from(tag) {
+        Ok(MSG_SYNC) => {
+            let (Ok(sub), Ok(payload)) = (r.var_u64(), r.buf()) else {
+                return Err("truncated sync message");
+            };
+            match u8::try_from(sub) {
+                Ok(MSG_SYNC_STEP_1) => validate::decode_state_vector(payload)
+                    .map(Incoming::SyncStep1)
+                    .map_err(|_| "invalid state vector"),
+                Ok(MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE) => Ok(Incoming::Update(payload)),
+                _ => Err("unknown sync message"),
+            }
+        }
+        Ok(MSG_AWARENESS) => {
+            let payload = r.buf().map_err(|_| "truncated awareness message")?;
+            validate::decode_awareness(payload, max_update_bytes)
+                .map(Incoming::Awareness)
+                .map_err(|_| "invalid awareness update")
+        }
+        Ok(MSG_QUERY_AWARENESS) => Ok(Incoming::QueryAwareness),
+        Ok(MSG_AUTH) => Ok(Incoming::Auth),
+        _ => Err("unknown message type"),
+    }
+}
+
 /// y-protocols `permission denied` (auth message, status 0, reason string).
 pub fn permission_denied_message(reason: &str) -> Vec<u8> {
     message(
@@ -198,39 +240,13 @@ impl Session for YjsSession {
             return Step::Close(CloseCode::InternalError);
         };
         let conn = self.outbox.conn;
-        let mut r = Lib0Reader::new(&bytes);
-        let Ok(tag) = r.var_u64() else {
-            return self.bad("empty message");
-        };
-        let sent = match tag as u8 {
-            MSG_SYNC if tag == u64::from(MSG_SYNC) => {
-                let (Ok(sub), Ok(payload)) = (r.var_u64(), r.buf()) else {
-                    return self.bad("truncated sync message");
-                };
-                match sub as u8 {
-                    MSG_SYNC_STEP_1 => match validate::decode_state_vector(payload) {
-                        Ok(sv) => handle.sync_step1(conn, sv).await,
-                        Err(_) => return self.bad("invalid state vector"),
-                    },
-                    MSG_SYNC_STEP_2 | MSG_SYNC_UPDATE => return self.append(payload).await,
-                    _ => return self.bad("unknown sync message"),
-                }
-            }
-            MSG_AWARENESS if tag == u64::from(MSG_AWARENESS) => {
-                let Ok(payload) = r.buf() else {
-                    return self.bad("truncated awareness message");
-                };
-                match validate::decode_awareness(payload, self.config.max_update_bytes) {
-                    Ok(update) => handle.awareness(conn, update).await,
-                    Err(_) => return self.bad("invalid awareness update"),
-                }
-            }
-            MSG_QUERY_AWARENESS if tag == u64::from(MSG_QUERY_AWARENESS) => {
-                handle.query_awareness(conn).await
-            }
-            // Clients do not send auth messages in y-websocket; ignore rather than fail.
-            MSG_AUTH if tag == u64::from(MSG_AUTH) => Ok(()),
-            _ => return self.bad("unknown message type"),
+        let sent = match parse_message(&bytes, self.config.max_update_bytes) {
+            Ok(Incoming::SyncStep1(sv)) => handle.sync_step1(conn, sv).await,
+            Ok(Incoming::Update(payload)) => return self.append(payload).await,
+            Ok(Incoming::Awareness(update)) => handle.awareness(conn, update).await,
+            Ok(Incoming::QueryAwareness) => handle.query_awareness(conn).await,
+            Ok(Incoming::Auth) => Ok(()),
+            Err(what) => return self.bad(what),
         };
         match sent {
             Ok(()) => Step::Continue,
