@@ -112,6 +112,18 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_CONNECTIONS_PER_SECOND", default_value_t = 500)]
     pub max_connections_per_second: u32,
 
+    /// Most TCP connections open at once from one IP address (HTTP and WebSocket alike); more
+    /// are closed at accept. 0: no per-address limit (behind a proxy every client shares the
+    /// proxy's address: set 0 there and limit at the proxy).
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
+
+    /// A client must send a complete HTTP request head within this long after connecting (or
+    /// after its previous request on a kept-alive connection); slower ones are dropped. Defends
+    /// against slowloris and sockets that connect and never speak.
+    #[arg(long, env = "CHORUS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// Messages per second one connection may send (token bucket, burst twice that). Over it,
     /// native frames are refused with `rate_limited`; y-websocket reads simply slow down.
     #[arg(long, env = "CHORUS_MAX_MESSAGES_PER_SECOND", default_value_t = 500)]

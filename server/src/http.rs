@@ -7,6 +7,7 @@ use crate::connection::native::NativeSession;
 use crate::connection::yjs::YjsSession;
 use crate::connection::{self, ConnContext};
 use crate::doc::DocError;
+use crate::doc::Readiness;
 use crate::doc::outbox::Proto;
 use crate::validate::{self, Rejected};
 use axum::Router;
@@ -295,6 +296,7 @@ fn with_subprotocol(mut resp: Response, subprotocol: Option<String>) -> Response
 
 async fn native_ws(
     State(ctx): State<Arc<ConnContext>>,
+    ip: Option<axum::Extension<crate::serve::ConnSlot>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
@@ -310,7 +312,11 @@ async fn native_ws(
         let session = NativeSession::new(ctx.clone(), outbox.clone(), principal);
         // Upgraded sockets outlive the HTTP request: they are tracked here, not by axum.
         let tracker = ctx.tracker.clone();
-        tracker.spawn(connection::run(socket, ctx, slot, outbox, session));
+        tracker.spawn(async move {
+            connection::run(socket, ctx, slot, outbox, session).await;
+            // The socket counted against its address until now.
+            drop(ip);
+        });
         std::future::ready(())
     });
     Ok(with_subprotocol(resp, subprotocol))
@@ -318,6 +324,7 @@ async fn native_ws(
 
 async fn yjs_ws(
     State(ctx): State<Arc<ConnContext>>,
+    ip: Option<axum::Extension<crate::serve::ConnSlot>>,
     Path(doc): Path<String>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
@@ -332,6 +339,8 @@ async fn yjs_ws(
     let resp = configure(ws, &ctx).on_upgrade(move |mut socket| {
         let tracker = ctx.tracker.clone();
         tracker.spawn(async move {
+            // The socket counts against its address for as long as this task runs.
+            let _ip = ip;
             let outbox = ctx.new_outbox(Proto::Yjs);
             let conn = outbox.conn;
             match ctx
@@ -415,7 +424,7 @@ async fn post_update(
         .registry
         .with_owner(&doc, |h| async move {
             h.wait_applied(StreamId::ZERO).await?;
-            let ready = h.wait_ready(deps, None, wait).await;
+            let ready = h.wait_ready(deps, None, None, wait).await == Readiness::Met;
             Ok((h.approx_size(), ready))
         })
         .await?;
@@ -458,6 +467,7 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
         "refused_writes": ctx.refused_writes.load(Ordering::Relaxed),
         "refused_missing_dependencies": ctx.refused_missing_deps.load(Ordering::Relaxed),
         "refused_awareness": ctx.registry.refused_awareness(),
+        "refused_per_ip": ctx.per_ip.refused.load(Ordering::Relaxed),
         "hot_documents": ctx.registry.hot_documents(),
         "outbox": {
             "pending_bytes": total,

@@ -15,8 +15,10 @@ pub mod backplane;
 pub mod config;
 pub mod connection;
 pub mod doc;
+pub mod fuzzing;
 pub mod http;
 pub mod limits;
+pub mod serve;
 pub mod storage;
 pub mod validate;
 
@@ -120,13 +122,20 @@ pub async fn run(
     );
 
     let stop_accepting = stop.clone();
-    axum::serve(listener, http::router(ctx.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing sockets with 1001, saving documents");
-            stop_accepting.cancel();
-        })
-        .await?;
+    tracker.spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing sockets with 1001, saving documents");
+        stop_accepting.cancel();
+    });
+    serve::serve(
+        listener,
+        http::router(ctx.clone()),
+        ctx.per_ip.clone(),
+        config.header_timeout,
+        stop.clone(),
+        config.shutdown_timeout,
+    )
+    .await;
 
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     stop.cancel();

@@ -163,6 +163,17 @@ impl Deps {
         })
     }
 
+    /// Clients whose blocks need more than `known` has: the writers of what is missing.
+    pub fn short_of<'a>(
+        &'a self,
+        known: impl Fn(u64) -> u64 + 'a,
+    ) -> impl Iterator<Item = u64> + 'a {
+        self.runs
+            .iter()
+            .filter(move |&&(c, need, _)| known(c) < need)
+            .map(|&(c, _, _)| c)
+    }
+
     /// Per client, the clock this update's blocks reach: what a later update from the same
     /// writer may build on before this one is applied.
     pub fn ends(&self) -> impl Iterator<Item = (u64, u64)> + '_ {

@@ -96,6 +96,12 @@ impl NativeClient {
         self.send_raw(Message::Binary(bytes.into())).await;
     }
 
+    /// Sends unless the socket is already gone (for floods that the server ends mid-way).
+    pub async fn try_send(&mut self, frame: &ClientFrame) -> bool {
+        let bytes = frame.encode().expect("encode");
+        self.ws.send(Message::Binary(bytes.into())).await.is_ok()
+    }
+
     pub async fn send_raw(&mut self, msg: Message) {
         self.ws.send(msg).await.expect("send");
     }

@@ -186,3 +186,272 @@ async fn y_websocket_clients_cannot_spoof_awareness_either() {
     let _ = ws.close(None).await;
     let _ = ws.next().await;
 }
+
+/// Reads until the server closes the connection (EOF or reset); how long that took.
+async fn time_to_close(s: &mut tokio::net::TcpStream, since: std::time::Instant) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return since.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the server kept a socket open past {DEADLINE:?}"),
+        }
+    }
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_silent_sockets_are_reaped_and_new_clients_still_get_in() {
+    use tokio::io::AsyncWriteExt;
+    const EACH: usize = 1_000;
+    let header_timeout = Duration::from_secs(2);
+    let server = TestServer::start(|c| {
+        c.header_timeout = header_timeout;
+        c.max_connections_per_ip = 0; // every test client shares 127.0.0.1
+        c.max_connections_per_second = 10_000;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut trickling = Vec::new();
+    let mut silent = Vec::new();
+    for _ in 0..EACH {
+        let mut s = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+            .await
+            .expect("write");
+        trickling.push(s);
+        silent.push(
+            tokio::net::TcpStream::connect(server.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // One byte per trickling socket now and then: never completing the head must not buy time.
+    for s in trickling.iter_mut().take(100) {
+        let _ = s.write_all(b"X").await;
+    }
+    // Meanwhile new clients are served.
+    let mut latencies = Vec::new();
+    for _ in 0..50 {
+        let t = std::time::Instant::now();
+        let r = http::get(server.addr, "/healthz").await.expect("GET");
+        assert_eq!(r.status, 200);
+        latencies.push(t.elapsed());
+    }
+    let mut reaped = Vec::new();
+    for s in trickling.iter_mut().chain(silent.iter_mut()) {
+        reaped.push(time_to_close(s, started).await);
+    }
+    let last = reaped.iter().max().copied().unwrap_or_default();
+    assert!(
+        reaped.iter().all(|t| *t >= header_timeout / 2),
+        "nothing is dropped long before the header timeout"
+    );
+    eprintln!(
+        "slowloris: {EACH} trickling + {EACH} silent sockets all reaped {last:?} after they \
+         connected (header timeout {header_timeout:?}); new-connection p99 meanwhile {:?}",
+        p99(latencies)
+    );
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    let server = TestServer::start(|c| c.max_connections_per_ip = 20).await;
+    let mut held = Vec::new();
+    for _ in 0..19 {
+        held.push(
+            tokio::net::TcpStream::connect(server.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Sockets count too: the 20th connection is a WebSocket, which keeps its place.
+    let mut ws = NativeClient::connect(&server.ws_url()).await;
+    ws.subscribe_synced("share").await;
+    let mut over = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let closed = time_to_close(&mut over, std::time::Instant::now()).await;
+    eprintln!("connection over the per-address limit closed after {closed:?}");
+    drop(held);
+    drop(over);
+    let stats = chorus_tests::eventually("a freed place admits again", DEADLINE, || async {
+        http::get(server.addr, "/v1/stats")
+            .await
+            .ok()
+            .map(|r| r.json())
+    })
+    .await;
+    assert!(stats["refused_per_ip"].as_u64() >= Some(1));
+    // The socket kept working throughout.
+    let s = ws.insert("share", 0, "ok").await;
+    ws.wait_acked(s).await;
+}
+
+/// A raw WebSocket upgrade on `/v1/ws`, offering `extensions`; returns the socket and the
+/// response head (lower-cased).
+async fn raw_upgrade(
+    addr: std::net::SocketAddr,
+    extensions: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extensions}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).await.expect("read");
+        assert!(n > 0, "upgrade answered");
+        head.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&head).to_ascii_lowercase())
+}
+
+/// Reads server frames until a close frame; its code.
+async fn close_code(s: &mut tokio::net::TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut hdr = [0u8; 2];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut hdr))
+            .await
+            .expect("a frame in time")
+            .ok()?;
+        let len = match hdr[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await.ok()?;
+                u64::from(u16::from_be_bytes(b))
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await.ok()?;
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; usize::try_from(len).ok()?];
+        s.read_exact(&mut payload).await.ok()?;
+        if hdr[0] & 0x0f == 0x8 {
+            return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+        }
+    }
+}
+
+#[tokio::test]
+async fn deflate_is_never_negotiated_so_a_compression_bomb_cannot_land() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(|_| {}).await;
+    let (mut s, head) = raw_upgrade(
+        server.addr,
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        !head.contains("sec-websocket-extensions"),
+        "no extension accepted: {head}"
+    );
+    // A frame with the compression bit set is a protocol error: the socket closes at once.
+    let started = std::time::Instant::now();
+    s.write_all(&[0b1100_0010, 0x80 | 4, 0, 0, 0, 0, 1, 2, 3, 4])
+        .await
+        .expect("write");
+    time_to_close(&mut s, started).await;
+    eprintln!(
+        "compressed frame refused; socket closed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_message_closes_with_1009_before_it_is_read() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(|c| c.max_message_bytes = 64 * 1024).await;
+    let (mut s, head) = raw_upgrade(server.addr, "").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    // A frame header announcing 1 GiB, then only its first bytes: the limit is enforced on
+    // the announced length, so nothing close to a gigabyte is ever buffered.
+    let started = std::time::Instant::now();
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&[0u8; 1024]);
+    s.write_all(&frame).await.expect("write");
+    assert_eq!(close_code(&mut s).await, Some(1009));
+    eprintln!(
+        "1 GiB frame header over a 64 KiB limit: 1009 after {:?}",
+        started.elapsed()
+    );
+    let mut ok = NativeClient::connect(&server.ws_url()).await;
+    ok.subscribe_synced("big").await;
+    let s = ok.insert("big", 0, "fine").await;
+    ok.wait_acked(s).await;
+}
+
+#[tokio::test]
+async fn a_message_flood_is_held_to_the_rate_and_closed_others_unaffected() {
+    const LIMIT: u32 = 100;
+    let server = TestServer::start(|c| c.max_messages_per_second = LIMIT).await;
+    let mut flooder = NativeClient::connect(&server.ws_url()).await;
+    flooder.subscribe_synced("flood").await;
+    let mut calm = NativeClient::connect(&server.ws_url()).await;
+    calm.subscribe_synced("flood").await;
+    let started = std::time::Instant::now();
+    let update = {
+        use yrs::{Map, ReadTxn, Transact};
+        let d = yrs::Doc::new();
+        d.get_or_insert_map("m")
+            .insert(&mut d.transact_mut(), "k", "v");
+        d.transact().encode_state_as_update_v1(&Default::default())
+    };
+    for seq in 0..2_000 {
+        // The same (idempotent) update over and over: only the rate limit is exercised.
+        let frame = ClientFrame::Update {
+            doc: "flood".into(),
+            update: update.clone(),
+            seq: Some(seq),
+        };
+        if !flooder.try_send(&frame).await {
+            break;
+        }
+    }
+    assert_eq!(flooder.wait_closed().await, Some(1008));
+    let flood_time = started.elapsed();
+    let limited = flooder
+        .errors
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        limited > 0,
+        "the excess was refused with rate_limited first"
+    );
+    let t = std::time::Instant::now();
+    let s = calm.insert("flood", 0, "calm").await;
+    calm.wait_acked(s).await;
+    eprintln!(
+        "flood: closed with 1008 {flood_time:?} after it began ({limited} rate_limited answers \
+         read before the close; limit {LIMIT}/s, burst {}); a bystander's update acked {:?} later",
+        2 * LIMIT,
+        t.elapsed()
+    );
+}

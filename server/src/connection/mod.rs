@@ -41,6 +41,8 @@ pub struct ConnContext {
     pub refused_missing_deps: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,
+    /// Open TCP connections per client address (see `crate::serve`).
+    pub per_ip: Arc<crate::serve::PerIp>,
     /// Who holds each open connection, so revocations can find their sockets.
     holders: Mutex<HashMap<ConnId, (Principal, Weak<Outbox>)>>,
     accept_rate: Mutex<TokenBucket>,
@@ -68,6 +70,7 @@ impl ConnContext {
         tracker: TaskTracker,
     ) -> Self {
         let rate = config.max_connections_per_second;
+        let per_ip = config.max_connections_per_ip;
         ConnContext {
             registry,
             config,
@@ -79,6 +82,7 @@ impl ConnContext {
             refused_missing_deps: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
+            per_ip: Arc::new(crate::serve::PerIp::new(per_ip)),
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
             outboxes: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),

@@ -4,7 +4,7 @@ use super::{ConnContext, Session, Step};
 use crate::auth::{Access, Principal};
 use crate::backplane::{BackplaneError, Origin};
 use crate::doc::outbox::Outbox;
-use crate::doc::{DocError, DocHandle, Registry, SyncFrom};
+use crate::doc::{DocError, DocHandle, Readiness, Registry, SyncFrom};
 use crate::validate::{self, Rejected};
 use bytes::Bytes;
 use chorus_protocol::{
@@ -88,6 +88,9 @@ pub struct NativeSession {
     /// Per document, the clocks this socket's admitted appends reach, per yrs client: a
     /// client's next update may build on its previous one before the document applied it.
     own: HashMap<DocId, HashMap<u64, u64>>,
+    /// Per document, the yrs clients whose appends from this socket failed: their next updates
+    /// build on something that will never arrive unless the client resends it.
+    lost: HashMap<DocId, std::collections::HashSet<u64>>,
 }
 
 impl NativeSession {
@@ -103,6 +106,7 @@ impl NativeSession {
             inflight: FuturesUnordered::new(),
             errors: ErrorBudget::new(),
             own: HashMap::new(),
+            lost: HashMap::new(),
         }
     }
 
@@ -112,6 +116,19 @@ impl NativeSession {
         message: impl Into<String>,
         doc: Option<&str>,
         seq: Option<u64>,
+    ) -> Step {
+        // Failures on our side do not count against the client; everything else does.
+        let clients_fault = !matches!(code, ErrorCode::AppendFailed | ErrorCode::Unavailable);
+        self.send_error(code, message, doc, seq, clients_fault)
+    }
+
+    fn send_error(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        doc: Option<&str>,
+        seq: Option<u64>,
+        clients_fault: bool,
     ) -> Step {
         let frame = ServerFrame::Error {
             code,
@@ -123,8 +140,6 @@ impl NativeSession {
             .encode()
             .map(|b| self.outbox.push_control(Bytes::from(b)))
             .unwrap_or(false);
-        // Failures on our side do not count against the client; everything else does.
-        let clients_fault = !matches!(code, ErrorCode::AppendFailed | ErrorCode::Unavailable);
         if !queued || (clients_fault && !self.errors.spend()) {
             return Step::Close(CloseCode::PolicyViolation);
         }
@@ -271,14 +286,29 @@ impl NativeSession {
         // be admitted in the order the client sent them.
         let mut own = self.own.remove(&id).unwrap_or_default();
         handle.forget_known(&mut own);
-        if !handle
-            .wait_ready(&deps, Some(&own), self.config.missing_deps_wait)
-            .await
-        {
+        let readiness = handle
+            .wait_ready(
+                &deps,
+                Some(&own),
+                self.lost.get(&id),
+                self.config.missing_deps_wait,
+            )
+            .await;
+        if readiness != Readiness::Met {
             self.ctx
                 .refused_missing_deps
                 .fetch_add(1, Ordering::Relaxed);
             self.own.insert(id, own);
+            if readiness == Readiness::Lost {
+                // Our append failed, not the client: no charge against its error budget.
+                return self.send_error(
+                    ErrorCode::MissingDependencies,
+                    "the update builds on one of yours that could not be appended; send your state again",
+                    Some(&doc),
+                    seq,
+                    false,
+                );
+            }
             return self.error(
                 ErrorCode::MissingDependencies,
                 "the update builds on changes this document does not have",
@@ -289,6 +319,9 @@ impl NativeSession {
         for (client, end) in deps.ends() {
             let reach = own.entry(client).or_default();
             *reach = (*reach).max(end);
+            if let Some(lost) = self.lost.get_mut(&id) {
+                lost.remove(&client);
+            }
         }
         self.own.insert(id.clone(), own);
         let origin = Origin {
@@ -352,6 +385,7 @@ impl Session for NativeSession {
                     && let Some(handle) = self.docs.remove(&id)
                 {
                     self.own.remove(&id);
+                    self.lost.remove(&id);
                     handle.unsubscribe(self.outbox.conn).await;
                 }
                 Step::Continue
@@ -387,7 +421,12 @@ impl Session for NativeSession {
             Err(e) => {
                 tracing::warn!(doc = %done.doc, error = %e, "append failed");
                 // What this socket's later updates may build on did not make it into the log.
-                self.own.remove(&done.doc);
+                if let Some(own) = self.own.remove(&done.doc) {
+                    self.lost
+                        .entry(done.doc.clone())
+                        .or_default()
+                        .extend(own.into_keys());
+                }
                 self.error(
                     ErrorCode::AppendFailed,
                     e.to_string(),

@@ -11,7 +11,7 @@ use super::{ConnContext, Session, Step};
 use crate::auth::{Access, Principal};
 use crate::backplane::Origin;
 use crate::doc::outbox::Outbox;
-use crate::doc::{DocHandle, Registry};
+use crate::doc::{DocHandle, Readiness, Registry};
 use crate::validate::{self, Lib0Reader};
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId};
@@ -192,13 +192,15 @@ impl YjsSession {
                     return Step::Close(CloseCode::InternalError);
                 };
                 handle.forget_known(&mut self.own);
-                if !handle
+                if handle
                     .wait_ready(
                         &checked.deps,
                         Some(&self.own),
+                        None,
                         self.config.missing_deps_wait,
                     )
                     .await
+                    != Readiness::Met
                 {
                     self.ctx
                         .refused_missing_deps

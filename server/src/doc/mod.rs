@@ -103,6 +103,17 @@ pub(crate) enum Command {
     },
 }
 
+/// Whether an update may be appended (see [`DocHandle::wait_ready`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Everything it builds on is in the document (or in the writer's admitted appends).
+    Met,
+    /// Something it builds on did not arrive within the wait.
+    Missing,
+    /// It continues the writer's own update whose append failed (our fault, not the client's).
+    Lost,
+}
+
 /// A cheap, cloneable way to reach a document's owner task.
 #[derive(Clone)]
 pub struct DocHandle {
@@ -144,32 +155,45 @@ impl DocHandle {
     /// Whether the document (plus `own`: clocks the writer's earlier, already admitted appends
     /// reach) has everything `deps` builds on; waits up to `wait` for it to get there, since a
     /// dependency may still be on its way from another node.
+    ///
+    /// `lost`: yrs clients whose earlier updates from this writer failed to append; when what is
+    /// missing is their own continuation, nothing is on its way and the answer is immediate.
     pub async fn wait_ready(
         &self,
         deps: &Deps,
         own: Option<&HashMap<u64, u64>>,
+        lost: Option<&std::collections::HashSet<u64>>,
         wait: Duration,
-    ) -> bool {
+    ) -> Readiness {
         let met = || {
             let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
-            deps.met_by(|c| {
+            let at = |c| {
                 let mine = own.and_then(|o| o.get(&c)).copied().unwrap_or(0);
                 u64::from(known.get(&ClientID::new(c))).max(mine)
-            })
+            };
+            if deps.met_by(at) {
+                Some(Readiness::Met)
+            } else if lost.is_some_and(|l| deps.short_of(at).any(|c| l.contains(&c))) {
+                Some(Readiness::Lost)
+            } else {
+                None
+            }
         };
-        if met() {
-            return true;
+        match met() {
+            Some(answer) => return answer,
+            None if wait.is_zero() => return Readiness::Missing,
+            None => {}
         }
         let mut changed = self.inner.known_version.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if met() {
-                return true;
+            if let Some(answer) = met() {
+                return answer;
             }
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
                 // Deadline, or the owner is gone.
-                _ => return met(),
+                _ => return met().unwrap_or(Readiness::Missing),
             }
         }
     }
