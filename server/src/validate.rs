@@ -201,12 +201,28 @@ impl Deps {
     }
 
     fn refer(&mut self, client: u64, clock: u64) {
+        // Ids past `MAX_CLOCK` are refused by the scan; saturating keeps this total anyway.
         let upto = clock.saturating_add(1);
         match self.refs.last_mut() {
             Some(last) if last.0 == client => last.1 = last.1.max(upto),
             _ => self.refs.push((client, upto)),
         }
     }
+}
+
+/// Highest clock yrs can represent (its clocks are u32).
+const MAX_CLOCK: u64 = u32::MAX as u64;
+
+/// Client ids are 53-bit (JavaScript-safe) integers; yrs stores them with the top 11 bits as a
+/// tag, so a larger id would alias another (and trips a debug assertion).
+const MAX_CLIENT: u64 = (1 << 53) - 1;
+
+fn read_client(r: &mut Lib0Reader<'_>) -> Scan<u64> {
+    let client = r.var_u64()?;
+    if client > MAX_CLIENT {
+        return Err(Rejected::Malformed("client id beyond 2^53"));
+    }
+    Ok(client)
 }
 
 /// Walks a lib0 v1 update the way `yrs::Update::decode_v1` does, without building anything,
@@ -217,7 +233,7 @@ pub fn scan_update(update: &[u8]) -> Scan<Deps> {
     let clients = r.count(3)?;
     for _ in 0..clients {
         let blocks = r.count(2)?;
-        let client = r.var_u64()?;
+        let client = read_client(&mut r)?;
         let mut clock = r.var_u64()?;
         let mut need = clock;
         for _ in 0..blocks {
@@ -228,16 +244,24 @@ pub fn scan_update(update: &[u8]) -> Scan<Deps> {
                 need = clock;
             }
         }
+        // yrs keeps clocks in u32 and adds block lengths unchecked: past 2^32 the clock wraps
+        // and its block lookups index out of bounds (found by the `yjs_message` fuzz target).
+        if clock > MAX_CLOCK {
+            return Err(Rejected::Malformed("clock beyond 2^32"));
+        }
         deps.runs.push((client, need, clock));
     }
     // delete set: clients × (client, ranges × (clock, len))
     let clients = r.count(2)?;
     for _ in 0..clients {
-        let client = r.var_u64()?;
+        let client = read_client(&mut r)?;
         let ranges = r.count(2)?;
         for _ in 0..ranges {
             let clock = r.var_u64()?;
             let len = r.var_u64()?;
+            if clock.saturating_add(len) > MAX_CLOCK {
+                return Err(Rejected::Malformed("deleted range beyond 2^32"));
+            }
             if len > 0 {
                 deps.refer(client, clock.saturating_add(len - 1));
             }
@@ -250,6 +274,15 @@ const HAS_ORIGIN: u8 = 0b1000_0000;
 const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
 const HAS_PARENT_SUB: u8 = 0b0010_0000;
 
+/// An item id (client, clock); clocks past what yrs can hold are refused.
+fn read_id(r: &mut Lib0Reader<'_>) -> Scan<(u64, u64)> {
+    let (client, clock) = (read_client(r)?, r.var_u64()?);
+    if clock > MAX_CLOCK {
+        return Err(Rejected::Malformed("clock beyond 2^32"));
+    }
+    Ok((client, clock))
+}
+
 /// One block: its length in clock units, and whether it is a skip (a gap in the update).
 fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<(u64, bool)> {
     let info = r.u8()?;
@@ -260,11 +293,11 @@ fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<(u64, bool)> {
         _ => {}
     }
     if info & HAS_ORIGIN != 0 {
-        let (client, clock) = (r.var_u64()?, r.var_u64()?);
+        let (client, clock) = read_id(r)?;
         deps.refer(client, clock);
     }
     if info & HAS_RIGHT_ORIGIN != 0 {
-        let (client, clock) = (r.var_u64()?, r.var_u64()?);
+        let (client, clock) = read_id(r)?;
         deps.refer(client, clock);
     }
     let cant_copy_parent_info = info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0;
@@ -272,7 +305,7 @@ fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<(u64, bool)> {
         if r.var_u64()? == 1 {
             r.string()?; // named root type
         } else {
-            let (client, clock) = (r.var_u64()?, r.var_u64()?); // parent item id
+            let (client, clock) = read_id(r)?; // parent item id
             deps.refer(client, clock);
         }
         if info & HAS_PARENT_SUB != 0 {
@@ -435,8 +468,10 @@ pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, Rejected> {
     let mut r = Lib0Reader::new(bytes);
     let n = r.count(2)?;
     for _ in 0..n {
-        r.var_u64()?;
-        r.var_u64()?;
+        read_client(&mut r)?;
+        if r.var_u64()? > MAX_CLOCK {
+            return Err(Rejected::Malformed("clock beyond 2^32"));
+        }
     }
     StateVector::decode_v1(bytes).map_err(|_| Rejected::Malformed("state vector"))
 }
@@ -450,8 +485,10 @@ pub fn decode_awareness(bytes: &[u8], max_bytes: usize) -> Result<AwarenessUpdat
     let mut r = Lib0Reader::new(bytes);
     let n = r.count(3)?;
     for _ in 0..n {
-        r.var_u64()?;
-        r.var_u64()?;
+        read_client(&mut r)?;
+        if r.var_u64()? > MAX_CLOCK {
+            return Err(Rejected::Malformed("awareness clock beyond 2^32"));
+        }
         let json = r.string()?;
         json_depth_ok(json)?;
         if serde_json::from_str::<serde::de::IgnoredAny>(json).is_err() {
@@ -622,6 +659,36 @@ mod tests {
         assert!(!deps.met_by(|_| 0));
         assert!(!deps.met_by(|_| 4));
         assert!(deps.met_by(|_| 5));
+    }
+
+    #[test]
+    fn clocks_past_u32_are_refused_before_yrs_wraps_them() {
+        // Found by the `yjs_message` fuzz target: client 5 from clock 2^32 - 2, a GC block of
+        // 4. yrs adds the lengths in u32, the clock wraps, and a later lookup indexes out of
+        // bounds.
+        let mut u = vec![1, 1, 5];
+        let mut clock = u64::from(u32::MAX) - 1;
+        while clock >= 0x80 {
+            u.push((clock as u8 & 0x7f) | 0x80);
+            clock >>= 7;
+        }
+        u.push(clock as u8);
+        u.extend([0, 4, 0]);
+        assert_eq!(
+            scan_update(&u).err(),
+            Some(Rejected::Malformed("clock beyond 2^32"))
+        );
+        // Client ids past 2^53 alias in yrs (found by the same target).
+        assert_eq!(
+            scan_update(&[
+                1, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0, 0, 1, 0
+            ])
+            .err(),
+            Some(Rejected::Malformed("client id beyond 2^53"))
+        );
+        // A deleted range past 2^32 likewise.
+        let ds = [0, 1, 5, 1, 0xfe, 0xff, 0xff, 0xff, 0x0f, 4];
+        assert!(scan_update(&ds).is_err());
     }
 
     fn nested_array_update(depth: usize) -> Vec<u8> {
