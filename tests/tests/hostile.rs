@@ -455,3 +455,113 @@ async fn a_message_flood_is_held_to_the_rate_and_closed_others_unaffected() {
         t.elapsed()
     );
 }
+
+#[tokio::test]
+async fn forged_positions_lead_to_a_full_sync_or_a_typed_error_never_to_skipped_data() {
+    let server = TestServer::start(|_| {}).await;
+    let mut writer = NativeClient::connect(&server.ws_url()).await;
+    writer.subscribe_synced("a").await;
+    writer.subscribe_synced("b").await;
+    let s = writer.insert("a", 0, "alpha").await;
+    writer.wait_acked(s).await;
+    let s = writer.insert("b", 0, "beta").await;
+    let from_b = writer.wait_acked(s).await;
+
+    // Another document's (valid) position: a different epoch, so a state sync with all of "a".
+    let mut c = NativeClient::connect(&server.ws_url()).await;
+    c.subscribe_from("a", Some(from_b), None).await;
+    let (_, _, replay) = c.wait_synced("a").await;
+    assert!(
+        !replay,
+        "a position of another document is never replayed from"
+    );
+    assert_eq!(c.text("a"), "alpha");
+
+    // Malformed positions: a typed error, and the socket keeps working.
+    for position in [
+        serde_json::json!("1.2-3"),
+        serde_json::json!([1, 2]),
+        serde_json::json!([-1, 0, 0]),
+    ] {
+        let frame = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "subscribe", "doc": "a", "position": position,
+        }))
+        .expect("encode");
+        c.send_raw(Message::Binary(frame.into())).await;
+        c.wait_for(|f| {
+            matches!(
+                f,
+                ServerFrame::Error {
+                    code: ErrorCode::BadFrame,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    let s = c.insert("a", 5, "!").await;
+    c.wait_acked(s).await;
+    writer.wait_text("a", "alpha!").await;
+}
+
+#[tokio::test]
+async fn ten_thousand_writes_from_a_read_grant_change_nothing() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let secret = "read-only-secret";
+    let server = TestServer::start(|c| {
+        c.auth_secret = Some(secret.into());
+        c.max_messages_per_second = 100_000;
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = |access: &str| {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"sub": access, "exp": exp, "docs": [{"doc": "ro", "access": access}]}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("token")
+    };
+    let writer_token = token("write");
+    let mut writer =
+        NativeClient::connect(&format!("{}?token={writer_token}", server.ws_url())).await;
+    writer.subscribe_synced("ro").await;
+    let s = writer.insert("ro", 0, "original").await;
+    writer.wait_acked(s).await;
+    let path = format!("/v1/docs/ro?token={writer_token}");
+    let before = http::get(server.addr, &path).await.expect("GET").body;
+
+    let reader_token = token("read");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}/ro?token={reader_token}", server.yjs_base()))
+            .await
+            .expect("a read grant connects");
+    let update = {
+        use yrs::{ReadTxn, Text, Transact};
+        let d = yrs::Doc::new();
+        d.get_or_insert_text("t")
+            .insert(&mut d.transact_mut(), 0, "vandal");
+        d.transact().encode_state_as_update_v1(&Default::default())
+    };
+    const WRITES: usize = 10_000;
+    for i in 0..WRITES {
+        // Alternate sync step 2 and update messages.
+        let mut m = vec![0u8, if i % 2 == 0 { 1 } else { 2 }, update.len() as u8];
+        m.extend_from_slice(&update);
+        ws.send(Message::Binary(m.into())).await.expect("send");
+    }
+    let stats = chorus_tests::eventually("every write refused and counted", DEADLINE, || async {
+        let s = http::get(server.addr, "/v1/stats").await.ok()?.json();
+        (s["refused_writes"].as_u64()? >= WRITES as u64).then_some(s)
+    })
+    .await;
+    assert_eq!(stats["refused_writes"], WRITES);
+    let after = http::get(server.addr, &path).await.expect("GET").body;
+    assert_eq!(before, after, "the document is byte-for-byte unchanged");
+    let _ = writer.drain_for(Duration::from_millis(50)).await;
+    assert_eq!(writer.text("ro"), "original");
+}
