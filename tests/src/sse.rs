@@ -52,7 +52,25 @@ pub struct SseClient {
 impl SseClient {
     /// `GET path` with extra headers; returns once the response head has arrived.
     pub async fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::request(stream, addr, path, headers).await
+    }
+
+    /// Connects with a small, fixed kernel receive buffer, like a reader on a slow link: when
+    /// it stops reading, backpressure reaches the server within kilobytes.
+    pub async fn connect_small_window(addr: SocketAddr, path: &str, recv_buffer: u32) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        Self::request(stream, addr, path, &[]).await
+    }
+
+    async fn request(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Self {
         let mut req =
             format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n");
         for (k, v) in headers {
@@ -204,9 +222,22 @@ impl SseClient {
 
     /// Reads events, applying document data to `self.doc`, until `pred` holds on the text.
     pub async fn read_until(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> Vec<SseEvent> {
-        let until = tokio::time::Instant::now() + crate::DEADLINE;
+        self.read_until_doc(what, crate::DEADLINE, |d| {
+            pred(&d.get_or_insert_text("t").get_string(&d.transact()))
+        })
+        .await
+    }
+
+    /// Reads events, applying document data, until `pred` holds on the document.
+    pub async fn read_until_doc(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&yrs::Doc) -> bool,
+    ) -> Vec<SseEvent> {
+        let until = tokio::time::Instant::now() + deadline;
         let mut seen = Vec::new();
-        while !pred(&self.text_of_doc()) {
+        while !pred(&self.doc) {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             assert!(!left.is_zero(), "timed out waiting for: {what}");
             match self.next_event(left).await {

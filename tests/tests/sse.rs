@@ -224,6 +224,44 @@ async fn streams_need_a_read_grant_and_end_when_the_token_expires() {
     assert!(c.next_event(DEADLINE).await.is_none() && c.ended);
 }
 
+#[tokio::test]
+async fn revoking_the_token_ends_its_streams() {
+    let server = TestServer::start(|c| {
+        c.auth_secret = Some(SECRET.into());
+        c.admin_key = Some("admin".into());
+    })
+    .await;
+    let t = token(600, json!([{"doc": "*", "access": "read"}]));
+    let mut c =
+        SseClient::connect(server.addr, &format!("/v1/docs/rv/events?token={t}"), &[]).await;
+    assert_eq!(c.status, 200);
+    next(&mut c).await;
+    let r = http::request(
+        server.addr,
+        "POST",
+        "/v1/admin/revoke",
+        &[
+            ("authorization", "Bearer admin"),
+            ("content-type", "application/json"),
+        ],
+        br#"{"sub":"reader"}"#,
+    )
+    .await
+    .expect("revoke");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["closed"], 1, "the stream is found as a holder");
+    let e = next(&mut c).await;
+    assert_eq!(e.name.as_deref(), Some("close"));
+    assert!(e.data.contains("4103"), "{e:?}");
+    assert!(c.next_event(DEADLINE).await.is_none() && c.ended);
+    let again =
+        SseClient::connect(server.addr, &format!("/v1/docs/rv/events?token={t}"), &[]).await;
+    assert_eq!(
+        again.status, 401,
+        "a revoked token cannot reopen the stream"
+    );
+}
+
 async fn poll(server: &TestServer, query: &str) -> http::Response {
     http::get(server.addr, &format!("/v1/docs/lp/updates{query}"))
         .await
