@@ -516,9 +516,7 @@ async fn poll_updates(
         Ok(slot) => slot,
         Err(r) => return Ok(refused(r)),
     };
-    let answer = sse::long_poll(&ctx, &doc, after, wait).await;
-    drop(slot);
-    let answer = answer?;
+    let answer = sse::long_poll(ctx, slot, doc, after, wait).await?;
     let position = answer
         .position
         .map(|p| p.to_string())

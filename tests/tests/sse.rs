@@ -394,3 +394,47 @@ async fn long_poll_rejects_bad_positions_and_waits_with_typed_errors() {
     assert_eq!(r.status, 200, "no position: the state at once");
     let _ = yrs::Update::decode_v1(&r.body).expect("a v1 update");
 }
+
+#[tokio::test]
+async fn readers_that_vanish_release_their_subscription_so_the_document_can_unload() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(|c| {
+        c.ping_interval = Duration::from_millis(200);
+        c.evict_after = Duration::from_millis(200);
+    })
+    .await;
+    let health = |addr| async move { http::get(addr, "/healthz").await.expect("healthz").json() };
+    let head = http::get(server.addr, "/v1/docs/gone").await.expect("GET");
+    let at = head
+        .header("x-chorus-position")
+        .expect("position")
+        .to_owned();
+    // A parked long-poll and an event stream whose clients hang up without reading.
+    for path in [
+        format!("/v1/docs/gone/updates?after={at}&wait=1"),
+        "/v1/docs/gone/events".to_string(),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        chorus_tests::eventually(
+            "the reader is admitted and subscribed",
+            DEADLINE,
+            || async { (health(server.addr).await["connections"] == 1).then_some(()) },
+        )
+        .await;
+        drop(s);
+        chorus_tests::eventually(
+            &format!("{path}: the vanished reader's document unloads"),
+            DEADLINE,
+            || async {
+                let h = health(server.addr).await;
+                (h["hot_documents"] == 0 && h["connections"] == 0).then_some(())
+            },
+        )
+        .await;
+    }
+}

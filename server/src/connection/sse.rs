@@ -21,7 +21,7 @@ use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId, Position, ServerFrame};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 /// How long a node waits to apply a position a client brings from another node (the other
@@ -49,38 +49,48 @@ pub struct SseRequest {
 
 /// Subscribes the reader and starts its pump; the returned receiver is the response body.
 /// Fails (before any byte of the answer) only if the document cannot be loaded.
+///
+/// Subscribing runs inside the tracked pump task, not in the request future: hyper drops a
+/// request future whose client went away, and a subscription made there and never released
+/// would keep the document hot with an outbox nobody drains.
 pub async fn start_sse(
     ctx: Arc<ConnContext>,
     slot: ConnectionSlot,
     req: SseRequest,
 ) -> Result<mpsc::Receiver<Bytes>, DocError> {
-    if let Some(p) = req.from {
-        settle_ahead(&ctx, &req.doc, p).await;
-    }
-    let outbox = ctx.new_outbox(Proto::Native);
-    let from = SyncFrom {
-        position: req.from,
-        state_vector: None,
-    };
-    let handle = match ctx
-        .registry
-        .subscribe(&req.doc, outbox.conn, &outbox, &from)
-        .await
-    {
-        Ok(h) => h,
-        Err(e) => {
-            outbox.close();
-            ctx.forget_outbox(outbox.conn);
-            return Err(e);
-        }
-    };
-    ctx.set_holder(&outbox, req.principal.clone());
-    // One chunk in flight: the body is pulled by hyper only as fast as the socket takes it,
-    // so everything else waits (merged) in the outbox, under its byte budget.
-    let (tx, rx) = mpsc::channel(1);
+    let (ready, answer) = oneshot::channel();
     let tracker = ctx.tracker.clone();
-    tracker.spawn(pump(ctx, slot, outbox, handle, req, tx));
-    Ok(rx)
+    tracker.spawn(async move {
+        if let Some(p) = req.from {
+            settle_ahead(&ctx, &req.doc, p).await;
+        }
+        let outbox = ctx.new_outbox(Proto::Native);
+        let from = SyncFrom {
+            position: req.from,
+            state_vector: None,
+        };
+        let handle = match ctx
+            .registry
+            .subscribe(&req.doc, outbox.conn, &outbox, &from)
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                outbox.close();
+                ctx.forget_outbox(outbox.conn);
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        ctx.set_holder(&outbox, req.principal.clone());
+        // One chunk in flight: the body is pulled by hyper only as fast as the socket takes
+        // it, so everything else waits (merged) in the outbox, under its byte budget. If the
+        // request is gone already, the pump sees the closed channel at once and cleans up.
+        let (tx, rx) = mpsc::channel(1);
+        let _ = ready.send(Ok(rx));
+        pump(ctx, slot, outbox, handle, req, tx).await;
+    });
+    answer.await.map_err(|_| DocError::Unavailable)?
 }
 
 enum Wake {
@@ -275,7 +285,28 @@ pub struct PollAnswer {
 /// Long-poll: a subscriber that lives for one answer. Answers at once when anything follows
 /// `after` (or with the full state when `after` cannot be replayed from); otherwise waits up
 /// to `wait` for the next update.
+///
+/// Runs as a tracked task that holds the admission slot: if the client goes away, hyper drops
+/// the request future, but the task still ends within `wait` and releases its subscription.
 pub async fn long_poll(
+    ctx: Arc<ConnContext>,
+    slot: ConnectionSlot,
+    doc: DocId,
+    after: Option<Position>,
+    wait: Duration,
+) -> Result<PollAnswer, DocError> {
+    let tracker = ctx.tracker.clone();
+    tracker
+        .spawn(async move {
+            let answer = poll_once(&ctx, &doc, after, wait).await;
+            drop(slot);
+            answer
+        })
+        .await
+        .map_err(|_| DocError::Unavailable)?
+}
+
+async fn poll_once(
     ctx: &Arc<ConnContext>,
     doc: &DocId,
     after: Option<Position>,
