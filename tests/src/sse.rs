@@ -105,7 +105,7 @@ impl SseClient {
         let chunked = headers
             .iter()
             .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        SseClient {
+        let mut c = SseClient {
             status,
             headers,
             stream,
@@ -116,7 +116,10 @@ impl SseClient {
             comments: 0,
             last_id: None,
             doc: yrs::Doc::new(),
-        }
+        };
+        // The first events may have come in the same read as the head.
+        c.dechunk();
+        c
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -128,8 +131,20 @@ impl SseClient {
 
     /// The rest of the body (for error answers).
     pub async fn body(mut self) -> String {
-        let _ = tokio::time::timeout(crate::DEADLINE, self.stream.read_to_end(&mut self.raw)).await;
+        let length: Option<usize> = self.header("content-length").and_then(|v| v.parse().ok());
+        let until = tokio::time::Instant::now() + crate::DEADLINE;
         self.dechunk();
+        // The connection is kept alive: read what the head announced, not to the end.
+        while !self.ended && length.is_none_or(|n| self.text.len() < n) {
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout_at(until, self.stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    self.raw.extend_from_slice(&buf[..n]);
+                    self.dechunk();
+                }
+                _ => break,
+            }
+        }
         self.text
     }
 
@@ -239,7 +254,12 @@ impl SseClient {
         let mut seen = Vec::new();
         while !pred(&self.doc) {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for: {what}");
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for: {what}; status {}, events {seen:?}, text {:?}",
+                self.status,
+                self.text_of_doc()
+            );
             match self.next_event(left).await {
                 Some(e) => {
                     self.apply(&e);

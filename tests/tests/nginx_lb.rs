@@ -253,3 +253,88 @@ async fn round_robin_nginx_two_nodes_everyone_converges_and_survives_a_node_kill
     assert!(lb.error_log().len() < 1 << 20);
     lb.stop().await;
 }
+
+/// POSTs one token through the balancer; returns the position.
+async fn post_token(lb: SocketAddr, y: &yrs::Doc, token: &str) -> Position {
+    use yrs::{ReadTxn, Text};
+    let t = y.get_or_insert_text("t");
+    let before = y.transact().state_vector();
+    let len = t.len(&y.transact());
+    t.insert(&mut y.transact_mut(), len, token);
+    let update = y.transact().encode_state_as_update_v1(&before);
+    let r = http::post(lb, &format!("/v1/docs/{DOC}/updates"), &update)
+        .await
+        .expect("POST");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["position"]
+        .as_str()
+        .expect("position")
+        .parse()
+        .expect("parse")
+}
+
+#[tokio::test]
+async fn draining_a_node_with_sigterm_moves_its_event_streams_with_a_going_away_event() {
+    let redis = RedisServer::start().await;
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    let (d1, d2) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let url = redis.url();
+    let snap = snapshots.path().to_str().expect("utf-8 path");
+    let args = ["--redis-url", url.as_str(), "--snapshot-dir", snap];
+    let n1 = ServerProcess::spawn(d1.path(), &args).await;
+    let n2 = ServerProcess::spawn(d2.path(), &args).await;
+    let lb = Nginx::start(&[n1.addr, n2.addr]).await;
+    let writer = yrs::Doc::new();
+    let mut tokens = vec!["[first]".to_string()];
+    post_token(lb.addr, &writer, "[first]").await;
+
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut r = SseClient::connect(lb.addr, &format!("/v1/docs/{DOC}/events"), &[]).await;
+        r.read_until("the first state", |t| t == "[first]").await;
+        readers.push(r);
+    }
+    assert_eq!(connections(n1.addr).await, 1, "one stream per node");
+
+    let draining = tokio::spawn(n1.terminate());
+    // The drained node's reader is told to go away; writes keep succeeding through nginx.
+    let mut told = 0;
+    for r in readers.iter_mut() {
+        if let Some(e) = r.next_event(Duration::from_millis(500)).await {
+            assert_eq!(e.name.as_deref(), Some("close"), "{e:?}");
+            assert!(e.data.contains("1001"), "{e:?}");
+            assert!(r.next_event(DEADLINE).await.is_none() && r.ended);
+            told += 1;
+        }
+    }
+    assert_eq!(told, 1, "exactly the drained node's reader got `close`");
+    let status = draining.await.expect("join");
+    assert!(status.success(), "a drained node exits cleanly: {status:?}");
+    for i in 0..3 {
+        let t = format!("[after-drain-{i}]");
+        post_token(lb.addr, &writer, &t).await;
+        tokens.push(t);
+    }
+    for r in readers.iter_mut() {
+        if r.ended {
+            let last = r.last_id.clone().expect("id");
+            let mut fresh = SseClient::connect(
+                lb.addr,
+                &format!("/v1/docs/{DOC}/events"),
+                &[("last-event-id", &last)],
+            )
+            .await;
+            assert_eq!(fresh.status, 200);
+            fresh.doc = std::mem::take(&mut r.doc);
+            *r = fresh;
+        }
+        let expected = text(&writer);
+        r.read_until("the moved reader catches up", |t| t == expected)
+            .await;
+        assert_exactly_once("reader", &r.text_of_doc(), &tokens);
+    }
+    lb.stop().await;
+}
