@@ -1,4 +1,4 @@
-//! HTTP face of a node: routes, the WebSocket upgrades, the document API and health.
+//! HTTP face of a node: routes, WebSocket upgrades, SSE and long-poll, the document API, health.
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::backplane::BackplaneError;
