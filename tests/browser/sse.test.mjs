@@ -57,7 +57,6 @@ async function kill(proc) {
 
 /** The shipped nginx.conf with only listen address, nodes, paths and worker limits rewritten (as tests/src/nginx.rs does). */
 function renderNginx(dir, port, nodes) {
-  const asRoot = process.getuid?.() === 0;
   let anchors = 0;
   let serversWritten = false;
   const out = [];
@@ -66,7 +65,7 @@ function renderNginx(dir, port, nodes) {
     let r = null;
     if (t === 'worker_processes auto;') r = 'worker_processes 1;';
     else if (t === 'worker_rlimit_nofile 65536;') r = '';
-    else if (t === 'pid /run/nginx.pid;') r = `pid ${dir}/nginx.pid;${asRoot ? '\nuser root root;' : ''}`;
+    else if (t === 'pid /run/nginx.pid;') r = `pid ${dir}/nginx.pid;`;
     else if (t === 'error_log /var/log/nginx/error.log warn;') r = `error_log ${dir}/error.log warn;`;
     else if (t === 'worker_connections 16384;') r = 'worker_connections 1024;';
     else if (t === 'access_log off;') r = ['access_log off;', ...['client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map((k) => `${k}_temp_path ${dir}/${k};`)].join('\n    ');
@@ -150,7 +149,8 @@ before(async () => {
   lbPort = await freePort();
   const conf = path.join(dir, 'nginx.conf');
   await fs.writeFile(conf, renderNginx(dir, lbPort, nodes.map((n) => `127.0.0.1:${n.port}`)));
-  nginx = start(NGINX, ['-p', dir, '-c', conf, '-g', 'daemon off;']);
+  // One process, no workers: a SIGKILL at the end leaves nothing behind.
+  nginx = start(NGINX, ['-p', dir, '-c', conf, '-g', 'daemon off; master_process off;']);
   await until('nginx answers', async () => (await fetch(`http://127.0.0.1:${lbPort}/healthz`)).ok);
   browser = await chromium.launch({
     executablePath: CHROMIUM,

@@ -1,6 +1,6 @@
 //! nginx in front of test nodes (clients → nginx → nodes): renders the shipped
 //! `server/deploy/nginx.conf` for a temp dir and a free port, and runs it as an unprivileged,
-//! foreground process (`nginx -p DIR -c DIR/nginx.conf -g 'daemon off;'`).
+//! foreground process (`nginx -p DIR -c DIR/nginx.conf -g 'daemon off; master_process off;'`).
 
 use crate::{DEADLINE, eventually, free_port, http};
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ pub const SHIPPED: &str = include_str!("../../server/deploy/nginx.conf");
 /// limits that need root in production. Everything else (upstream policy, proxy headers,
 /// buffering, timeouts, retries) is the shipped text unchanged. Panics if an anchor is gone,
 /// so the test cannot silently drift from the file.
-pub fn render(shipped: &str, dir: &Path, port: u16, nodes: &[SocketAddr], as_root: bool) -> String {
+pub fn render(shipped: &str, dir: &Path, port: u16, nodes: &[SocketAddr]) -> String {
     let d = dir.display();
     let mut out = String::new();
     let mut servers_written = false;
@@ -25,10 +25,7 @@ pub fn render(shipped: &str, dir: &Path, port: u16, nodes: &[SocketAddr], as_roo
         let replaced = match t {
             "worker_processes auto;" => Some("worker_processes 1;".to_string()),
             "worker_rlimit_nofile 65536;" => Some(String::new()),
-            "pid /run/nginx.pid;" => Some(format!(
-                "pid {d}/nginx.pid;{}",
-                if as_root { "\nuser root root;" } else { "" }
-            )),
+            "pid /run/nginx.pid;" => Some(format!("pid {d}/nginx.pid;")),
             "error_log /var/log/nginx/error.log warn;" => {
                 Some(format!("error_log {d}/error.log warn;"))
             }
@@ -80,14 +77,6 @@ fn nginx_bin() -> PathBuf {
     PathBuf::from("nginx")
 }
 
-fn running_as_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// A running nginx balancing over `nodes`.
 pub struct Nginx {
     pub addr: SocketAddr,
@@ -99,7 +88,7 @@ impl Nginx {
     pub async fn start(nodes: &[SocketAddr]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let conf = render(SHIPPED, dir.path(), port, nodes, running_as_root());
+        let conf = render(SHIPPED, dir.path(), port, nodes);
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
         let child = Command::new(nginx_bin())
@@ -107,8 +96,10 @@ impl Nginx {
             .arg(dir.path())
             .arg("-c")
             .arg(&conf_path)
+            // One process, no workers: nothing is orphaned when a test ends or panics and
+            // the process is SIGKILLed (killing a master leaves its workers running).
             .arg("-g")
-            .arg("daemon off;")
+            .arg("daemon off; master_process off;")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
