@@ -20,6 +20,13 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   $SUDO apt-get install -y redis-server
 fi
 
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  say "Installing nginx with apt-get (the load-balancer tests run server/deploy/nginx.conf, round-robin over two nodes, on a free port as a plain process)"
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update
+  $SUDO apt-get install -y nginx
+fi
+
 if ! command -v moto_server >/dev/null 2>&1; then
   say "Installing moto's S3 server from PyPI (pip install 'moto[server]==5.2.1'): the S3 snapshot-store tests run against it"
   python3 -m pip install --quiet 'moto[server]==5.2.1'
@@ -63,7 +70,7 @@ cargo build -p chorus-server --bin chorus
 say "Running all tests (unit + integration, against real sockets and processes)"
 cargo test --workspace
 
-say "Running the browser tests (node --test: real chorus processes, the demo page in headless chromium)"
-(cd tests/browser && node --test --test-concurrency=1 demo.test.mjs)
+say "Running the browser tests (node --test: real chorus processes, the demo page and an EventSource reader behind nginx in headless chromium)"
+(cd tests/browser && node --test --test-concurrency=1 demo.test.mjs sse.test.mjs)
 
 say "All tests passed in $(( $(date +%s) - started ))s"

@@ -1,9 +1,10 @@
-//! HTTP face of a node: routes, the WebSocket upgrades, the document API and health.
+//! HTTP face of a node: routes, WebSocket upgrades, SSE and long-poll, the document API, health.
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::backplane::BackplaneError;
 use crate::connection::Refused;
 use crate::connection::native::NativeSession;
+use crate::connection::sse::{self, SseRequest};
 use crate::connection::yjs::YjsSession;
 use crate::connection::{self, ConnContext};
 use crate::doc::DocError;
@@ -17,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chorus_protocol::{DocId, DocIdError, StreamId};
+use chorus_protocol::{DocId, DocIdError, Position, PositionParseError, StreamId};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub enum ApiError {
     Admin,
     #[error("the update builds on changes this document does not have")]
     MissingDependencies,
+    #[error("bad position in {0}: {1}")]
+    BadPosition(&'static str, PositionParseError),
+    #[error("wait must be a number of seconds from 0 to {}", sse::MAX_WAIT.as_secs())]
+    BadWait,
 }
 
 impl IntoResponse for ApiError {
@@ -64,6 +69,8 @@ impl IntoResponse for ApiError {
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
             ApiError::Admin => (StatusCode::UNAUTHORIZED, "bad_admin_key"),
             ApiError::MissingDependencies => (StatusCode::CONFLICT, "missing_dependencies"),
+            ApiError::BadPosition(..) => (StatusCode::BAD_REQUEST, "bad_position"),
+            ApiError::BadWait => (StatusCode::BAD_REQUEST, "bad_wait"),
         };
         let mut resp = (
             status,
@@ -92,8 +99,11 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
         .route("/v1/docs/{doc}", get(get_doc))
         .route(
             "/v1/docs/{doc}/updates",
-            post(post_update).layer(DefaultBodyLimit::max(body_limit)),
+            post(post_update)
+                .layer(DefaultBodyLimit::max(body_limit))
+                .get(poll_updates),
         )
+        .route("/v1/docs/{doc}/events", get(events))
         .route("/healthz", get(healthz))
         .route("/v1/admin/revoke", post(revoke))
         .route("/v1/stats", get(stats));
@@ -114,8 +124,15 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
         CorsLayer::new().allow_origin(AllowOrigin::list(origins))
     }
     .allow_methods([Method::GET, Method::POST])
-    .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-    .expose_headers([header::HeaderName::from_static("x-chorus-position")]);
+    .allow_headers([
+        header::AUTHORIZATION,
+        header::CONTENT_TYPE,
+        header::HeaderName::from_static("last-event-id"),
+    ])
+    .expose_headers([
+        header::HeaderName::from_static("x-chorus-position"),
+        header::HeaderName::from_static("x-chorus-sync"),
+    ]);
     router.layer(cors).with_state(ctx)
 }
 
@@ -444,6 +461,136 @@ async fn post_update(
         axum::Json(json!({"position": position.to_string()})),
     )
         .into_response())
+}
+
+/// `after=` or `Last-Event-ID`: absent or empty means "from nothing" (full state).
+fn position_param(value: Option<&str>, name: &'static str) -> Result<Option<Position>, ApiError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|e| ApiError::BadPosition(name, e)),
+    }
+}
+
+/// `GET /v1/docs/{doc}/events`: Server-Sent Events (see [`sse`]). Resumes after
+/// `Last-Event-ID` (sent by a reconnecting `EventSource` by itself) or `?after=`.
+async fn events(
+    State(ctx): State<Arc<ConnContext>>,
+    Path(doc): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let doc = DocId::parse(&doc)?;
+    let (principal, _) = authorize(&ctx, &headers, &query, Some((&doc, Access::Read)))?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty());
+    let from = match last_event_id {
+        Some(v) => position_param(Some(v), "Last-Event-ID")?,
+        None => position_param(query.get("after").map(String::as_str), "after")?,
+    };
+    let presence = query
+        .get("presence")
+        .is_some_and(|v| v == "1" || v == "true");
+    let slot = match ctx.admit() {
+        Ok(slot) => slot,
+        Err(r) => return Ok(refused(r)),
+    };
+    let req = SseRequest {
+        doc,
+        principal,
+        from,
+        presence,
+    };
+    let rx = sse::start_sse(ctx, slot, req).await?;
+    let body =
+        axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), rx))
+        }));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            // nginx: do not buffer this response even where proxy_buffering is on.
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /v1/docs/{doc}/updates?after=POSITION&wait=SECONDS`: long-poll (see [`sse`]).
+/// 200 with the merged update, `X-Chorus-Position` and `X-Chorus-Sync: replay|full`;
+/// 204 with the unchanged position when nothing came within the wait.
+async fn poll_updates(
+    State(ctx): State<Arc<ConnContext>>,
+    Path(doc): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let doc = DocId::parse(&doc)?;
+    let (principal, _) = authorize(&ctx, &headers, &query, Some((&doc, Access::Read)))?;
+    let after = position_param(query.get("after").map(String::as_str), "after")?;
+    let mut wait = match query.get("wait").map(String::as_str) {
+        None => sse::DEFAULT_WAIT,
+        Some(w) => match w.parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => {
+                std::time::Duration::from_secs_f64(s.min(sse::MAX_WAIT.as_secs_f64()))
+            }
+            _ => return Err(ApiError::BadWait),
+        },
+    };
+    // A poll never outlives the token it was authorized with.
+    if let Some(exp) = principal.exp {
+        let left = exp.saturating_sub(crate::auth::now_secs());
+        wait = wait.min(std::time::Duration::from_secs(left));
+    }
+    let slot = match ctx.admit() {
+        Ok(slot) => slot,
+        Err(r) => return Ok(refused(r)),
+    };
+    let answer = sse::long_poll(ctx, slot, doc, after, wait).await?;
+    let position = answer
+        .position
+        .map(|p| p.to_string())
+        .and_then(|p| HeaderValue::from_str(&p).ok());
+    let mut resp = match answer.update {
+        Some(update) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            )],
+            update,
+        )
+            .into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    };
+    let h = resp.headers_mut();
+    // The answer for a given `after` grows as the document does: never safe to cache.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(p) = position {
+        h.insert(header::HeaderName::from_static("x-chorus-position"), p);
+    }
+    if resp.status() == StatusCode::OK {
+        let sync = if answer.full { "full" } else { "replay" };
+        resp.headers_mut().insert(
+            header::HeaderName::from_static("x-chorus-sync"),
+            HeaderValue::from_static(sync),
+        );
+    }
+    Ok(resp)
 }
 
 async fn healthz(State(ctx): State<Arc<ConnContext>>) -> Response {

@@ -1,7 +1,8 @@
 //! Chorus: a collaborative-state sync server for yrs documents. Modules follow the bytes:
 //!
 //! - [`http`] — routes, WebSocket upgrades, the document API
-//! - [`connection`] — per-socket reader/writer; native and y-websocket sessions
+//! - [`connection`] — per-socket reader/writer; native and y-websocket sessions; SSE and
+//!   long-poll readers
 //! - [`validate`] — guards every client-supplied update before yrs decodes it
 //! - [`doc`] — registry of hot documents, each owned by one task; the coalescing outbox
 //! - [`backplane`] — the log every update goes through (embedded: fsynced redb; or Redis streams

@@ -5,8 +5,10 @@
 pub mod http;
 pub mod multinode;
 pub mod native;
+pub mod nginx;
 pub mod redis;
 pub mod s3;
+pub mod sse;
 pub mod stock;
 
 use chorus_server::Config;

@@ -148,6 +148,49 @@ async fn a_stalled_reader_stays_within_budget_and_converges_when_it_resumes() {
 }
 
 #[tokio::test]
+async fn a_stalled_sse_reader_has_the_same_outbox_bound_and_converges_when_it_resumes() {
+    let server = TestServer::start(|c| {
+        c.outbox_bytes = BUDGET;
+        c.max_messages_per_second = 1_000_000;
+        c.ping_interval = Duration::from_secs(120);
+        c.slow_client_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let mut slow = chorus_tests::sse::SseClient::connect_small_window(
+        server.addr,
+        "/v1/docs/sse-flood/events",
+        16 * 1024,
+    )
+    .await;
+    assert_eq!(slow.status, 200);
+    let (stop, sampler) = watch_outboxes(server.addr);
+    // The SSE reader stops reading from here on.
+    let mut writer = push_values(&server.ws_url(), "sse-flood", false).await;
+    let writer_sv = writer.state_vector("sse-flood");
+    stop.store(true, Ordering::Relaxed);
+    let largest = sampler.await.expect("sampler");
+    let s = stats(server.addr).await;
+    assert!(
+        s["outbox"]["sheds"].as_u64().unwrap_or(0) >= 1,
+        "the stalled SSE reader's outbox went over budget (otherwise this proves nothing): {s}"
+    );
+    assert!(
+        largest as usize <= BUDGET,
+        "outbox held {largest} bytes, budget {BUDGET}"
+    );
+    let events = slow
+        .read_until_doc("the resumed SSE reader converges", DEADLINE * 2, |d| {
+            use yrs::{ReadTxn, Transact};
+            d.transact().state_vector() == writer_sv
+        })
+        .await;
+    assert!(
+        events.iter().any(|e| e.name.as_deref() == Some("state")),
+        "past the budget the reader was caught up with a state event"
+    );
+}
+
+#[tokio::test]
 async fn past_the_slow_client_timeout_a_stalled_reader_is_closed_with_4001_and_resumes() {
     let server = TestServer::start(|c| {
         c.outbox_bytes = BUDGET;

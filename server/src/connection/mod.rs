@@ -7,6 +7,7 @@
 //! [`Session`], which never touches the socket.
 
 pub mod native;
+pub mod sse;
 pub mod yjs;
 
 use crate::auth::{Auth, Principal};
