@@ -180,16 +180,14 @@ impl Deps {
         self.runs.iter().map(|&(c, _, end)| (c, end))
     }
 
-    /// Sorts by client, keeping the strictest need and the furthest reach per client.
-    fn finish(mut self) -> Self {
+    /// Sorts by client. A client listed twice is refused: yrs appends the second list to the
+    /// first, out of clock order, and its skip bookkeeping then underflows (found by the
+    /// `yjs_message` fuzz target); Yjs and yrs encoders never write one.
+    fn finish(mut self) -> Scan<Self> {
         self.runs.sort_unstable_by_key(|r| r.0);
-        self.runs.dedup_by(|later, kept| {
-            later.0 == kept.0 && {
-                kept.1 = kept.1.max(later.1);
-                kept.2 = kept.2.max(later.2);
-                true
-            }
-        });
+        if self.runs.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(Rejected::Malformed("a client is listed twice"));
+        }
         self.refs.sort_unstable();
         self.refs.dedup_by(|later, kept| {
             later.0 == kept.0 && {
@@ -197,7 +195,7 @@ impl Deps {
                 true
             }
         });
-        self
+        Ok(self)
     }
 
     fn refer(&mut self, client: u64, clock: u64) {
@@ -267,7 +265,7 @@ pub fn scan_update(update: &[u8]) -> Scan<Deps> {
             }
         }
     }
-    Ok(deps.finish())
+    deps.finish()
 }
 
 const HAS_ORIGIN: u8 = 0b1000_0000;
@@ -685,6 +683,11 @@ mod tests {
             ])
             .err(),
             Some(Rejected::Malformed("client id beyond 2^53"))
+        );
+        // A client listed twice, overlapping itself (found by the same target).
+        assert_eq!(
+            scan_update(&[2, 1, 5, 0, 0, 4, 1, 5, 2, 0, 4, 0]).err(),
+            Some(Rejected::Malformed("a client is listed twice"))
         );
         // A deleted range past 2^32 likewise.
         let ds = [0, 1, 5, 1, 0xfe, 0xff, 0xff, 0xff, 0x0f, 4];
