@@ -260,9 +260,12 @@ pub fn scan_update(update: &[u8]) -> Scan<Deps> {
             if clock.saturating_add(len) > MAX_CLOCK {
                 return Err(Rejected::Malformed("deleted range beyond 2^32"));
             }
-            if len > 0 {
-                deps.refer(client, clock.saturating_add(len - 1));
+            // yrs parks even an empty range of an unknown client as a pending deletion (found
+            // by the `apply` fuzz target); no encoder writes one.
+            if len == 0 {
+                return Err(Rejected::Malformed("empty deleted range"));
             }
+            deps.refer(client, clock.saturating_add(len - 1));
         }
     }
     deps.finish()
@@ -688,6 +691,11 @@ mod tests {
         assert_eq!(
             scan_update(&[2, 1, 5, 0, 0, 4, 1, 5, 2, 0, 4, 0]).err(),
             Some(Rejected::Malformed("a client is listed twice"))
+        );
+        // An empty deleted range (found by the `apply` target: yrs parks it as pending).
+        assert_eq!(
+            scan_update(&[0, 1, 0, 1, 0, 0]).err(),
+            Some(Rejected::Malformed("empty deleted range"))
         );
         // A deleted range past 2^32 likewise.
         let ds = [0, 1, 5, 1, 0xfe, 0xff, 0xff, 0xff, 0x0f, 4];
