@@ -138,29 +138,72 @@ impl<'a> Lib0Reader<'a> {
 /// reliability.md §2). Every node replays the log, so one such update would burden them all.
 /// The write path therefore only appends an update whose needs the document (plus the writer's
 /// own earlier appends) already meets.
+///
+/// Ids the update refers to inside itself count only in the order yrs can integrate them: a
+/// block whose origin or parent is itself, or a later block of a cycle, stays pending too
+/// (found by the `apply` fuzz target), so [`Deps::met_by`] plays the integration through.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Deps {
     /// Per client, sorted: (clock the document must have reached, clock the blocks end at).
     runs: Vec<(u64, u64, u64)>,
-    /// Per client, sorted: one past the highest id that an origin, a parent or a deletion
-    /// refers to.
+    /// Per client, sorted: one past the highest id a deletion refers to.
     refs: Vec<(u64, u64)>,
+    /// Every block in update order, each client's blocks together: (client, end clock, range
+    /// of its references in `block_refs`).
+    blocks: Vec<(u64, u64, std::ops::Range<usize>)>,
+    /// Ids (client, clock) that block origins and parents refer to.
+    block_refs: Vec<(u64, u64)>,
 }
 
 impl Deps {
     /// Whether everything the update builds on is known, `known(client)` being the next clock
-    /// expected from that client (a state vector lookup).
+    /// expected from that client (a state vector lookup), so that yrs integrates all of it.
     pub fn met_by(&self, known: impl Fn(u64) -> u64) -> bool {
         if self.runs.iter().any(|&(c, need, _)| known(c) < need) {
             return false;
         }
-        self.refs.iter().all(|&(c, upto)| {
-            let own = self
-                .runs
-                .binary_search_by_key(&c, |r| r.0)
-                .map_or(0, |i| self.runs[i].2);
-            known(c).max(own) >= upto
-        })
+        // Play yrs's integration: a block goes in once every id it refers to is known or was
+        // put in by an earlier block; each client's blocks go in order. No progress in a
+        // whole pass over the clients means the rest would stay pending.
+        let mut reached: std::collections::HashMap<u64, u64> =
+            self.runs.iter().map(|&(c, _, _)| (c, known(c))).collect();
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if self.blocks[g.start].0 == b.0 => g.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
+        let mut cursors: Vec<usize> = groups.iter().map(|g| g.start).collect();
+        loop {
+            let mut progress = false;
+            let mut done = true;
+            for (g, cursor) in groups.iter().zip(cursors.iter_mut()) {
+                while *cursor < g.end {
+                    let (client, end, refs) = &self.blocks[*cursor];
+                    let ready = self.block_refs[refs.clone()]
+                        .iter()
+                        .all(|&(c, k)| k < reached.get(&c).copied().unwrap_or_else(|| known(c)));
+                    if !ready {
+                        break;
+                    }
+                    let at = reached.entry(*client).or_insert(0);
+                    *at = (*at).max(*end);
+                    *cursor += 1;
+                    progress = true;
+                }
+                done &= *cursor == g.end;
+            }
+            if done {
+                break;
+            }
+            if !progress {
+                return false;
+            }
+        }
+        self.refs
+            .iter()
+            .all(|&(c, upto)| reached.get(&c).copied().unwrap_or_else(|| known(c)) >= upto)
     }
 
     /// Clients whose blocks need more than `known` has: the writers of what is missing.
@@ -198,6 +241,7 @@ impl Deps {
         Ok(self)
     }
 
+    /// A deleted id.
     fn refer(&mut self, client: u64, clock: u64) {
         // Ids past `MAX_CLOCK` are refused by the scan; saturating keeps this total anyway.
         let upto = clock.saturating_add(1);
@@ -235,8 +279,11 @@ pub fn scan_update(update: &[u8]) -> Scan<Deps> {
         let mut clock = r.var_u64()?;
         let mut need = clock;
         for _ in 0..blocks {
+            let refs_from = deps.block_refs.len();
             let (len, skip) = scan_block(&mut r, &mut deps)?;
             clock = clock.saturating_add(len);
+            let refs = refs_from..deps.block_refs.len();
+            deps.blocks.push((client, clock, refs));
             if skip {
                 // Blocks after a gap integrate only once the gap is known.
                 need = clock;
@@ -295,11 +342,11 @@ fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<(u64, bool)> {
     }
     if info & HAS_ORIGIN != 0 {
         let (client, clock) = read_id(r)?;
-        deps.refer(client, clock);
+        deps.block_refs.push((client, clock));
     }
     if info & HAS_RIGHT_ORIGIN != 0 {
         let (client, clock) = read_id(r)?;
-        deps.refer(client, clock);
+        deps.block_refs.push((client, clock));
     }
     let cant_copy_parent_info = info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0;
     if cant_copy_parent_info {
@@ -307,7 +354,7 @@ fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<(u64, bool)> {
             r.string()?; // named root type
         } else {
             let (client, clock) = read_id(r)?; // parent item id
-            deps.refer(client, clock);
+            deps.block_refs.push((client, clock));
         }
         if info & HAS_PARENT_SUB != 0 {
             r.string()?;
@@ -692,6 +739,11 @@ mod tests {
             scan_update(&[2, 1, 5, 0, 0, 4, 1, 5, 2, 0, 4, 0]).err(),
             Some(Rejected::Malformed("a client is listed twice"))
         );
+        // A block whose parent is itself (found by the `apply` target): its own run "covers"
+        // the id, but yrs can never integrate it.
+        let self_parent = [1, 1, 0, 0, 1, 0, 0, 0, 27, 0];
+        let deps = scan_update(&self_parent).expect("well-formed");
+        assert!(!deps.met_by(|_| 0));
         // An empty deleted range (found by the `apply` target: yrs parks it as pending).
         assert_eq!(
             scan_update(&[0, 1, 0, 1, 0, 0]).err(),
