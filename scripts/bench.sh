@@ -20,6 +20,7 @@ SCENARIOS=${SCENARIOS:-"fanout s1 s2 s3 s4 s5"}
 SERVERS=${SERVERS:-"chorus chorus-native ywebsocket hocuspocus ysweet"}
 S1_DOCS=${S1_DOCS:-200}
 S1_STEPS=${S1_STEPS:-"1,2,3,4,6,8,12,16"}
+S1_NAME=${S1_NAME:-s1}   # a scaled run gets its own name (e.g. s1-50) and its own table
 S2_CONNECTIONS=${S2_CONNECTIONS:-19000}
 S3_OPS=${S3_OPS:-259778}
 # The big document is the trace typed S3_COPIES times (100 in the issue; building it costs
@@ -61,6 +62,7 @@ DATA=""
 
 version_of() {
   case $1 in
+    chorus-redis) echo "$("$CHORUS" --version) + $(redis-server --version | cut -d' ' -f1-3)" ;;
     chorus*) "$CHORUS" --version ;;
     ywebsocket) echo "@y/websocket-server $(node -p "require('$PEERS/node/node_modules/@y/websocket-server/package.json').version")" ;;
     hocuspocus) echo "@hocuspocus/server $(node -p "require('$PEERS/node/node_modules/@hocuspocus/server/package.json').version") on node $(node --version)" ;;
@@ -74,6 +76,22 @@ start() {
   PORT=$((PORT + 1))
   if [ "$keep" != 1 ]; then DATA=$(mktemp -d "$RUN/data.XXXX"); fi
   case $name in
+    chorus-redis)
+      # The same node on a Redis backplane (Redis on the generator's core, default
+      # appendfsync): the embedded log fsyncs every append, Redis does not.
+      REDIS_PORT=$((PORT + 1000))
+      taskset -c "$GEN_CPU" redis-server --port "$REDIS_PORT" --save '' --appendonly no --dir "$DATA" \
+        >"$RUN/redis.log" 2>&1 &
+      REDIS_PID=$!
+      sleep 0.3
+      RUST_LOG=warn CHORUS_REDIS_URL=redis://127.0.0.1:$REDIS_PORT CHORUS_MAX_CONNECTIONS=20000 \
+        CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_MESSAGES_PER_SECOND=1000000 \
+        CHORUS_MAX_MESSAGE_BYTES=67108864 CHORUS_MAX_UPDATE_BYTES=33554432 \
+        taskset -c "$SERVER_CPU" "$CHORUS" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
+        >"$RUN/$name.log" 2>&1 &
+      SERVER_PID=$!
+      PROTO=yws URL=ws://127.0.0.1:$PORT/y
+      ;;
     chorus*)
       RUST_LOG=warn CHORUS_MAX_CONNECTIONS=20000 CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 \
         CHORUS_MAX_MESSAGES_PER_SECOND=1000000 CHORUS_MAX_MESSAGE_BYTES=67108864 \
@@ -118,6 +136,11 @@ stop() {
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
   fi
+  if [ -n "${REDIS_PID:-}" ]; then
+    kill -TERM "$REDIS_PID" 2>/dev/null || true
+    wait "$REDIS_PID" 2>/dev/null || true
+    REDIS_PID=""
+  fi
 }
 trap stop EXIT
 
@@ -149,7 +172,7 @@ for rep in $(seq "$REPS"); do
     if [[ " $SCENARIOS " == *" s1 "* ]]; then
       say "[$rep/$REPS] $s: S1 typing rooms ($S1_DOCS docs × 10 clients, steps $S1_STEPS)"
       start "$s"
-      gen --scenario typing --name s1 --label "$s" --docs "$S1_DOCS" --clients 10 --writers 2 \
+      gen --scenario typing --name "$S1_NAME" --label "$s" --docs "$S1_DOCS" --clients 10 --writers 2 \
         --chars-per-sec 5 --cursor-hz 2 --steps "$S1_STEPS" --warmup "$WARMUP" --measure "$MEASURE" --doc-prefix "s$rep" || true
       stop
     fi
@@ -166,10 +189,11 @@ for rep in $(seq "$REPS"); do
       gen --scenario put --label "$s" --file "$BIG" --doc "bigr$rep" --settle 12 || true
       stop
       start "$s" 1
-      gen --scenario load --label "$s" --doc "b4r$rep" || true
+      # Up to 20 s of quiet: the reference server sends a persisted document after its sync.
+      gen --scenario load --label "$s" --doc "b4r$rep" --quiet-ms 20000 || true
       stop
       start "$s" 1
-      gen --scenario load --label "$s" --doc "bigr$rep" || true
+      gen --scenario load --label "$s" --doc "bigr$rep" --quiet-ms 20000 || true
       stop
     fi
   done

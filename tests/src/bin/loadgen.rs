@@ -1049,7 +1049,23 @@ async fn load(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()>
     let t = Instant::now();
     let mut ws = target.open(&doc_name, 6).await?;
     let state = synced_state(&target, &mut ws, &doc_name).await?;
-    let secs = t.elapsed().as_secs_f64();
+    let mut secs = t.elapsed().as_secs_f64();
+    let mut parts = vec![state];
+    // A server may answer before its persistence layer has loaded the document (the
+    // reference server's LevelDB binding does) and send the content as updates afterwards:
+    // the load ends with the last content that arrives before `--quiet-ms` (1.5 s) of silence.
+    let mut scratch = Vec::new();
+    let quiet = Duration::from_millis(a.n("quiet-ms", 1500.0) as u64);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(quiet, ws.next()).await {
+        let Message::Binary(b) = msg else { continue };
+        let got = target.parse(&b, &mut scratch);
+        if let Got::Update(u) | Got::Synced(u) = &got {
+            parts.push(u.to_vec());
+            secs = t.elapsed().as_secs_f64();
+        }
+        target.answer(&mut ws, &doc_name, &got).await?;
+    }
+    let state = yrs::merge_updates_v1(parts.iter().map(Vec::as_slice))?;
     let bytes = state.len();
     // The synced state must really be the document (not empty because nothing persisted).
     let chars = check_doc(&state);
@@ -1070,17 +1086,23 @@ async fn load(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Characters in every root text of a document state (0 if it does not decode).
+/// Characters in every root text of a document state (0 if it does not decode). Roots made
+/// by an update have no type until someone asks for one, so each is asked for as text.
 fn check_doc(update: &[u8]) -> usize {
     let doc = yrs::Doc::new();
     if let Ok(u) = Update::decode_v1(update) {
         let _ = doc.transact_mut().apply_update(u);
     }
-    let txn = doc.transact();
-    txn.root_refs()
-        .map(|(_, v)| match v {
-            yrs::Out::YText(t) => t.get_string(&txn).len(),
-            _ => 0,
+    let names: Vec<String> = doc
+        .transact()
+        .root_refs()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    names
+        .iter()
+        .map(|n| {
+            let text = doc.get_or_insert_text(n.as_str());
+            text.get_string(&doc.transact()).len()
         })
         .sum()
 }
