@@ -1056,12 +1056,16 @@ async fn load(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()>
     // the load ends with the last content that arrives before `--quiet-ms` (1.5 s) of silence.
     let mut scratch = Vec::new();
     let quiet = Duration::from_millis(a.n("quiet-ms", 1500.0) as u64);
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout(quiet, ws.next()).await {
+    // Only content restarts the quiet window: keepalives (Chorus sends one every 15 s on a
+    // quiet y-websocket socket) must not keep the load open forever.
+    let mut until = Instant::now() + quiet;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(until.into(), ws.next()).await {
         let Message::Binary(b) = msg else { continue };
         let got = target.parse(&b, &mut scratch);
         if let Got::Update(u) | Got::Synced(u) = &got {
             parts.push(u.to_vec());
             secs = t.elapsed().as_secs_f64();
+            until = Instant::now() + quiet;
         }
         target.answer(&mut ws, &doc_name, &got).await?;
     }
