@@ -105,6 +105,8 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
         )
         .route("/v1/docs/{doc}/events", get(events))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/admin/revoke", post(revoke))
         .route("/v1/stats", get(stats));
     if let Some(dir) = &ctx.config.static_dir
@@ -628,4 +630,29 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
         },
     }))
     .into_response()
+}
+
+/// Ready to take traffic: the backplane answers (embedded: always once open; Redis: a PING
+/// within a second). Liveness is `/healthz`, which stays 200 while Redis is away.
+async fn readyz(State(ctx): State<Arc<ConnContext>>) -> Response {
+    match ctx.registry.backplane().ping().await {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ready": false, "reason": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// Prometheus text exposition of this node (see [`crate::metrics`]).
+async fn metrics(State(ctx): State<Arc<ConnContext>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        crate::metrics::render(&ctx),
+    )
+        .into_response()
 }

@@ -8,6 +8,7 @@
 //! - [`backplane`] — the log every update goes through (embedded: fsynced redb; or Redis streams
 //!   shared by many nodes)
 //! - [`storage`] — snapshots
+//! - [`metrics`] — `/metrics` (Prometheus) and what `/readyz` checks
 //!
 //! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
 
@@ -19,6 +20,7 @@ pub mod doc;
 pub mod fuzzing;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod serve;
 pub mod storage;
 pub mod validate;
@@ -48,6 +50,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Before anything records: series recorded earlier would be lost.
+    let _ = crate::metrics::handle();
     std::fs::create_dir_all(&config.data_dir)?;
     let tracker = TaskTracker::new();
     let conn_tracker = TaskTracker::new();

@@ -158,6 +158,12 @@ pub trait Backplane: Send + Sync + 'static {
         Box::pin(async {})
     }
 
+    /// Whether the log can be reached right now (`/readyz`). An embedded log that opened is
+    /// always reachable; a shared one answers a round trip within a short bound.
+    fn ping(&self) -> BoxFuture<'static, BackplaneResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Stops accepting appends and finishes the ones already admitted.
     fn close(&self) -> BoxFuture<'static, ()>;
 }

@@ -248,14 +248,18 @@ fn count(n: u64) {
 /// Runs one command with the backplane's bound on a round trip.
 async fn query(conn: &mut Conn, cmd: &Cmd, timeout: Duration) -> BackplaneResult<Value> {
     count(1);
-    match tokio::time::timeout(timeout, cmd.query_async::<Value>(conn)).await {
+    let result = match tokio::time::timeout(timeout, cmd.query_async::<Value>(conn)).await {
         Err(_) => Err(BackplaneError::Storage(format!(
             "redis did not answer within {timeout:?}"
         ))),
         Ok(Err(e)) => Err(storage(e)),
         Ok(Ok(Value::ServerError(e))) => Err(storage(format!("{e:?}"))),
         Ok(Ok(v)) => Ok(v),
+    };
+    if result.is_err() {
+        metrics::counter!(crate::metrics::names::REDIS_ERRORS, "op" => "command").increment(1);
     }
+    result
 }
 
 fn eval(body: &str, doc: &DocId) -> Cmd {
@@ -682,6 +686,17 @@ impl Backplane for RedisBackplane {
             shard: 0,
         };
         self.tracker.spawn(run_revocations(reader, apply));
+    }
+
+    fn ping(&self) -> BoxFuture<'static, BackplaneResult<()>> {
+        let mut conn = self.inner.conn.clone();
+        // Short: a readiness probe must answer well within a load balancer's own timeout.
+        let timeout = self.inner.settings.timeout.min(Duration::from_secs(1));
+        Box::pin(async move {
+            query(&mut conn, &redis::cmd("PING"), timeout)
+                .await
+                .map(|_| ())
+        })
     }
 
     fn close(&self) -> BoxFuture<'static, ()> {
@@ -1144,6 +1159,8 @@ impl Reader {
             match result {
                 Ok(()) => return,
                 Err(e) => {
+                    metrics::counter!(crate::metrics::names::REDIS_ERRORS, "op" => "read")
+                        .increment(1);
                     tracing::warn!(shard = self.shard, error = %e, "redis reader lost its connection; reconnecting and continuing from the last delivered ids");
                 }
             }

@@ -261,6 +261,9 @@ pub async fn run<S: Session>(
                 match msg {
                     None => break "client went away",
                     Some(Ok(Message::Binary(bytes))) => {
+                        metrics::counter!(crate::metrics::names::FRAMES_IN).increment(1);
+                        metrics::counter!(crate::metrics::names::BYTES_IN)
+                            .increment(bytes.len() as u64);
                         let step = if messages.try_take() {
                             session.on_binary(bytes).await
                         } else {
@@ -383,6 +386,7 @@ async fn write_loop(
                 let drained = outbox.drain();
                 wake_at = drained.wake_at;
                 for (handle, from) in drained.resync {
+                    metrics::counter!(crate::metrics::names::RESYNCS).increment(1);
                     handle.resync(outbox.conn, from).await;
                 }
                 let wrote = if drained.frames.is_empty() {
@@ -439,6 +443,8 @@ async fn write_loop(
             }
         }
     };
+    let code_label = close.map_or_else(|| "none".to_owned(), |c| c.code().to_string());
+    metrics::counter!(crate::metrics::names::CLOSES, "code" => code_label).increment(1);
     if let Some(code) = close {
         let frame = CloseFrame {
             code: code.code(),
@@ -486,6 +492,9 @@ async fn send_all(
     frames: Vec<Bytes>,
 ) -> Result<(), axum::Error> {
     // feed() queues into tungstenite's write buffer; one flush writes many frames per syscall.
+    metrics::counter!(crate::metrics::names::FRAMES_OUT).increment(frames.len() as u64);
+    metrics::counter!(crate::metrics::names::BYTES_OUT)
+        .increment(frames.iter().map(|f| f.len() as u64).sum());
     for f in frames {
         sink.feed(Message::Binary(f)).await?;
     }

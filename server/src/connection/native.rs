@@ -36,8 +36,17 @@ pub fn start_append(
 ) -> AppendFuture {
     let fut = registry.backplane().append(doc, update, Some(origin));
     let (doc, seq) = (doc.clone(), origin.seq);
-    fut.map(move |result| AppendDone { doc, seq, result })
-        .boxed()
+    let started = std::time::Instant::now();
+    fut.map(move |result| {
+        crate::metrics::observe(crate::metrics::names::APPEND_SECONDS, started.elapsed());
+        let name = match result {
+            Ok(_) => crate::metrics::names::UPDATES_IN,
+            Err(_) => crate::metrics::names::APPEND_ERRORS,
+        };
+        metrics::counter!(name).increment(1);
+        AppendDone { doc, seq, result }
+    })
+    .boxed()
 }
 
 /// Bad frames allowed in a burst, and refilled per second, before a connection is closed with

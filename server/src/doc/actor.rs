@@ -378,6 +378,7 @@ impl Owner {
     }
 
     fn fan_out(&self, e: &Entry) {
+        let started = std::time::Instant::now();
         let position = Position::new(self.epoch, e.id);
         let native = (self.native_subs > 0)
             .then(|| update_frame(Proto::Native, &self.doc, &e.update, position));
@@ -398,6 +399,10 @@ impl Owner {
                     .push_update(&self.doc, frame, e.update.clone(), position);
             }
         }
+        let others =
+            self.subs.len() - usize::from(own.is_some_and(|o| self.subs.contains_key(&o.conn)));
+        metrics::counter!(crate::metrics::names::UPDATES_OUT).increment(others as u64);
+        crate::metrics::observe(crate::metrics::names::FANOUT_SECONDS, started.elapsed());
     }
 
     fn wake_waiters(&mut self) {

@@ -446,6 +446,14 @@ impl EntrySink for Registry {
         if h.inner.lagged.load(Ordering::Acquire) {
             return; // the owner will re-read these from the log
         }
+        // Log ids start with their append time in ms: how far behind the reader runs.
+        if let Some(last) = entries.last() {
+            let lag_ms = crate::backplane::now_ms().saturating_sub(last.id.ms);
+            crate::metrics::observe(
+                crate::metrics::names::STREAM_READ_LAG_SECONDS,
+                std::time::Duration::from_millis(lag_ms),
+            );
+        }
         if h.inner.entries.try_send((epoch, entries)).is_err() {
             h.inner.lagged.store(true, Ordering::Release);
         }

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Benchmark report (outside the data flow): turns one scripts/bench.sh run directory
+(results.jsonl + s4.txt/s5.txt) into the results block of BENCHMARKS.md: medians over the
+repetitions and the ratio Chorus : each peer.
+
+usage: report.py RUN_DIR BENCHMARKS.md
+"""
+import json
+import math
+import os
+import statistics
+import sys
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+PEERS = ["ywebsocket", "hocuspocus", "ysweet"]
+NAMES = {
+    "chorus": "Chorus (/y, y-websocket protocol)",
+    "chorus-native": "Chorus (/v1/ws, native)",
+    "chorus-redis": "Chorus (/y, Redis backplane)",
+    "ywebsocket": "y-websocket server",
+    "hocuspocus": "Hocuspocus",
+    "ysweet": "y-sweet",
+}
+
+
+def num(v):
+    return v if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else None
+
+
+def med(rows, key):
+    vals = [num(r.get(key)) for r in rows]
+    vals = [v for v in vals if v is not None]
+    return (statistics.median(vals), len(vals)) if vals else (None, 0)
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "—"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def ratio(chorus, peer, higher_better):
+    if chorus is None or peer is None or chorus == 0 or peer == 0:
+        return "—"
+    r = chorus / peer if higher_better else peer / chorus
+    return f"{r:.1f}×"
+
+
+def main():
+    run, out = sys.argv[1], sys.argv[2]
+    rows = [json.loads(l) for l in open(os.path.join(run, "results.jsonl")) if l.strip()]
+    by = {}
+    for r in rows:
+        if r.get("scenario") == "ingest" and num(r.get("server_cpu_s")) and r.get("edits"):
+            r["cpu_us_per_edit"] = r["server_cpu_s"] * 1e6 / r["edits"]
+        by.setdefault((r.get("scenario"), r.get("server")), []).append(r)
+    machine = next((r for r in rows if r.get("scenario") == "machine"), {})
+    versions = {r["server"]: r["version"] for r in rows if r.get("scenario") == "version"}
+    servers = [s for s in NAMES if any(k[1] == s for k in by)]
+    reps = max((len(v) for (sc, _), v in by.items() if sc in ("s1", "fanout")), default=0)
+
+    L = [START, ""]
+    L.append(f"Run `{os.path.basename(run)}` — {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+             f"{machine.get('mem_mb', '?')} MB, Linux {machine.get('kernel', '?')}; load average at start "
+             f"{machine.get('load', '?')} (the machine is shared: other builds ran during the run). "
+             f"Medians of {reps} repetition(s) unless a cell says otherwise.")
+    L.append("")
+    L.append("| server | version |")
+    L.append("|---|---|")
+    for s in servers:
+        L.append(f"| {NAMES[s]} | {versions.get(s, '?')} |")
+    L.append("")
+
+    def table(title, scenario, cols, note=""):
+        if not any(by.get((scenario(s) if callable(scenario) else scenario, s)) for s in servers):
+            return
+        L.append(f"### {title}")
+        L.append("")
+        if note:
+            L.append(note)
+            L.append("")
+        head = "| server | " + " | ".join(c[0] for c in cols) + " |"
+        L.append(head)
+        L.append("|---" * (len(cols) + 1) + "|")
+        meds = {}
+        for s in servers:
+            rs = by.get((scenario(s) if callable(scenario) else scenario, s), [])
+            if not rs:
+                continue
+            cells = []
+            for (label, key, digits, _hb) in cols:
+                v, n = med(rs, key)
+                meds[(s, key)] = v
+                cells.append(fmt(v, digits) + ("" if n in (0, reps) or reps == 0 else f" (n={n})"))
+            L.append(f"| {NAMES[s]} | " + " | ".join(cells) + " |")
+        L.append("")
+        # Ratios: how many times better Chorus (/y) is than each peer, per column. No ratio
+        # against a peer whose document came back empty (it did not persist it).
+        has_chars = "characters" in [c[1] for c in cols]
+        comparable = [p for p in PEERS if (p, cols[0][1]) in meds
+                      and not (has_chars and meds.get((p, "characters")) != meds.get(("chorus", "characters")))]
+        if comparable:
+            parts = []
+            for p in comparable:
+                cells = [f"{c[0]} {ratio(meds.get(('chorus', c[1])), meds.get((p, c[1])), c[3])}"
+                         for c in cols if c[3] is not None]
+                parts.append(f"vs {NAMES[p]}: " + ", ".join(cells))
+            L.append("Chorus advantage (×, >1 = Chorus better): " + "; ".join(parts))
+            L.append("")
+
+    table("Fan-out efficiency target (1 document, 50 readers, 2 writers × 50 updates/s)", "fanout", [
+        ("server CPU ms / 1,000 deliveries", "base_cpu_ms_per_1k", 2, False),
+        ("deliveries/s", "base_delivered_per_s", 0, True),
+        ("p50 ms", "base_p50_ms", 2, False),
+        ("p99 ms", "base_p99_ms", 2, False),
+    ])
+    table("S1 typing rooms", "s1", [
+        ("knee deliveries/s (p99 ≤ 50 ms)", "knee_delivered_per_s", 0, True),
+        ("base p50 ms", "base_p50_ms", 2, False),
+        ("base p99 ms", "base_p99_ms", 2, False),
+        ("CPU ms / 1,000 deliveries (base)", "base_cpu_ms_per_1k", 2, False),
+    ], "Deliveries = writer edits × receiving clients (cursor updates are sent but not counted). "
+       "The knee is the highest step whose p99 ≤ 50 ms and that delivered ≥ 90 % of what was offered.")
+    if any(k[0] == "s1-50" for k in by):
+        table("S1 scaled: 50 typing rooms", "s1-50", [
+            ("knee deliveries/s (p99 ≤ 50 ms)", "knee_delivered_per_s", 0, True),
+            ("base p50 ms", "base_p50_ms", 2, False),
+            ("base p99 ms", "base_p99_ms", 2, False),
+            ("CPU ms / 1,000 deliveries (base)", "base_cpu_ms_per_1k", 2, False),
+        ], "Same as S1 with 50 documents × 10 clients (base 4,500 deliveries/s), so that the steps "
+           "find a knee on this shared machine.")
+    table("S2 idle connections", "idle", [
+        ("connections", "connections", 0, True),
+        ("bytes / connection", "bytes_per_connection", 0, False),
+        ("connect→synced p99 ms", "synced_p99_ms", 1, False),
+        ("failed", "failed", 0, False),
+    ])
+    table("S3 large documents: ingest", "ingest", [
+        ("edits/s", "edits_per_s", 0, True),
+        ("server CPU µs / edit", "cpu_us_per_edit", 1, False),
+        ("seconds", "seconds", 2, None),
+        ("server RSS after, KB", "server_rss_kb", 0, False),
+    ])
+    for doc, title in (("b4", "S3 cold load of the trace's document"),
+                       ("big", "S3 cold load of the 10× document (3.3 MB)"),
+                       ("big50", "S3 cold load of the 50× document (18.3 MB, 5.5M characters)")):
+        key = f"load:{doc}"
+        for s in servers:
+            merged = [r for (sc, sv), v in by.items() if sv == s and sc and sc.startswith(key + "r") for r in v]
+            if merged:
+                by[(key, s)] = merged
+        table(title, key, [
+            ("ms to synced", "ms", 1, False),
+            ("characters received", "characters", 0, None),
+            ("state bytes", "bytes", 0, None),
+            ("server RSS after, KB", "rss_after_kb", 0, False),
+        ], "A fresh client syncs the document right after the server restarted; 'characters received' "
+           "shows whether the server persisted it (0 = it did not survive the restart); ratios are "
+           "given only against servers that gave back the whole document.")
+
+    for name, title in (("s4.txt", "S4 slow readers (Chorus, bench_slow_readers)"), ("s5.txt", "S5 two nodes over Redis (Chorus, bench_redis)")):
+        p = os.path.join(run, name)
+        if os.path.exists(p):
+            L.append(f"### {title}")
+            L.append("")
+            L.append("```")
+            # Drop the nodes' log lines (the auth-off warning), keep the figures.
+            L.extend(l.rstrip() for l in open(p) if l.strip() and "\x1b[" not in l and " WARN " not in l)
+            L.append("```")
+            L.append("")
+    L.append(END)
+    block = "\n".join(L)
+
+    text = open(out).read() if os.path.exists(out) else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n" + block + "\n"
+    open(out, "w").write(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
