@@ -4,8 +4,10 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     default: 60 s, all three targets
 #
-# New inputs libFuzzer keeps go to server/fuzz/corpus/<target>/ (commit the small, interesting
-# ones); a crash is saved under server/fuzz/artifacts/<target>/ and the run stops.
+# The committed seeds (server/fuzz/corpus/<target>/) are read; the inputs libFuzzer finds and
+# keeps go to the ignored server/fuzz/work/<target>/, so later runs start from them. A crash is
+# saved under server/fuzz/artifacts/<target>/ and the run stops: fix it at its root, then copy
+# the input into the committed corpus as `regression-<what>` (cargo test replays it).
 set -euo pipefail
 cd "$(dirname "$0")/../server"
 
@@ -28,7 +30,8 @@ cargo fuzz build -O -a
 for t in "${targets[@]}"; do
   echo "==> fuzzing $t for ${seconds}s"
   log="$(mktemp)"
-  cargo fuzz run -O -a "$t" "fuzz/corpus/$t" -- -max_total_time="$seconds" -print_final_stats=1 2>&1 | tee "$log" | grep -E "^(#[0-9]+.*(pulse|DONE)|stat::number_of_executed_units|==[0-9]+==ERROR|SUMMARY)" || true
+  mkdir -p "fuzz/work/$t"
+  cargo fuzz run -O -a "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- -max_total_time="$seconds" -print_final_stats=1 2>&1 | tee "$log" | grep -E "^(#[0-9]+.*(pulse|DONE)|stat::number_of_executed_units|==[0-9]+==ERROR|SUMMARY)" || true
   execs="$(grep -oE 'stat::number_of_executed_units: [0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)"
   echo "$t: $execs executions in ${seconds}s"
   if grep -qE "^==[0-9]+==ERROR|panicked at|deadly signal" "$log"; then
