@@ -58,6 +58,22 @@ pub fn apply(data: &[u8]) {
     }
 }
 
+/// Gives each of two replicas what the other has (a full two-way sync).
+pub fn exchange(a: &Doc, b: &Doc) {
+    let ua = a
+        .transact()
+        .encode_state_as_update_v1(&b.transact().state_vector());
+    let ub = b
+        .transact()
+        .encode_state_as_update_v1(&a.transact().state_vector());
+    b.transact_mut()
+        .apply_update(Update::decode_v1(&ua).expect("decodes"))
+        .expect("applies");
+    a.transact_mut()
+        .apply_update(Update::decode_v1(&ub).expect("decodes"))
+        .expect("applies");
+}
+
 /// A document two writers edited (text with deletions, a map, an array): the live state the
 /// fuzzed update lands on.
 pub fn seed() -> &'static [u8] {
@@ -79,18 +95,7 @@ pub fn seed() -> &'static [u8] {
                 map.insert(&mut txn, format!("k{round}"), f64::from(round));
                 arr.push_back(&mut txn, format!("v{round}{i}"));
             }
-            let ua = a
-                .transact()
-                .encode_state_as_update_v1(&b.transact().state_vector());
-            let ub = b
-                .transact()
-                .encode_state_as_update_v1(&a.transact().state_vector());
-            b.transact_mut()
-                .apply_update(Update::decode_v1(&ua).expect("decodes"))
-                .expect("applies");
-            a.transact_mut()
-                .apply_update(Update::decode_v1(&ub).expect("decodes"))
-                .expect("applies");
+            exchange(&a, &b);
         }
         a.transact()
             .encode_state_as_update_v1(&StateVector::default())

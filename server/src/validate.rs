@@ -634,18 +634,7 @@ mod tests {
                 out.push(doc.transact().encode_state_as_update_v1(&before));
             }
             // Exchange everything so the next round builds on the other writer's content.
-            let ua = a
-                .transact()
-                .encode_state_as_update_v1(&b.transact().state_vector());
-            let ub = b
-                .transact()
-                .encode_state_as_update_v1(&a.transact().state_vector());
-            b.transact_mut()
-                .apply_update(Update::decode_v1(&ua).expect("decodes"))
-                .expect("applies");
-            a.transact_mut()
-                .apply_update(Update::decode_v1(&ub).expect("decodes"))
-                .expect("applies");
+            crate::fuzzing::exchange(&a, &b);
         }
         out
     }
