@@ -103,3 +103,140 @@ async fn a_silent_peer_is_closed_and_released() {
     )
     .await;
 }
+
+/// A large document's cold load: joins that want the whole document are answered with the
+/// snapshot's bytes while yrs integrates it; a join that needs the document (a resume
+/// position) waits for the integration; afterwards everything works as usual.
+#[tokio::test]
+async fn a_large_snapshot_answers_whole_document_joins_while_it_integrates() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, ReadTxn, Transact};
+
+    let server = TestServer::start(|_| {}).await;
+    let mut writer = NativeClient::connect(&server.ws_url()).await;
+    writer.subscribe_synced("big").await;
+    // ~600 KB of text: above the size from which a snapshot is answered before integrating.
+    let chunk = "abcdefghij".repeat(10_000);
+    let mut last = 0;
+    for i in 0..6u32 {
+        last = writer.insert("big", i * 100_000, &chunk).await;
+    }
+    let acked = writer.wait_acked(last).await;
+    let expected = writer.text("big");
+    writer.close().await;
+    let data = server.stop_keep_data().await.expect("data dir");
+    let metric = |body: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix("chorus_answered_while_loading_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+
+    let server = TestServer::start_in(data.path(), |_| {}).await;
+    let before = metric(&String::from_utf8_lossy(
+        &http::get(server.addr, "/metrics")
+            .await
+            .expect("metrics")
+            .body,
+    ));
+    // Back to back, while the document loads: a native join for everything (it starts the
+    // load, so it is always answered from the snapshot), a resume from the last acknowledged
+    // position (which needs the document), and a y-websocket client's sync step 1.
+    let mut whole = NativeClient::connect(&server.ws_url()).await;
+    whole.subscribe("big").await;
+    let mut resumed = NativeClient::connect(&server.ws_url()).await;
+    resumed.subscribe_from("big", Some(acked), None).await;
+    let (mut yws, _) = tokio_tungstenite::connect_async(format!("{}/big", server.yjs_base()))
+        .await
+        .expect("y-websocket connect");
+    yws.send(Message::Binary(vec![0, 0, 1, 0].into()))
+        .await
+        .expect("step 1");
+
+    let (_, position, replay) = whole.wait_synced("big").await;
+    assert_eq!(position, acked);
+    assert!(!replay);
+    assert_eq!(whole.text("big"), expected);
+    let (update, position, replay) = resumed.wait_synced("big").await;
+    assert_eq!(position, acked);
+    assert!(replay, "a resume at the head is an (empty) replay");
+    assert_eq!(
+        yrs::Update::decode_v1(&update)
+            .expect("decode")
+            .state_vector(),
+        yrs::StateVector::default(),
+        "nothing after the position"
+    );
+
+    // y-websocket: step 2 with the whole document, and the server's own step 1.
+    let (mut step2, mut step1) = (None, None);
+    while step2.is_none() || step1.is_none() {
+        let msg = tokio::time::timeout(chorus_tests::DEADLINE, yws.next())
+            .await
+            .expect("y-websocket answer in time")
+            .expect("open")
+            .expect("message");
+        let Message::Binary(b) = msg else { continue };
+        match b.get(..2) {
+            Some([0, 1]) => step2 = Some(b.to_vec()),
+            Some([0, 0]) => step1 = Some(b.to_vec()),
+            _ => {}
+        }
+    }
+    let doc = yrs::Doc::new();
+    let step2 = step2.expect("step 2");
+    let update = {
+        let mut d = yrs::encoding::read::Cursor::new(&step2[2..]);
+        yrs::encoding::read::Read::read_buf(&mut d)
+            .expect("step 2 payload")
+            .to_vec()
+    };
+    doc.transact_mut()
+        .apply_update(yrs::Update::decode_v1(&update).expect("decode"))
+        .expect("apply");
+    assert_eq!(
+        doc.get_or_insert_text("t").get_string(&doc.transact()),
+        expected
+    );
+    let step1 = step1.expect("step 1");
+    let sv = {
+        let mut d = yrs::encoding::read::Cursor::new(&step1[2..]);
+        let raw = yrs::encoding::read::Read::read_buf(&mut d).expect("step 1 payload");
+        yrs::StateVector::decode_v1(raw).expect("state vector")
+    };
+    assert_eq!(
+        sv,
+        doc.transact().state_vector(),
+        "step 1 carries the document's state vector"
+    );
+
+    // Answered from the snapshot: the native join at least (the y-websocket one too, if it
+    // came in before the integration finished).
+    let after = metric(&String::from_utf8_lossy(
+        &http::get(server.addr, "/metrics")
+            .await
+            .expect("metrics")
+            .body,
+    ));
+    assert!(
+        after - before >= 1.0,
+        "joins were answered while loading ({before} → {after})"
+    );
+
+    // The integrated document takes writes and fans them out as usual.
+    let seq = whole.insert("big", 0, "!").await;
+    whole.wait_acked(seq).await;
+    let got = resumed
+        .wait_for(|f| matches!(f, chorus_protocol::ServerFrame::Update { .. }))
+        .await;
+    let chorus_protocol::ServerFrame::Update { position, .. } = got else {
+        unreachable!()
+    };
+    assert!(
+        position.id > acked.id,
+        "the new write, after the resume position"
+    );
+    server.stop().await;
+}

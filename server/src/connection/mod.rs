@@ -357,14 +357,21 @@ async fn write_loop(
     keepalive.tick().await;
     let mut last_write = Instant::now();
     let mut wake_at: Option<Instant> = None;
+    // No write carrying updates before this (the flush interval after the last one).
+    let mut next_flush: Option<Instant> = None;
     let stall = cfg.slow_client_timeout;
     let silence_limit = (cfg.ping_interval + cfg.ping_timeout).as_millis() as u64;
+    // Made once: a cancellation future registers with its token when first polled, and
+    // re-making it on every wake would do that for every write.
+    let done_cancelled = done.cancelled();
+    let shutdown_cancelled = ctx.shutdown.cancelled();
+    tokio::pin!(done_cancelled, shutdown_cancelled);
 
     let close = loop {
         let wake = tokio::select! {
             biased;
-            _ = done.cancelled() => Wake::Done,
-            _ = ctx.shutdown.cancelled() => Wake::Shutdown,
+            _ = &mut done_cancelled => Wake::Done,
+            _ = &mut shutdown_cancelled => Wake::Shutdown,
             _ = outbox.ready() => Wake::Drain,
             _ = sleep_until_opt(wake_at) => Wake::Drain,
             _ = ping.tick() => Wake::Ping,
@@ -383,6 +390,18 @@ async fn write_loop(
                 break Some(CloseCode::GoingAway);
             }
             Wake::Drain => {
+                let now = Instant::now();
+                if let Some(t) = next_flush.filter(|t| *t > now)
+                    && !outbox.urgent()
+                {
+                    // Within the flush interval of the last write: let more gather. Pushes
+                    // meanwhile don't wake us (the outbox told us once already).
+                    wake_at = Some(match wake_at {
+                        Some(w) if w > now => w.min(t),
+                        _ => t,
+                    });
+                    continue;
+                }
                 let drained = outbox.drain();
                 wake_at = drained.wake_at;
                 for (handle, from) in drained.resync {
@@ -392,6 +411,9 @@ async fn write_loop(
                 let wrote = if drained.frames.is_empty() {
                     Wrote::Ok
                 } else {
+                    if !cfg.flush_interval.is_zero() {
+                        next_flush = Some(now + cfg.flush_interval);
+                    }
                     bounded(stall, send_all(&mut sink, drained.frames)).await
                 };
                 if let (Wrote::Ok, Some(code)) = (&wrote, drained.close) {

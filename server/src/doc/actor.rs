@@ -22,6 +22,11 @@ use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 /// Replays larger than this are compared with the state diff, and the smaller one is sent.
 const LARGE_REPLAY: usize = 64 * 1024;
 
+/// Snapshots at least this big are integrated off the owner task, while joins that want the
+/// whole document are answered with the stored bytes (yrs takes about 70 ms per MB to decode
+/// and integrate a document; the bytes are already the answer).
+const ANSWER_WHILE_LOADING: usize = 256 * 1024;
+
 struct Sub {
     outbox: Arc<super::Outbox>,
     /// Awareness client ids this connection introduced; removed when it leaves.
@@ -55,6 +60,10 @@ pub(crate) struct Owner {
     /// that id's state (y-protocols has no ownership; without this any client could move or
     /// erase another's cursor).
     awareness_owner: HashMap<ClientID, u64>,
+    /// The whole document encoded at a position (a snapshot just loaded or saved, or a full
+    /// state sent to a joining client), reused while the document stays at that position:
+    /// joins of a large idle document don't each re-encode it.
+    full_state: std::cell::RefCell<Option<(Position, Bytes)>>,
 }
 
 /// Awareness client ids one connection may introduce per document. A Yjs client uses one
@@ -91,6 +100,7 @@ impl Owner {
             waiters: Vec::new(),
             remote_awareness: HashMap::new(),
             awareness_owner: HashMap::new(),
+            full_state: std::cell::RefCell::new(None),
         }
     }
 
@@ -103,7 +113,7 @@ impl Owner {
         mut commands: mpsc::Receiver<Command>,
         mut entries: mpsc::Receiver<(u64, Vec<Entry>)>,
     ) {
-        if let Err(e) = self.load().await {
+        if let Err(e) = self.load(&mut commands).await {
             tracing::error!(doc = %self.doc, error = %e, "document could not be loaded");
             self.unregister();
             commands.close();
@@ -156,7 +166,7 @@ impl Owner {
         }
     }
 
-    async fn load(&mut self) -> Result<(), String> {
+    async fn load(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<(), String> {
         let head = self
             .shared
             .backplane
@@ -170,35 +180,167 @@ impl Owner {
             .await
             .map_err(|e| e.to_string())?;
         self.epoch = head.epoch;
-        if let Some(s) = &snapshot {
-            self.handle
-                .inner
-                .approx_size
-                .store(s.state.len(), Ordering::Relaxed);
-            let update = Update::decode_v1(&s.state)
-                .map_err(|e| format!("snapshot does not decode: {e}"))?;
-            self.awareness
-                .doc()
-                .transact_mut()
-                .apply_update(update)
-                .map_err(|e| format!("snapshot does not apply: {e}"))?;
-            if s.position.epoch == head.epoch {
-                self.applied = s.position.id;
-                self.snapshot = Some(s.position);
-            }
-        }
-        let (head, entries) = self
+        let (log, entries) = self
             .shared
             .backplane
             .read_after(&self.doc, StreamId::ZERO)
             .await
             .map_err(|e| e.to_string())?;
-        self.recent_floor = head.floor;
+        if let Some(s) = snapshot {
+            self.handle
+                .inner
+                .approx_size
+                .store(s.state.len(), Ordering::Relaxed);
+            let current = s.position.epoch == head.epoch;
+            if current {
+                self.applied = s.position.id;
+                self.snapshot = Some(s.position);
+            }
+            // The snapshot is the whole document when the log holds nothing after it.
+            let whole = current && entries.iter().all(|e| e.id <= s.position.id);
+            if whole && s.state.len() >= ANSWER_WHILE_LOADING {
+                self.integrate_answering(s.state.clone(), commands).await?;
+                *self.full_state.borrow_mut() = Some((s.position, s.state));
+            } else {
+                let update = Update::decode_v1(&s.state)
+                    .map_err(|e| format!("snapshot does not decode: {e}"))?;
+                self.awareness
+                    .doc()
+                    .transact_mut()
+                    .apply_update(update)
+                    .map_err(|e| format!("snapshot does not apply: {e}"))?;
+            }
+        }
+        self.recent_floor = log.floor;
         self.ingest(entries);
         let sv = self.awareness.doc().transact().state_vector();
         self.handle
             .publish_known(sv.iter().map(|(c, k)| (*c, *k)), true);
         Ok(())
+    }
+
+    /// Integrates a large snapshot on a blocking thread and, meanwhile, answers joins that
+    /// want the whole document with the snapshot's own bytes: a cold load costs the client a
+    /// file read and a send, not the integration. Each connection's commands stay in order:
+    /// from its first one that needs the integrated document on, its later ones wait too.
+    async fn integrate_answering(
+        &mut self,
+        state: Bytes,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), String> {
+        let doc = self.awareness.doc().clone();
+        let bytes = state.clone();
+        let integrate = self.shared.tracker.spawn_blocking(move || {
+            let update =
+                Update::decode_v1(&bytes).map_err(|e| format!("snapshot does not decode: {e}"))?;
+            doc.transact_mut()
+                .apply_update(update)
+                .map_err(|e| format!("snapshot does not apply: {e}"))
+        });
+        tokio::pin!(integrate);
+        let position = self.position();
+        let mut waiting: Vec<Command> = Vec::new();
+        let mut blocked: HashSet<u64> = HashSet::new();
+        // y-websocket joins answered early still owe their sync step 1 (our state vector).
+        let mut step1_owed: Vec<u64> = Vec::new();
+        let integrated = loop {
+            tokio::select! {
+                done = &mut integrate => break done,
+                Some(cmd) = commands.recv() => {
+                    let conn = cmd.conn();
+                    if conn.is_some_and(|c| blocked.contains(&c)) {
+                        waiting.push(cmd);
+                        continue;
+                    }
+                    if let Some(cmd) = self.answer_from_state(cmd, &state, position, &mut step1_owed) {
+                        blocked.extend(conn);
+                        waiting.push(cmd);
+                    }
+                }
+            }
+        };
+        let integrated = integrated
+            .map_err(|e| format!("snapshot integration failed: {e}"))
+            .and_then(|r| r);
+        if let Err(e) = integrated {
+            // Joins answered from the bytes are told to go elsewhere and come back.
+            for sub in self.subs.values() {
+                sub.outbox
+                    .request_close(chorus_protocol::CloseCode::InternalError);
+            }
+            for cmd in waiting {
+                refuse(cmd, DocError::Unavailable);
+            }
+            return Err(e);
+        }
+        for conn in step1_owed {
+            if let Some(sub) = self.subs.get(&conn) {
+                let sv = self.awareness.doc().transact().state_vector();
+                let frame = Bytes::from(yjs::sync_step1_message(&sv));
+                sub.outbox.push_frame(&self.doc, frame);
+            }
+        }
+        for cmd in waiting {
+            self.handle_command(cmd).await;
+        }
+        Ok(())
+    }
+
+    /// While a snapshot integrates: answers `cmd` from the snapshot's bytes if it only needs
+    /// the whole document; gives it back otherwise.
+    fn answer_from_state(
+        &mut self,
+        cmd: Command,
+        state: &Bytes,
+        position: Position,
+        step1_owed: &mut Vec<u64>,
+    ) -> Option<Command> {
+        let answered = || {
+            metrics::counter!(crate::metrics::names::ANSWERED_WHILE_LOADING).increment(1);
+        };
+        match cmd {
+            Command::Subscribe { sub, from, reply }
+                if from.position.is_none()
+                    && from.state_vector.as_ref().is_none_or(|sv| sv.is_empty()) =>
+            {
+                let _ = reply.send(Ok(()));
+                let conn = sub.conn;
+                let proto = sub.outbox.proto;
+                self.add_sub(sub);
+                let outbox = &self.subs[&conn].outbox;
+                match proto {
+                    Proto::Native => {
+                        answered();
+                        outbox.push_synced(
+                            &self.doc,
+                            Bytes::from(encode::synced(self.doc.as_str(), state, position, false)),
+                            position,
+                        )
+                    }
+                    // A y-websocket client asks with its own step 1; ours follows once we have
+                    // a state vector.
+                    Proto::Yjs => step1_owed.push(conn),
+                }
+                self.send_awareness_snapshot(conn);
+                None
+            }
+            Command::SyncStep1 { conn, state_vector }
+                if state_vector.is_empty() && self.subs.contains_key(&conn) =>
+            {
+                answered();
+                let frame = Bytes::from(yjs::sync_step2_message(state));
+                self.subs[&conn]
+                    .outbox
+                    .push_synced(&self.doc, frame, position);
+                None
+            }
+            Command::State { reply } => {
+                answered();
+                let _ = reply.send((state.to_vec(), position));
+                None
+            }
+            other => Some(other),
+        }
     }
 
     /// Applies entries newer than `applied` and remembers them for replay. Returns the ones
@@ -271,6 +413,10 @@ impl Owner {
                 None
             }
         };
+        if !fresh.is_empty() {
+            // The document moved on; don't hold a stale copy of it.
+            *self.full_state.get_mut() = None;
+        }
         match pending {
             Some(sv) => self
                 .handle
@@ -455,6 +601,13 @@ impl Owner {
 
     fn subscribe(&mut self, sub: Subscriber, from: SyncFrom) {
         let conn = sub.conn;
+        self.add_sub(sub);
+        self.send_sync(conn, &from);
+        self.send_awareness_snapshot(conn);
+    }
+
+    fn add_sub(&mut self, sub: Subscriber) {
+        let conn = sub.conn;
         sub.outbox.attach(&self.doc, self.handle.clone());
         match sub.outbox.proto {
             Proto::Native => self.native_subs += 1,
@@ -473,8 +626,6 @@ impl Owner {
                 Proto::Yjs => self.yjs_subs -= 1,
             }
         }
-        self.send_sync(conn, &from);
-        self.send_awareness_snapshot(conn);
     }
 
     /// Brings one subscriber up to the current position: exact replay when its position is
@@ -537,11 +688,31 @@ impl Owner {
     }
 
     fn encode_diff(&self, sv: &StateVector) -> Vec<u8> {
+        if sv.is_empty() {
+            return self.encode_whole().to_vec();
+        }
+        self.encode_against(sv)
+    }
+
+    fn encode_against(&self, sv: &StateVector) -> Vec<u8> {
         let txn = self.awareness.doc().transact();
         catch_unwind(AssertUnwindSafe(|| txn.encode_state_as_update_v1(sv))).unwrap_or_else(|_| {
             tracing::error!(doc = %self.doc, "document failed to encode");
             Update::EMPTY_V1.to_vec()
         })
+    }
+
+    /// The whole document, from the cache when it is still at the current position.
+    fn encode_whole(&self) -> Bytes {
+        let position = self.position();
+        if let Some((at, state)) = &*self.full_state.borrow()
+            && *at == position
+        {
+            return state.clone();
+        }
+        let state = Bytes::from(self.encode_against(&StateVector::default()));
+        *self.full_state.borrow_mut() = Some((position, state.clone()));
+        state
     }
 
     fn send_awareness_snapshot(&self, conn: u64) {
@@ -769,15 +940,12 @@ impl Owner {
         {
             return true;
         }
-        let state = self.encode_diff(&StateVector::default());
+        let state = self.encode_whole();
         self.handle
             .inner
             .approx_size
             .store(state.len(), Ordering::Relaxed);
-        let snapshot = Snapshot {
-            position,
-            state: Bytes::from(state),
-        };
+        let snapshot = Snapshot { position, state };
         match self.shared.store.save(&self.doc, snapshot).await {
             Ok(_) => {
                 self.snapshot = Some(position);

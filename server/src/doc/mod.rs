@@ -103,6 +103,24 @@ pub(crate) enum Command {
     },
 }
 
+impl Command {
+    /// The connection a command is about, if any.
+    pub(crate) fn conn(&self) -> Option<ConnId> {
+        match self {
+            Command::Subscribe { sub, .. } => Some(sub.conn),
+            Command::Unsubscribe { conn }
+            | Command::Awareness { conn, .. }
+            | Command::SyncStep1 { conn, .. }
+            | Command::QueryAwareness { conn }
+            | Command::Resync { conn, .. } => Some(*conn),
+            Command::State { .. }
+            | Command::WaitApplied { .. }
+            | Command::RemoteAwareness { .. }
+            | Command::NodeGone { .. } => None,
+        }
+    }
+}
+
 /// Whether an update may be appended (see [`DocHandle::wait_ready`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {

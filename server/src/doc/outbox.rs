@@ -90,6 +90,9 @@ struct State {
     control: VecDeque<Bytes>,
     close: Option<CloseCode>,
     closed: bool,
+    /// Something was pushed since the writer last drained and the writer was told. Later
+    /// pushes don't notify again: one wake per drain, however many updates arrive meanwhile.
+    told: bool,
 }
 
 /// What a drain produced, in send order.
@@ -135,6 +138,10 @@ pub struct Outbox {
     notify: Notify,
 }
 
+/// Pending updates for one document from which a drain merges them into one (a connection
+/// that fell behind); fewer go out as the shared frames.
+pub const MERGE_FROM: usize = 8;
+
 /// Most error frames queued for one connection; a client producing more than this before
 /// reading any is misbehaving and gets closed.
 const MAX_CONTROL: usize = 64;
@@ -158,6 +165,13 @@ impl Outbox {
     /// Waits until there is something to drain.
     pub async fn ready(&self) {
         self.notify.notified().await
+    }
+
+    /// A close or an error frame is waiting: the writer sends it without holding for the
+    /// flush interval.
+    pub fn urgent(&self) -> bool {
+        let s = self.lock();
+        s.close.is_some() || !s.control.is_empty()
     }
 
     /// Bytes waiting right now (for stats and tests).
@@ -236,8 +250,11 @@ impl Outbox {
         if *bytes > self.limits.budget {
             self.shed(&mut s);
         }
+        let tell = !std::mem::replace(&mut s.told, true);
         drop(s);
-        self.notify.notify_one();
+        if tell {
+            self.notify.notify_one();
+        }
     }
 
     /// Over budget: drop every pending update and owe each document a catch-up instead.
@@ -334,8 +351,11 @@ impl Outbox {
             *bytes = bytes.saturating_sub(freed) + frame.len() + merged.len();
             q.awareness = vec![(frame, Bytes::from(merged))];
         }
+        let tell = !std::mem::replace(&mut s.told, true);
         drop(s);
-        self.notify.notify_one();
+        if tell {
+            self.notify.notify_one();
+        }
     }
 
     /// Takes everything waiting, merging per document. Merging runs here, in the connection's
@@ -347,6 +367,7 @@ impl Outbox {
         let now = Instant::now();
         let (control, close) = {
             let mut s = self.lock();
+            s.told = false;
             let ready = std::mem::take(&mut s.ready);
             let mut freed = 0;
             let mut deferred = Vec::new();
@@ -471,7 +492,10 @@ impl Outbox {
         }
         match updates.len() {
             0 => {}
-            1 => out.extend(updates.drain(..).map(|(f, _, _)| f)),
+            // A connection that keeps up (a few updates held by the flush interval) gets the
+            // frames built once for everyone: merging per recipient would redo the same work
+            // for each of them.
+            n if n < MERGE_FROM => out.extend(updates.drain(..).map(|(f, _, _)| f)),
             _ => {
                 let position = updates.last().map(|u| u.2);
                 let merged = yrs::merge_updates_v1(updates.iter().map(|(_, u, _)| u.as_ref()));
