@@ -121,7 +121,7 @@ pub fn render(ctx: &crate::connection::ConnContext) -> String {
     use std::fmt::Write;
     let (total, largest) = ctx.outbox_bytes();
     let s = &ctx.stats;
-    let state: [(&str, &str, &str, u64); 11] = [
+    let state: [(&str, &str, &str, u64); 13] = [
         (
             CONNECTIONS,
             "gauge",
@@ -157,6 +157,18 @@ pub fn render(ctx: &crate::connection::ConnContext) -> String {
             "counter",
             "Updates that went out inside merged frames",
             s.merged_updates.load(Ordering::Relaxed),
+        ),
+        (
+            "chorus_outbox_writes_total",
+            "counter",
+            "Socket writes that carried drained outbox frames",
+            s.writes.load(Ordering::Relaxed),
+        ),
+        (
+            "chorus_outbox_frames_written_total",
+            "counter",
+            "Frames carried by those writes (several per write when they share one)",
+            s.frames_written.load(Ordering::Relaxed),
         ),
         (
             OUTBOX_SHEDS,

@@ -444,3 +444,50 @@ async fn connection_rate_is_limited_with_429_and_retry_after() {
         ),
     }
 }
+
+/// `--flush-interval`: what arrives within the interval after a write waits for the next
+/// one, which carries it all; nothing is held back once the interval has passed.
+#[tokio::test]
+async fn with_a_flush_interval_updates_share_writes_and_none_is_held_back() {
+    const INTERVAL: Duration = Duration::from_millis(50);
+    let server = TestServer::start(|c| c.flush_interval = INTERVAL).await;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut r = NativeClient::connect(&server.ws_url()).await;
+        r.subscribe_synced("flush").await;
+        readers.push(r);
+    }
+    let mut w = NativeClient::connect(&server.ws_url()).await;
+    w.subscribe_synced("flush").await;
+    let before = stats(server.addr).await;
+    let started = std::time::Instant::now();
+    // Typing pace: one insert every 5 ms, each its own log entry and fan-out.
+    let mut pace = tokio::time::interval(Duration::from_millis(5));
+    let mut last = 0;
+    for i in 0..100u32 {
+        pace.tick().await;
+        last = w.insert("flush", i, "x").await;
+    }
+    w.wait_acked(last).await;
+    let expected = "x".repeat(100);
+    for r in &mut readers {
+        r.wait_text("flush", &expected).await;
+    }
+    let after = stats(server.addr).await;
+    let elapsed = started.elapsed();
+    let delta = |k: &str| {
+        after["outbox"][k].as_u64().expect("counter")
+            - before["outbox"][k].as_u64().expect("counter")
+    };
+    let (writes, frames) = (delta("writes"), delta("frames_written"));
+    assert!(writes > 0, "writes are counted");
+    // Each of the 4 connections (3 readers, the writer getting its acks) writes at most once
+    // per interval, plus the write that starts the first interval. (Without the interval
+    // each insert is its own write on every connection: about 400.)
+    let windows = (elapsed.as_millis() / INTERVAL.as_millis()) as u64 + 1;
+    assert!(
+        writes <= 4 * windows,
+        "{writes} writes in {elapsed:?} ({frames} frames): more than one per connection per interval"
+    );
+    server.stop().await;
+}

@@ -17,7 +17,7 @@ use crate::limits::{ConnectionSlot, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use chorus_protocol::CloseCode;
-use futures_util::stream::{FuturesUnordered, SplitSink};
+use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -206,12 +206,29 @@ pub const MAX_INFLIGHT: usize = 256;
 
 /// Runs a connection to the end: spawns its writer, reads until either side is done, then
 /// releases everything it held.
-pub async fn run<S: Session>(
+///
+/// An idle connection's memory is mostly its two task futures, so they are kept small: the
+/// socket is split and the session boxed before the async body starts (a future keeps room
+/// for its arguments for its whole life, beside the locals they are moved into), and awaits
+/// that only run now and then (handling a frame, writing, a resync) are boxed while they run.
+pub fn run<S: Session>(
     socket: WebSocket,
     ctx: Arc<ConnContext>,
     slot: ConnectionSlot,
     outbox: Arc<Outbox>,
-    mut session: S,
+    session: S,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    run_split(sink, stream, ctx, slot, outbox, Box::new(session))
+}
+
+async fn run_split<S: Session>(
+    sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    ctx: Arc<ConnContext>,
+    slot: ConnectionSlot,
+    outbox: Arc<Outbox>,
+    mut session: Box<S>,
 ) {
     let conn = outbox.conn;
     let rate = ctx.config.max_messages_per_second;
@@ -219,7 +236,6 @@ pub async fn run<S: Session>(
     let done = CancellationToken::new();
     let last_seen = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let (sink, mut stream) = socket.split();
 
     let writer = ctx.tracker.spawn(write_loop(
         sink,
@@ -265,14 +281,14 @@ pub async fn run<S: Session>(
                         metrics::counter!(crate::metrics::names::BYTES_IN)
                             .increment(bytes.len() as u64);
                         let step = if messages.try_take() {
-                            session.on_binary(bytes).await
+                            Box::pin(session.on_binary(bytes)).await
                         } else {
                             match session.on_rate_limited() {
                                 Some(step) => step,
                                 None => {
                                     tokio::time::sleep(messages.wait_time()).await;
                                     let _ = messages.try_take();
-                                    session.on_binary(bytes).await
+                                    Box::pin(session.on_binary(bytes)).await
                                 }
                             }
                         };
@@ -382,10 +398,10 @@ async fn write_loop(
             Wake::Shutdown => {
                 // Drain: flush what is already waiting (bounded), then say "going away".
                 let drained = outbox.drain();
-                let _ = tokio::time::timeout(
+                let _ = Box::pin(tokio::time::timeout(
                     Duration::from_secs(2),
                     send_all(&mut sink, drained.frames),
-                )
+                ))
                 .await;
                 break Some(CloseCode::GoingAway);
             }
@@ -406,7 +422,7 @@ async fn write_loop(
                 wake_at = drained.wake_at;
                 for (handle, from) in drained.resync {
                     metrics::counter!(crate::metrics::names::RESYNCS).increment(1);
-                    handle.resync(outbox.conn, from).await;
+                    Box::pin(handle.resync(outbox.conn, from)).await;
                 }
                 let wrote = if drained.frames.is_empty() {
                     Wrote::Ok
@@ -414,7 +430,11 @@ async fn write_loop(
                     if !cfg.flush_interval.is_zero() {
                         next_flush = Some(now + cfg.flush_interval);
                     }
-                    bounded(stall, send_all(&mut sink, drained.frames)).await
+                    ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats
+                        .frames_written
+                        .fetch_add(drained.frames.len() as u64, Ordering::Relaxed);
+                    Box::pin(bounded(stall, send_all(&mut sink, drained.frames))).await
                 };
                 if let (Wrote::Ok, Some(code)) = (&wrote, drained.close) {
                     break Some(code);
@@ -430,16 +450,16 @@ async fn write_loop(
                     );
                     break Some(CloseCode::HeartbeatTimeout);
                 }
-                bounded(stall, sink.send(Message::Ping(Bytes::new()))).await
+                Box::pin(bounded(stall, sink.send(Message::Ping(Bytes::new())))).await
             }
             Wake::Keepalive => {
                 if last_write.elapsed() < YJS_KEEPALIVE_EVERY {
                     continue;
                 }
-                bounded(
+                Box::pin(bounded(
                     stall,
                     sink.send(Message::Binary(Bytes::from_static(YJS_KEEPALIVE))),
-                )
+                ))
                 .await
             }
         };
@@ -455,7 +475,7 @@ async fn write_loop(
                     "peer stopped reading; closing as too slow"
                 );
                 ctx.stats.stalled.fetch_add(1, Ordering::Relaxed);
-                let flushed = tokio::time::timeout(stall, sink.flush()).await;
+                let flushed = Box::pin(tokio::time::timeout(stall, sink.flush())).await;
                 ctx.stats.stalled.fetch_sub(1, Ordering::Relaxed);
                 ctx.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
                 match flushed {
@@ -472,13 +492,13 @@ async fn write_loop(
             code: code.code(),
             reason: code.reason().into(),
         };
-        let _ = tokio::time::timeout(
+        let _ = Box::pin(tokio::time::timeout(
             Duration::from_secs(1),
             sink.send(Message::Close(Some(frame))),
-        )
+        ))
         .await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), sink.close())).await;
     done.cancel();
 }
 

@@ -108,12 +108,25 @@ impl Owner {
         Position::new(self.epoch, self.applied)
     }
 
-    pub(crate) async fn run(
-        mut self,
+    /// The owner task. The owner lives in a box beside a small future: a future keeps room
+    /// for a by-value `self` for its whole life next to where the body moves it, and a
+    /// document is held for as long as it is hot.
+    pub(crate) fn run(
+        self,
+        commands: mpsc::Receiver<Command>,
+        entries: mpsc::Receiver<(u64, Vec<Entry>)>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let mut owner = Box::new(self);
+        async move { owner.serve(commands, entries).await }
+    }
+
+    async fn serve(
+        &mut self,
         mut commands: mpsc::Receiver<Command>,
         mut entries: mpsc::Receiver<(u64, Vec<Entry>)>,
     ) {
-        if let Err(e) = self.load(&mut commands).await {
+        // Boxed: it runs once, and its state would otherwise take room for the owner's life.
+        if let Err(e) = Box::pin(self.load(&mut commands)).await {
             tracing::error!(doc = %self.doc, error = %e, "document could not be loaded");
             self.unregister();
             commands.close();

@@ -83,7 +83,9 @@ enum Resync {
 
 #[derive(Default)]
 struct State {
-    docs: HashMap<DocId, DocQueue>,
+    /// Boxed: a map allocates room for several entries at once, and most connections hold
+    /// one document (this is per idle connection memory).
+    docs: HashMap<DocId, Box<DocQueue>>,
     /// Documents with something pending, in the order they first had it.
     ready: VecDeque<DocId>,
     bytes: usize,
@@ -127,6 +129,10 @@ pub struct OutboxStats {
     pub stalled: AtomicU64,
     /// Connections closed (or dropped) for not reading.
     pub slow_closes: AtomicU64,
+    /// Socket writes (flushes) that carried drained frames.
+    pub writes: AtomicU64,
+    /// Frames those writes carried (frames / writes > 1: several went out in one write).
+    pub frames_written: AtomicU64,
 }
 
 pub struct Outbox {
