@@ -204,10 +204,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Socket buffer sizes. tungstenite reads into a 128 KiB buffer per connection by default and
 /// zero-fills it, so the whole buffer is resident: at 10k connections over a gigabyte of idle
-/// memory. 2 KiB holds a keystroke update or a cursor move in one read (those are tens to a few
-/// hundred bytes); larger messages still arrive, in more reads (the buffer grows to fit).
-/// Measured with 5,000 idle y-websocket clients: 16.9 KB per connection with 8 KiB, 10.8 KB
-/// with 2 KiB.
+/// memory. 1 KiB holds a keystroke update or a cursor move in one read (those are tens to a few
+/// hundred bytes); larger messages still arrive, 1 KiB per read (the buffer grows to hold
+/// the message). Measured with 5,000 idle y-websocket clients (with the task-size work in
+/// `connection::run`): 8 KiB buffers 9.1 KB per connection, 1 KiB 8.1 KB.
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
 
