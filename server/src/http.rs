@@ -207,7 +207,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// memory. 1 KiB holds a keystroke update or a cursor move in one read (those are tens to a few
 /// hundred bytes); larger messages still arrive, 1 KiB per read (the buffer grows to hold
 /// the message). Measured with 5,000 idle y-websocket clients (with the task-size work in
-/// `connection::run`): 8 KiB buffers 9.1 KB per connection, 1 KiB 8.1 KB.
+/// `connection::run`): 2 KiB buffers 9.1 KB per connection, 1 KiB 8.1 KB (8 KiB and no task
+/// work: 16.9 KB).
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
 
