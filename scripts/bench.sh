@@ -9,6 +9,8 @@
 # npm `@y/websocket-server@0.1.1`, `@hocuspocus/server@3.4.4` (the newest that installs on
 # Node 20), and `cargo install y-sweet --version 0.9.1 --locked`.
 # The server under test is pinned to CPU 0, the load generator (and Redis) to CPU 1.
+# Servers: chorus (/y), chorus-native (/v1/ws), chorus-redis (/y on a Redis backplane),
+# chorus-flush30 (/y with --flush-interval 30ms), ywebsocket, hocuspocus, ysweet.
 # Knobs (environment): REPS, SCENARIOS (fanout s1 s2 s3 s4 s5), SERVERS, S1_DOCS, S1_STEPS,
 # S2_CONNECTIONS, S3_OPS, MEASURE, WARMUP.
 set -euo pipefail
@@ -86,16 +88,18 @@ start() {
       sleep 0.3
       RUST_LOG=warn CHORUS_REDIS_URL=redis://127.0.0.1:$REDIS_PORT CHORUS_MAX_CONNECTIONS=20000 \
         CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_CONNECTIONS_PER_IP=0 CHORUS_MAX_MESSAGES_PER_SECOND=1000000 \
-        CHORUS_MAX_MESSAGE_BYTES=67108864 CHORUS_MAX_UPDATE_BYTES=33554432 \
+        CHORUS_MAX_MESSAGE_BYTES=67108864 CHORUS_MAX_UPDATE_BYTES=67108864 \
         taskset -c "$SERVER_CPU" "$CHORUS" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
         >"$RUN/$name.log" 2>&1 &
       SERVER_PID=$!
       PROTO=yws URL=ws://127.0.0.1:$PORT/y
       ;;
     chorus*)
-      RUST_LOG=warn CHORUS_MAX_CONNECTIONS=20000 CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_CONNECTIONS_PER_IP=0 \
+      # chorus-flush30: the same node trading up to 30 ms of latency for fewer writes.
+      FLUSH=0ms; [ "$name" = chorus-flush30 ] && FLUSH=30ms
+      CHORUS_FLUSH_INTERVAL=$FLUSH RUST_LOG=warn CHORUS_MAX_CONNECTIONS=20000 CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_CONNECTIONS_PER_IP=0 \
         CHORUS_MAX_MESSAGES_PER_SECOND=1000000 CHORUS_MAX_MESSAGE_BYTES=67108864 \
-        CHORUS_MAX_UPDATE_BYTES=33554432 \
+        CHORUS_MAX_UPDATE_BYTES=67108864 \
         taskset -c "$SERVER_CPU" "$CHORUS" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
         >"$RUN/$name.log" 2>&1 &
       SERVER_PID=$!

@@ -17,6 +17,7 @@ NAMES = {
     "chorus": "Chorus (/y, y-websocket protocol)",
     "chorus-native": "Chorus (/v1/ws, native)",
     "chorus-redis": "Chorus (/y, Redis backplane)",
+    "chorus-flush30": "Chorus (/y, --flush-interval 30ms)",
     "ywebsocket": "y-websocket server",
     "hocuspocus": "Hocuspocus",
     "ysweet": "y-sweet",

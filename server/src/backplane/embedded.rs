@@ -291,6 +291,20 @@ fn decode_value(v: &[u8]) -> BackplaneResult<(Option<Origin>, Bytes)> {
     Ok((origin, Bytes::copy_from_slice(&v[ORIGIN_HEADER..])))
 }
 
+/// How long a commit waits for more appends when the log is busy.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+/// The log counts as busy when the previous commit ended less than this ago.
+const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(5);
+
+fn take_waiting(rx: &mut mpsc::Receiver<WriteOp>, group: &mut Vec<WriteOp>) {
+    while group.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(op) => group.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
 struct Writer {
     db: Arc<Database>,
     sink: Arc<OnceLock<Weak<dyn EntrySink>>>,
@@ -305,16 +319,20 @@ enum Done {
 
 impl Writer {
     fn run(self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut last_commit: Option<std::time::Instant> = None;
         while let Some(first) = rx.blocking_recv() {
             let mut group = Vec::with_capacity(64);
             group.push(first);
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(op) => group.push(op),
-                    Err(_) => break,
-                }
+            take_waiting(&mut rx, &mut group);
+            // Under sustained load (the last commit just ended), wait a moment for more
+            // appends so that one commit and one fsync cover them all. A lone writer (the
+            // log was quiet) commits at once.
+            if group.len() < MAX_GROUP && last_commit.is_some_and(|t| t.elapsed() < BUSY_WITHIN) {
+                std::thread::sleep(COMMIT_DELAY);
+                take_waiting(&mut rx, &mut group);
             }
             self.commit_group(group);
+            last_commit = Some(std::time::Instant::now());
         }
     }
 
