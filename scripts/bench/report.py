@@ -146,7 +146,8 @@ def main():
     ])
     for doc, title in (("b4", "S3 cold load of the trace's document"),
                        ("big", "S3 cold load of the 10× document (3.3 MB)"),
-                       ("big50", "S3 cold load of the 50× document (18.3 MB, 5.5M characters)")):
+                       ("big50", "S3 cold load of the 50× document (18.3 MB, 5.5M characters)"),
+                       ("big100", "S3 cold load of the 100× document (37.2 MB, 11.0M characters)")):
         key = f"load:{doc}"
         for s in servers:
             merged = [r for (sc, sv), v in by.items() if sv == s and sc and sc.startswith(key + "r") for r in v]

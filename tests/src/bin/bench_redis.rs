@@ -221,6 +221,10 @@ async fn main() {
     let tune = |c: &mut chorus_server::Config| {
         c.redis_url = vec![redis.url()];
         c.snapshot_dir = Some(snaps.path().to_path_buf());
+        // The latency run sends as fast as acks come back (well over the default 500 messages
+        // per second per connection once a round trip is under 2 ms); a refused update would
+        // never reach the observers.
+        c.max_messages_per_second = 1_000_000;
     };
     let a = TestServer::start(tune).await;
     let b = TestServer::start(tune).await;
