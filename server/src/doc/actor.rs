@@ -243,9 +243,14 @@ impl Owner {
     ) -> Result<(), String> {
         let doc = self.awareness.doc().clone();
         let bytes = state.clone();
+        let handle = self.handle.clone();
         let integrate = self.shared.tracker.spawn_blocking(move || {
             let update =
                 Update::decode_v1(&bytes).map_err(|e| format!("snapshot does not decode: {e}"))?;
+            // Clients answered early may write at once; what they build on is the snapshot,
+            // and their appends apply after it, so the write path may count it as known now
+            // (a snapshot starts every client at clock 0, where yrs's state vector is exact).
+            handle.publish_known(update.state_vector().iter().map(|(c, k)| (*c, *k)), true);
             doc.transact_mut()
                 .apply_update(update)
                 .map_err(|e| format!("snapshot does not apply: {e}"))
@@ -286,11 +291,13 @@ impl Owner {
             }
             return Err(e);
         }
-        for conn in step1_owed {
-            if let Some(sub) = self.subs.get(&conn) {
-                let sv = self.awareness.doc().transact().state_vector();
-                let frame = Bytes::from(yjs::sync_step1_message(&sv));
-                sub.outbox.push_frame(&self.doc, frame);
+        if !step1_owed.is_empty() {
+            let sv = self.awareness.doc().transact().state_vector();
+            let frame = Bytes::from(yjs::sync_step1_message(&sv));
+            for conn in step1_owed {
+                if let Some(sub) = self.subs.get(&conn) {
+                    sub.outbox.push_frame(&self.doc, frame.clone());
+                }
             }
         }
         for cmd in waiting {

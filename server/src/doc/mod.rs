@@ -121,6 +121,10 @@ impl Command {
     }
 }
 
+/// Longest an update waits for its document to finish loading before its dependencies are
+/// judged (a very large snapshot can take seconds to integrate).
+const LOAD_WAIT: Duration = Duration::from_secs(30);
+
 /// Whether an update may be appended (see [`DocHandle::wait_ready`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
@@ -197,12 +201,19 @@ impl DocHandle {
                 None
             }
         };
+        let mut changed = self.inner.known_version.subscribe();
+        if *changed.borrow_and_update() == 0 {
+            // The document is still loading: nothing it holds is known yet, so nothing can be
+            // judged missing. Wait for the owner's first publish (a large snapshot publishes
+            // as soon as it is decoded), bounded in case the load never finishes.
+            let loading = wait.max(LOAD_WAIT);
+            let _ = tokio::time::timeout(loading, changed.changed()).await;
+        }
         match met() {
             Some(answer) => return answer,
             None if wait.is_zero() => return Readiness::Missing,
             None => {}
         }
-        let mut changed = self.inner.known_version.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if let Some(answer) = met() {
