@@ -489,16 +489,7 @@ fn account(
 
 /// Waits for the initial sync, answering the protocol on the way.
 async fn until_synced(target: &Target, ws: &mut Ws, doc: &str) -> anyhow::Result<usize> {
-    let mut scratch = Vec::new();
-    loop {
-        let msg = ws.next().await.context("closed before sync")??;
-        let Message::Binary(b) = msg else { continue };
-        let got = target.parse(&b, &mut scratch);
-        target.answer(ws, doc, &got).await?;
-        if let Got::Synced(u) = got {
-            return Ok(u.len());
-        }
-    }
+    Ok(synced_state(target, ws, doc).await?.len())
 }
 
 /// Like [`until_synced`], returning the state the sync brought.
