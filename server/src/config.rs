@@ -32,7 +32,7 @@ pub struct Config {
     #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Directory for the embedded log (`log.redb`) and snapshots (`snapshots/`).
+    /// Directory for the embedded log (`log.redb` and its write-ahead segments) and snapshots (`snapshots/`).
     #[arg(long, env = "CHORUS_DATA_DIR", default_value = "./chorus-data")]
     pub data_dir: PathBuf,
 

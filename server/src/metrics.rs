@@ -37,6 +37,8 @@ pub mod names {
     pub const CLOSES: &str = "chorus_closes_total";
     pub const STREAM_READ_LAG_SECONDS: &str = "chorus_stream_read_lag_seconds";
     pub const REDIS_ERRORS: &str = "chorus_redis_errors_total";
+    pub const LOG_CHECKPOINTS: &str = "chorus_log_checkpoints_total";
+    pub const LOG_CHECKPOINT_SECONDS: &str = "chorus_log_checkpoint_seconds";
 }
 
 /// Latency buckets (seconds): 50 µs to 5 s, dense where a healthy node lives.
@@ -105,6 +107,14 @@ fn describe() {
         "Age of the newest entry of each batch read from the log when it reached the node"
     );
     metrics::describe_counter!(REDIS_ERRORS, "Failed Redis commands, by operation");
+    metrics::describe_counter!(
+        LOG_CHECKPOINTS,
+        "Embedded log: write-ahead segments moved into redb, by outcome"
+    );
+    metrics::describe_histogram!(
+        LOG_CHECKPOINT_SECONDS,
+        "Embedded log: time one checkpoint of write-ahead segments into redb took"
+    );
 }
 
 /// Records a histogram sample in seconds.

@@ -1,18 +1,20 @@
-//! The embedded backplane: each document's log in one local redb file, fsynced before an ack.
+//! The embedded backplane: each document's log, acknowledged once its group is fsynced in a write-ahead file, kept in one local redb file.
 //!
-//! Why redb and not a hand-rolled append file: we need per-document range reads (replay after
-//! a position), range deletes (trim after a snapshot), a small metadata row per document
-//! (epoch, last id, trim floor) updated atomically with the entries, and crash safety — redb
-//! gives all four with copy-on-write pages and a checksummed commit, so `kill -9` (or power
-//! loss) at any point leaves either the old or the new state. Plain files would need our own
-//! index, compaction and torn-write recovery.
+//! Why redb and not only a hand-rolled append file: we need per-document range reads (replay
+//! after a position), range deletes (trim after a snapshot), a small metadata row per document
+//! (epoch, last id, trim floor) and crash safety — redb gives all four with copy-on-write pages
+//! and a checksummed commit. Plain files would need our own index and compaction.
 //!
-//! One writer thread owns all writes and commits in groups: it takes every append waiting at
-//! that moment (up to a bound), writes them in one transaction, fsyncs once, and only then
-//! answers the appenders and hands the entries to the sink. Under load the fsync cost is
-//! shared by the whole group, so throughput grows with concurrency instead of being capped at
-//! one update per fsync.
+//! Why a write-ahead file in front of it: a redb commit per group costs its B-tree page writes,
+//! checksums and an fsync of every page it touched — over half of a node's CPU per update when
+//! the log is not busy enough to group many. Here one writer thread takes every append waiting
+//! at that moment, writes them as records to the current segment with one `write` and one
+//! `fdatasync` (`wal.rs`), and only then answers the appenders and hands the entries to the
+//! sink. The entries wait in memory (`Pending`, where reads find them) until a checkpoint
+//! thread writes a whole segment's worth to redb in one transaction, about once a second, and
+//! deletes the segment. At open, segments left by a crash are replayed into redb first.
 
+use super::wal::{self, Record, Segment};
 use super::{
     Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, answer,
     new_epoch, next_id, now_ms,
@@ -22,9 +24,10 @@ use chorus_protocol::{DocId, Position, StreamId};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
@@ -32,14 +35,26 @@ use tokio_util::task::TaskTracker;
 const LOG: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("log");
 /// doc → (epoch, last ms, last seq, floor ms, floor seq).
 const META: TableDefinition<&str, (u64, u64, u64, u64, u64)> = TableDefinition::new("meta");
+/// "id" → the id every write-ahead segment of this database carries.
+const WAL_ID: TableDefinition<&str, u64> = TableDefinition::new("wal");
 
 /// Appends admitted but not yet written. Past this, `append` answers `Overloaded` at once
 /// rather than queueing without bound.
 const QUEUE_CAPACITY: usize = 16 * 1024;
-/// Most operations written in one transaction (one fsync).
+/// Most operations written in one group (one fsync).
 const MAX_GROUP: usize = 2048;
 
 const ORIGIN_HEADER: usize = 25;
+
+/// A segment is checkpointed into redb once it holds this much…
+const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// …or once its first record is this old.
+const CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
+/// Bytes of acknowledged entries waiting for redb past which the writer waits for a
+/// checkpoint, and refuses appends if redb still cannot take them.
+const MAX_PENDING_BYTES: usize = 256 << 20;
+/// What an entry costs in the pending set beyond its update bytes.
+const ENTRY_OVERHEAD: usize = 96;
 
 enum WriteOp {
     Open {
@@ -59,12 +74,114 @@ enum WriteOp {
     },
 }
 
+impl WriteOp {
+    fn doc(&self) -> &DocId {
+        match self {
+            WriteOp::Open { doc, .. } | WriteOp::Append { doc, .. } | WriteOp::Trim { doc, .. } => {
+                doc
+            }
+        }
+    }
+}
+
+/// Acknowledged changes that redb does not hold yet, by document.
+#[derive(Default)]
+struct Pending {
+    docs: HashMap<DocId, PendingDoc>,
+    /// Update bytes (plus overhead) of every entry in `docs`.
+    bytes: usize,
+}
+
+struct PendingDoc {
+    /// The document's head as its newest change left it: authoritative over redb's row.
+    head: LogHead,
+    /// The segment that holds the newest change to `head`.
+    head_seg: u64,
+    /// Oldest first, each with the segment that holds it.
+    entries: VecDeque<(u64, Entry)>,
+    /// Trims redb has not applied yet, with their segments.
+    trims: Vec<(u64, StreamId)>,
+}
+
+/// What the writer, the checkpoint thread and readers share.
+struct Shared {
+    db: Database,
+    pending: Mutex<Pending>,
+    /// The segment being written. Lock order: `active`, then `pending`.
+    active: Mutex<Active>,
+    /// The write-ahead segments are named after the redb file.
+    base: PathBuf,
+    /// Written in every segment's header, so segments only ever replay into this database.
+    wal_id: u64,
+    checkpoint_after: Duration,
+}
+
+struct Active {
+    /// `None` after a write failed and the segment could not be cut back, or once closed.
+    segment: Option<Segment>,
+    next_seq: u64,
+    /// When the segment got its first record.
+    dirty_since: Option<Instant>,
+}
+
+impl Shared {
+    /// How long until the active segment is due for a checkpoint (`None`: it holds nothing).
+    fn checkpoint_due_in(&self) -> Option<Duration> {
+        let a = lock(&self.active);
+        let since = a.dirty_since?;
+        let full = a
+            .segment
+            .as_ref()
+            .is_some_and(|s| s.len >= CHECKPOINT_BYTES);
+        Some(if full {
+            Duration::ZERO
+        } else {
+            self.checkpoint_after.saturating_sub(since.elapsed())
+        })
+    }
+
+    /// Ends the active segment, starting a new one (none when `last`), and returns the
+    /// number up to which segments are complete: everything they hold can be checkpointed.
+    fn rotate(&self, last: bool) -> Option<u64> {
+        let mut a = lock(&self.active);
+        let current = a.segment.as_ref().map(|s| s.seq);
+        // With no segment (a write failed and it could not be cut back), the newest number
+        // handed out is the one that ended.
+        let ended = current.unwrap_or(a.next_seq - 1);
+        if last {
+            a.segment = None;
+            a.dirty_since = None;
+            return Some(ended);
+        }
+        if a.dirty_since.is_none() {
+            // Nothing new in the active segment: only older ones (left by a checkpoint that
+            // failed) have anything for redb.
+            return Some(current.map_or(ended, |c| c - 1));
+        }
+        match Segment::create(&self.base, a.next_seq, self.wal_id) {
+            Ok(next) => {
+                a.next_seq += 1;
+                a.segment = Some(next);
+                a.dirty_since = None;
+                Some(ended)
+            }
+            Err(e) => {
+                // Keep appending to the current segment; the next due check tries again.
+                tracing::error!(error = %e, "could not start a new write-ahead segment");
+                None
+            }
+        }
+    }
+}
+
 pub struct EmbeddedBackplane {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     sink: Arc<OnceLock<Weak<dyn EntrySink>>>,
     tracker: TaskTracker,
-    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The writer's and the checkpoint thread's ends; `close` waits for both, after which
+    /// the database file is free to open again.
+    threads_done: Mutex<Vec<oneshot::Receiver<()>>>,
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> BackplaneError {
@@ -76,39 +193,88 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl EmbeddedBackplane {
-    /// Opens (or creates) `path` and starts the writer on `tracker`. `cache_bytes` bounds
+    /// Opens (or creates) `path`, replays any write-ahead segments a crash left beside it,
+    /// and starts the writer and the checkpoint thread on `tracker`. `cache_bytes` bounds
     /// redb's page cache (its default, 1 GiB, would let the log's recent pages grow the
     /// process by as much as was written); hot documents keep their own recent entries, so
     /// the cache mostly serves loads and catch-ups.
     pub fn open(path: &Path, cache_bytes: usize, tracker: &TaskTracker) -> BackplaneResult<Self> {
+        Self::open_with(path, cache_bytes, tracker, CHECKPOINT_AFTER)
+    }
+
+    /// [`open`](Self::open) with the age at which a segment is checkpointed.
+    fn open_with(
+        path: &Path,
+        cache_bytes: usize,
+        tracker: &TaskTracker,
+        checkpoint_after: Duration,
+    ) -> BackplaneResult<Self> {
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(path)
             .map_err(storage)?;
-        // Create both tables up front so readers never meet a missing table.
+        // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(LOG).map_err(storage)?;
-        txn.open_table(META).map_err(storage)?;
+        let wal_id = {
+            txn.open_table(LOG).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
+            let mut ids = txn.open_table(WAL_ID).map_err(storage)?;
+            let existing = ids.get("id").map_err(storage)?.map(|v| v.value());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = rand::random::<u64>() | 1;
+                    ids.insert("id", id).map_err(storage)?;
+                    id
+                }
+            }
+        };
         txn.commit().map_err(storage)?;
 
-        let db = Arc::new(db);
+        let last_seq = replay(&db, path, wal_id)?;
+        let segment = Segment::create(path, last_seq + 1, wal_id).map_err(storage)?;
+
+        let shared = Arc::new(Shared {
+            db,
+            pending: Mutex::new(Pending::default()),
+            active: Mutex::new(Active {
+                segment: Some(segment),
+                next_seq: last_seq + 2,
+                dirty_since: None,
+            }),
+            base: path.to_path_buf(),
+            wal_id,
+            checkpoint_after,
+        });
+        let checkpoints = Arc::new(Checkpoints::default());
+        let (checkpoints_done, checkpoints_done_rx) = oneshot::channel();
+        {
+            let shared = shared.clone();
+            let checkpoints = checkpoints.clone();
+            tracker.spawn_blocking(move || {
+                checkpoints.serve(&shared);
+                drop(shared);
+                let _ = checkpoints_done.send(());
+            });
+        }
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let sink: Arc<OnceLock<Weak<dyn EntrySink>>> = Arc::new(OnceLock::new());
         let (done_tx, done_rx) = oneshot::channel();
         let writer = Writer {
-            db: db.clone(),
+            shared: shared.clone(),
             sink: sink.clone(),
+            checkpoints,
         };
         tracker.spawn_blocking(move || {
             writer.run(rx);
             let _ = done_tx.send(());
         });
         Ok(EmbeddedBackplane {
-            db,
+            shared,
             tx: Mutex::new(Some(tx)),
             sink,
             tracker: tracker.clone(),
-            writer_done: Mutex::new(Some(done_rx)),
+            threads_done: Mutex::new(vec![done_rx, checkpoints_done_rx]),
         })
     }
 
@@ -161,11 +327,11 @@ impl Backplane for EmbeddedBackplane {
         doc: &DocId,
         after: StreamId,
     ) -> BoxFuture<'static, BackplaneResult<(LogHead, Vec<Entry>)>> {
-        let db = self.db.clone();
+        let shared = self.shared.clone();
         let doc = doc.clone();
         let task = self
             .tracker
-            .spawn_blocking(move || read_after(&db, &doc, after));
+            .spawn_blocking(move || read_after(&shared, &doc, after));
         async move { task.await.map_err(storage)? }.boxed()
     }
 
@@ -191,11 +357,11 @@ impl Backplane for EmbeddedBackplane {
     fn unwatch(&self, _doc: &DocId) {}
 
     fn close(&self) -> BoxFuture<'static, ()> {
-        // Dropping the sender lets the writer finish what was admitted, then stop.
+        // Dropping the sender lets the writer finish what was admitted, checkpoint, then stop.
         lock(&self.tx).take();
-        let done = lock(&self.writer_done).take();
+        let done = std::mem::take(&mut *lock(&self.threads_done));
         async move {
-            if let Some(done) = done {
+            for done in done {
                 let _ = done.await;
             }
         }
@@ -203,23 +369,46 @@ impl Backplane for EmbeddedBackplane {
     }
 }
 
+const NO_LOG: LogHead = LogHead {
+    epoch: 0,
+    last: StreamId::ZERO,
+    floor: StreamId::ZERO,
+};
+
 fn read_after(
-    db: &Database,
+    shared: &Shared,
     doc: &DocId,
     after: StreamId,
 ) -> BackplaneResult<(LogHead, Vec<Entry>)> {
-    let txn = db.begin_read().map_err(storage)?;
+    // redb's snapshot is taken while the pending set is held. A checkpoint removes entries
+    // from the set only after redb committed them, so every entry is in one of the two (or
+    // both, for a moment: the pending copy is then skipped below).
+    let (pending, txn) = {
+        let p = lock(&shared.pending);
+        let pending = p.docs.get(doc).map(|d| {
+            let newer: Vec<Entry> = d
+                .entries
+                .iter()
+                .filter(|(_, e)| e.id > after)
+                .map(|(_, e)| e.clone())
+                .collect();
+            (d.head, newer)
+        });
+        (pending, shared.db.begin_read().map_err(storage)?)
+    };
     let meta = txn.open_table(META).map_err(storage)?;
-    let head = match meta.get(doc.as_str()).map_err(storage)? {
-        Some(v) => head_from(v.value()),
-        None => LogHead {
-            epoch: 0,
-            last: StreamId::ZERO,
-            floor: StreamId::ZERO,
-        },
+    let stored = meta
+        .get(doc.as_str())
+        .map_err(storage)?
+        .map(|v| head_from(v.value()));
+    let head = match &pending {
+        Some((h, _)) => *h,
+        None => stored.unwrap_or(NO_LOG),
     };
     let log = txn.open_table(LOG).map_err(storage)?;
-    let from = after.successor();
+    // Entries at or below the floor are gone, even while redb still holds them (a trim that
+    // waits for its checkpoint).
+    let from = after.max(head.floor).successor();
     let mut entries = Vec::new();
     for row in log
         .range((doc.as_str(), from.ms, from.seq)..=(doc.as_str(), u64::MAX, u64::MAX))
@@ -234,7 +423,47 @@ fn read_after(
             origin,
         });
     }
+    if let Some((_, newer)) = pending {
+        let stored_last = entries.last().map(|e| e.id);
+        entries.extend(
+            newer
+                .into_iter()
+                .filter(|e| stored_last.is_none_or(|last| e.id > last)),
+        );
+    }
     Ok((head, entries))
+}
+
+/// The head redb holds for `doc`, read in a snapshot taken while `pending` is held (so a
+/// checkpoint cannot slip between the caller's look at the pending set and this read).
+fn stored_head(db: &Database, doc: &DocId) -> BackplaneResult<Option<LogHead>> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
+    Ok(meta
+        .get(doc.as_str())
+        .map_err(storage)?
+        .map(|v| head_from(v.value())))
+}
+
+/// The newest entry id below `before` that redb holds for `doc`.
+fn stored_newest_below(
+    db: &Database,
+    doc: &DocId,
+    before: StreamId,
+) -> BackplaneResult<Option<StreamId>> {
+    let txn = db.begin_read().map_err(storage)?;
+    let log = txn.open_table(LOG).map_err(storage)?;
+    let newest = log
+        .range((doc.as_str(), 0u64, 0u64)..(doc.as_str(), before.ms, before.seq))
+        .map_err(storage)?
+        .next_back()
+        .transpose()
+        .map_err(storage)?
+        .map(|(k, _)| {
+            let (_, ms, seq) = k.value();
+            StreamId::new(ms, seq)
+        });
+    Ok(newest)
 }
 
 fn head_from((epoch, lms, lseq, fms, fseq): (u64, u64, u64, u64, u64)) -> LogHead {
@@ -291,10 +520,98 @@ fn decode_value(v: &[u8]) -> BackplaneResult<(Option<Origin>, Bytes)> {
     Ok((origin, Bytes::copy_from_slice(&v[ORIGIN_HEADER..])))
 }
 
-/// How long a commit waits for more appends when the log is busy.
-const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
-/// The log counts as busy when the previous commit ended less than this ago.
-const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(5);
+/// A replayed or checkpointed head never moves a log backwards: within one epoch the last id
+/// and the floor only grow. A different epoch is a new log and replaces the row.
+fn merge_head(stored: Option<LogHead>, newer: LogHead) -> LogHead {
+    match stored {
+        Some(s) if s.epoch == newer.epoch => LogHead {
+            epoch: s.epoch,
+            last: s.last.max(newer.last),
+            floor: s.floor.max(newer.floor),
+        },
+        _ => newer,
+    }
+}
+
+/// Applies the segments a previous run left beside `base` to redb in one transaction, then
+/// deletes them. Returns the highest segment number seen (0 if none).
+fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult<u64> {
+    let segments = wal::list_segments(base).map_err(storage)?;
+    let Some(&(last_seq, _)) = segments.last() else {
+        return Ok(0);
+    };
+    let started = Instant::now();
+    let mut applied = 0usize;
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut log = txn.open_table(LOG).map_err(storage)?;
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let mut heads: HashMap<DocId, LogHead> = HashMap::new();
+        for (seq, path) in &segments {
+            let read = wal::read_segment(path, wal_id).map_err(storage)?;
+            let Some(records) = read.records else {
+                tracing::warn!(segment = %path.display(), "skipping a write-ahead segment written for another log file");
+                continue;
+            };
+            if read.torn_bytes > 0 {
+                tracing::warn!(
+                    segment = seq,
+                    torn_bytes = read.torn_bytes,
+                    "a write-ahead segment ends in a group a crash cut short; it was never acknowledged"
+                );
+            }
+            for record in records {
+                let doc = record.doc().clone();
+                let stored = match heads.get(&doc) {
+                    Some(h) => Some(*h),
+                    None => meta
+                        .get(doc.as_str())
+                        .map_err(storage)?
+                        .map(|v| head_from(v.value())),
+                };
+                let head = merge_head(stored, record.head());
+                match &record {
+                    Record::Append {
+                        head: at, value, ..
+                    } => {
+                        log.insert((doc.as_str(), at.last.ms, at.last.seq), &value[..])
+                            .map_err(storage)?;
+                    }
+                    Record::Trim { before, .. } => {
+                        trim(&mut log, &doc, *before)?;
+                    }
+                    Record::Head { .. } => {}
+                }
+                heads.insert(doc, head);
+                applied += 1;
+            }
+        }
+        for (doc, head) in &heads {
+            meta.insert(doc.as_str(), head_to(head)).map_err(storage)?;
+            // An older segment's appends may have come back after a newer trim removed them.
+            if head.floor > StreamId::ZERO {
+                trim(&mut log, doc, head.floor.successor())?;
+            }
+        }
+    }
+    txn.commit().map_err(storage)?;
+    for (_, path) in &segments {
+        std::fs::remove_file(path).map_err(storage)?;
+    }
+    wal::sync_dir(base).map_err(storage)?;
+    tracing::info!(
+        segments = segments.len(),
+        records = applied,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replayed the embedded log's write-ahead segments"
+    );
+    Ok(last_seq)
+}
+
+/// How long a group waits for more appends when the log is busy.
+const COMMIT_DELAY: Duration = Duration::from_millis(2);
+/// The log counts as busy when the previous group ended less than this ago.
+const BUSY_WITHIN: Duration = Duration::from_millis(5);
 
 fn take_waiting(rx: &mut mpsc::Receiver<WriteOp>, group: &mut Vec<WriteOp>) {
     while group.len() < MAX_GROUP {
@@ -305,38 +622,244 @@ fn take_waiting(rx: &mut mpsc::Receiver<WriteOp>, group: &mut Vec<WriteOp>) {
     }
 }
 
-struct Writer {
-    db: Arc<Database>,
-    sink: Arc<OnceLock<Weak<dyn EntrySink>>>,
+/// The checkpoint thread's mailbox. The thread decides when a segment is due (its age, or
+/// its size as the writer reports it), ends it, and writes what it held into redb; the
+/// writer never waits for redb.
+#[derive(Default)]
+struct Checkpoints {
+    state: Mutex<CheckpointState>,
+    changed: Condvar,
 }
 
-/// What a committed group hands out once the fsync returned.
+#[derive(Default)]
+struct CheckpointState {
+    /// Checkpoint now, due or not (the pending set is too large).
+    force: bool,
+    /// The writer has stopped: checkpoint everything, then end.
+    closed: bool,
+    /// Checkpoints finished (either way), so a waiter can tell one has run since it asked.
+    finished: u64,
+}
+
+impl Checkpoints {
+    /// The writer wrote a segment's first record, or filled it: look at it again. Taking
+    /// the lock means the thread is either before its look or already waiting, never in
+    /// between (where the wake-up would be lost).
+    fn nudge(&self) {
+        let _s = lock(&self.state);
+        self.changed.notify_all();
+    }
+
+    /// Has a checkpoint run now and waits until it finished.
+    fn force_and_wait(&self) {
+        let mut s = lock(&self.state);
+        let seen = s.finished;
+        s.force = true;
+        self.changed.notify_all();
+        while s.finished == seen && !s.closed {
+            s = self
+                .changed
+                .wait(s)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.notify_all();
+    }
+
+    /// The checkpoint thread: until closed, checkpoints each segment when it is due.
+    fn serve(&self, shared: &Shared) {
+        let mut s = lock(&self.state);
+        loop {
+            let last = s.closed;
+            if !last && !std::mem::take(&mut s.force) {
+                match shared.checkpoint_due_in() {
+                    Some(wait) if wait.is_zero() => {}
+                    Some(wait) => {
+                        s = self
+                            .changed
+                            .wait_timeout(s, wait)
+                            .map(|(s, _)| s)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                        continue;
+                    }
+                    None => {
+                        s = self
+                            .changed
+                            .wait(s)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        continue;
+                    }
+                }
+            }
+            drop(s);
+            if let Some(upto) = shared.rotate(last) {
+                run_checkpoint(shared, upto);
+            }
+            s = lock(&self.state);
+            s.finished += 1;
+            self.changed.notify_all();
+            if last {
+                return;
+            }
+        }
+    }
+}
+
+fn run_checkpoint(shared: &Shared, upto: u64) {
+    let started = Instant::now();
+    match checkpoint(shared, upto) {
+        Ok(entries) => {
+            metrics::counter!(crate::metrics::names::LOG_CHECKPOINTS, "outcome" => "ok")
+                .increment(1);
+            crate::metrics::observe(
+                crate::metrics::names::LOG_CHECKPOINT_SECONDS,
+                started.elapsed(),
+            );
+            tracing::debug!(upto, entries, "checkpointed the write-ahead log into redb");
+        }
+        Err(e) => {
+            metrics::counter!(crate::metrics::names::LOG_CHECKPOINTS, "outcome" => "failed")
+                .increment(1);
+            // Nothing is lost: the segments stay and their entries stay pending; the next
+            // checkpoint covers them again.
+            tracing::error!(error = %e, upto, "checkpoint of the write-ahead log into redb failed; will retry");
+        }
+    }
+}
+
+/// Writes everything segments `..=upto` hold into redb in one transaction, then forgets it
+/// from the pending set and deletes those segments. Returns how many entries it wrote.
+fn checkpoint(shared: &Shared, upto: u64) -> BackplaneResult<usize> {
+    struct Copy {
+        doc: DocId,
+        head: LogHead,
+        entries: Vec<Entry>,
+        trims: Vec<StreamId>,
+    }
+    let copies: Vec<Copy> = {
+        let p = lock(&shared.pending);
+        p.docs
+            .iter()
+            .filter(|(_, d)| {
+                d.head_seg <= upto
+                    || d.entries.front().is_some_and(|(seg, _)| *seg <= upto)
+                    || d.trims.iter().any(|(seg, _)| *seg <= upto)
+            })
+            .map(|(doc, d)| Copy {
+                doc: doc.clone(),
+                // The newest head, even if a later segment changed it: that segment stays
+                // until the next checkpoint, and replay never moves a head backwards.
+                head: d.head,
+                entries: d
+                    .entries
+                    .iter()
+                    .take_while(|(seg, _)| *seg <= upto)
+                    .map(|(_, e)| e.clone())
+                    .collect(),
+                trims: d
+                    .trims
+                    .iter()
+                    .filter(|(seg, _)| *seg <= upto)
+                    .map(|(_, before)| *before)
+                    .collect(),
+            })
+            .collect()
+    };
+    let mut written = 0;
+    let txn = shared.db.begin_write().map_err(storage)?;
+    {
+        let mut log = txn.open_table(LOG).map_err(storage)?;
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        for c in &copies {
+            // A pending entry is never older than a trim recorded before it (trims cut below
+            // the head), so trims first, then inserts, is the order they happened in.
+            for before in &c.trims {
+                trim(&mut log, &c.doc, *before)?;
+            }
+            for e in &c.entries {
+                let value = encode_value(e.origin, &e.update);
+                log.insert((c.doc.as_str(), e.id.ms, e.id.seq), &value[..])
+                    .map_err(storage)?;
+                written += 1;
+            }
+            meta.insert(c.doc.as_str(), head_to(&c.head))
+                .map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)?;
+    {
+        let mut p = lock(&shared.pending);
+        let mut freed = 0;
+        for c in &copies {
+            let Some(d) = p.docs.get_mut(&c.doc) else {
+                continue;
+            };
+            while d.entries.front().is_some_and(|(seg, _)| *seg <= upto) {
+                if let Some((_, e)) = d.entries.pop_front() {
+                    freed += e.update.len() + ENTRY_OVERHEAD;
+                }
+            }
+            d.trims.retain(|(seg, _)| *seg > upto);
+            if d.entries.is_empty() && d.trims.is_empty() && d.head_seg <= upto {
+                p.docs.remove(&c.doc);
+            }
+        }
+        p.bytes = p.bytes.saturating_sub(freed);
+    }
+    for (seq, path) in wal::list_segments(&shared.base).map_err(storage)? {
+        if seq <= upto {
+            std::fs::remove_file(path).map_err(storage)?;
+        }
+    }
+    Ok(written)
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    sink: Arc<OnceLock<Weak<dyn EntrySink>>>,
+    checkpoints: Arc<Checkpoints>,
+}
+
+/// What a written group hands out once the fsync returned.
 enum Done {
     Open(oneshot::Sender<BackplaneResult<LogHead>>, LogHead),
     Append(oneshot::Sender<BackplaneResult<Position>>, Position),
     Trim(oneshot::Sender<BackplaneResult<()>>),
 }
 
+/// What a written group changes in the pending set.
+enum Change {
+    Head(DocId, LogHead),
+    Append(DocId, LogHead, Entry),
+    Trim(DocId, LogHead, StreamId),
+}
+
 impl Writer {
-    fn run(self, mut rx: mpsc::Receiver<WriteOp>) {
-        let mut last_commit: Option<std::time::Instant> = None;
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut last_write: Option<Instant> = None;
         while let Some(first) = rx.blocking_recv() {
             let mut group = Vec::with_capacity(64);
             group.push(first);
             take_waiting(&mut rx, &mut group);
-            // Under sustained load (the last commit just ended), wait a moment for more
-            // appends so that one commit and one fsync cover them all. A lone writer (the
-            // log was quiet) commits at once.
-            if group.len() < MAX_GROUP && last_commit.is_some_and(|t| t.elapsed() < BUSY_WITHIN) {
+            // Under sustained load (the last group just ended), wait a moment for more
+            // appends so that one write and one fsync cover them all. A lone writer (the
+            // log was quiet) goes at once.
+            if group.len() < MAX_GROUP && last_write.is_some_and(|t| t.elapsed() < BUSY_WITHIN) {
                 std::thread::sleep(COMMIT_DELAY);
                 take_waiting(&mut rx, &mut group);
             }
             self.commit_group(group);
-            last_commit = Some(std::time::Instant::now());
+            last_write = Some(Instant::now());
         }
+        // Closing: the checkpoint thread hands everything to redb and removes every
+        // segment, so the next start has nothing to replay.
+        self.checkpoints.close();
     }
 
-    fn commit_group(&self, group: Vec<WriteOp>) {
+    fn commit_group(&mut self, group: Vec<WriteOp>) {
         let mut done = Vec::with_capacity(group.len());
         let mut delivered: Vec<(DocId, u64, Vec<Entry>)> = Vec::new();
         let result = self.write(group, &mut done, &mut delivered);
@@ -356,7 +879,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "embedded log commit failed; nothing in this group was acknowledged");
+                tracing::error!(error = %e, "embedded log write failed; nothing in this group was acknowledged");
                 let msg = e.to_string();
                 for d in done {
                     let err = || BackplaneError::Storage(msg.clone());
@@ -370,113 +893,219 @@ impl Writer {
         }
     }
 
-    fn write(
+    /// The head `doc` has now: the pending set's, else redb's (`None`: no log yet).
+    fn head_of(&self, doc: &DocId) -> BackplaneResult<Option<LogHead>> {
+        let p = lock(&self.shared.pending);
+        match p.docs.get(doc) {
+            Some(d) => Ok(Some(d.head)),
+            None => stored_head(&self.shared.db, doc),
+        }
+    }
+
+    /// The newest entry below `before` that `doc` holds anywhere: in this group, pending, or
+    /// in redb.
+    fn newest_below(
         &self,
+        doc: &DocId,
+        before: StreamId,
+        changes: &[Change],
+    ) -> BackplaneResult<Option<StreamId>> {
+        let in_group = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Append(d, _, e) if d == doc && e.id < before => Some(e.id),
+                _ => None,
+            })
+            .max();
+        let p = lock(&self.shared.pending);
+        let pending = p.docs.get(doc).and_then(|d| {
+            d.entries
+                .iter()
+                .map(|(_, e)| e.id)
+                .take_while(|id| *id < before)
+                .last()
+        });
+        let stored = stored_newest_below(&self.shared.db, doc, before)?;
+        Ok(in_group.max(pending).max(stored))
+    }
+
+    fn write(
+        &mut self,
         group: Vec<WriteOp>,
         done: &mut Vec<Done>,
         delivered: &mut Vec<(DocId, u64, Vec<Entry>)>,
     ) -> Result<(), BackplaneError> {
+        // Past the memory bound, give redb a chance to catch up before taking more.
+        if lock(&self.shared.pending).bytes > MAX_PENDING_BYTES {
+            self.checkpoints.force_and_wait();
+        }
+        let behind = lock(&self.shared.pending).bytes > MAX_PENDING_BYTES;
         // Replies are collected even if the write fails half way, so every caller hears back.
-        let mut pending_err: Option<BackplaneError> = None;
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            let mut heads: HashMap<DocId, LogHead> = HashMap::new();
-            let now = now_ms();
-            for op in group {
-                let doc = match &op {
-                    WriteOp::Open { doc, .. }
-                    | WriteOp::Append { doc, .. }
-                    | WriteOp::Trim { doc, .. } => doc.clone(),
-                };
-                let head = match heads.get(&doc) {
-                    Some(h) => Ok(*h),
-                    None => meta.get(doc.as_str()).map_err(storage).map(|v| {
-                        v.map(|v| head_from(v.value())).unwrap_or(LogHead {
-                            epoch: new_epoch(),
-                            last: StreamId::ZERO,
-                            floor: StreamId::ZERO,
-                        })
-                    }),
-                };
-                let mut head = match head {
-                    Ok(h) => h,
-                    Err(e) => {
-                        pending_err.get_or_insert(e);
-                        push_failed(op, done);
-                        continue;
-                    }
-                };
-                let outcome = match op {
-                    WriteOp::Open { reply, .. } => {
-                        done.push(Done::Open(reply, head));
-                        Ok(())
-                    }
-                    WriteOp::Append {
-                        update,
-                        origin,
-                        reply,
-                        ..
-                    } => {
-                        let id = next_id(head.last, now);
-                        let value = encode_value(origin, &update);
-                        match log.insert((doc.as_str(), id.ms, id.seq), &value[..]) {
-                            Ok(_) => {
-                                head.last = id;
-                                done.push(Done::Append(reply, Position::new(head.epoch, id)));
-                                let entry = Entry { id, update, origin };
-                                match delivered.last_mut() {
-                                    Some((d, _, entries)) if *d == doc => entries.push(entry),
-                                    _ => delivered.push((doc.clone(), head.epoch, vec![entry])),
-                                }
-                                Ok(())
-                            }
-                            Err(e) => {
-                                done.push(Done::Append(reply, Position::new(head.epoch, id)));
-                                Err(storage(e))
-                            }
+        let mut pending_err: Option<BackplaneError> =
+            behind.then(|| BackplaneError::Storage("the log's database is not keeping up".into()));
+        let mut heads: HashMap<DocId, Option<LogHead>> = HashMap::new();
+        let mut changes: Vec<Change> = Vec::with_capacity(group.len());
+        let mut buf = BytesMut::new();
+        let now = now_ms();
+        for op in group {
+            let doc = op.doc().clone();
+            let head = match heads.get(&doc) {
+                Some(h) => Ok(*h),
+                None => self.head_of(&doc),
+            };
+            let head = match head {
+                Ok(h) if pending_err.is_none() => h,
+                Ok(_) => {
+                    push_failed(op, done);
+                    continue;
+                }
+                Err(e) => {
+                    pending_err.get_or_insert(e);
+                    push_failed(op, done);
+                    continue;
+                }
+            };
+            let fresh = || LogHead {
+                epoch: new_epoch(),
+                last: StreamId::ZERO,
+                floor: StreamId::ZERO,
+            };
+            match op {
+                WriteOp::Open { reply, .. } => {
+                    let head = head.unwrap_or_else(|| {
+                        let h = fresh();
+                        Record::Head {
+                            doc: doc.clone(),
+                            head: h,
                         }
+                        .encode_into(&mut buf);
+                        changes.push(Change::Head(doc.clone(), h));
+                        h
+                    });
+                    done.push(Done::Open(reply, head));
+                    heads.insert(doc, Some(head));
+                }
+                WriteOp::Append {
+                    update,
+                    origin,
+                    reply,
+                    ..
+                } => {
+                    let mut head = head.unwrap_or_else(fresh);
+                    let id = next_id(head.last, now);
+                    head.last = id;
+                    Record::Append {
+                        doc: doc.clone(),
+                        head,
+                        value: encode_value(origin, &update).freeze(),
                     }
-                    WriteOp::Trim { before, reply, .. } => {
-                        done.push(Done::Trim(reply));
-                        trim(&mut log, &doc, before).map(|last_removed| {
-                            if let Some(id) = last_removed {
+                    .encode_into(&mut buf);
+                    done.push(Done::Append(reply, Position::new(head.epoch, id)));
+                    let entry = Entry { id, update, origin };
+                    match delivered.last_mut() {
+                        Some((d, _, entries)) if *d == doc => entries.push(entry.clone()),
+                        _ => delivered.push((doc.clone(), head.epoch, vec![entry.clone()])),
+                    }
+                    changes.push(Change::Append(doc.clone(), head, entry));
+                    heads.insert(doc, Some(head));
+                }
+                WriteOp::Trim { before, reply, .. } => {
+                    done.push(Done::Trim(reply));
+                    // No log, nothing to trim.
+                    let Some(mut head) = head else { continue };
+                    match self.newest_below(&doc, before, &changes) {
+                        Ok(newest) => {
+                            if let Some(id) = newest {
                                 head.floor = head.floor.max(id);
                             }
-                        })
+                            Record::Trim {
+                                doc: doc.clone(),
+                                head,
+                                before,
+                            }
+                            .encode_into(&mut buf);
+                            changes.push(Change::Trim(doc.clone(), head, before));
+                            heads.insert(doc, Some(head));
+                        }
+                        Err(e) => {
+                            pending_err.get_or_insert(e);
+                        }
                     }
-                };
-                if let Err(e) = outcome {
-                    pending_err.get_or_insert(e);
-                }
-                heads.insert(doc, head);
-            }
-            for (doc, head) in &heads {
-                if let Err(e) = meta.insert(doc.as_str(), head_to(head)) {
-                    pending_err.get_or_insert(storage(e));
                 }
             }
         }
         if let Some(e) = pending_err {
-            // Abort: nothing of this group becomes visible, and nobody gets an ack.
-            drop(txn);
+            // Nothing of this group is written, and nobody gets an ack.
             return Err(e);
         }
-        txn.commit().map_err(storage)
+        // The pending set changes under the same lock as the write: the checkpoint thread
+        // cannot end this segment between the two and miss this group's entries.
+        let mut nudge = false;
+        let mut active = lock(&self.shared.active);
+        let a = &mut *active;
+        if a.segment.is_none() {
+            let next = Segment::create(&self.shared.base, a.next_seq, self.shared.wal_id);
+            a.next_seq += 1;
+            a.segment = Some(next.map_err(storage)?);
+        }
+        let Some(segment) = a.segment.as_mut() else {
+            return Err(BackplaneError::Storage("no write-ahead segment".into()));
+        };
+        if !buf.is_empty() {
+            if let Err(e) = segment.append(&buf) {
+                if e.poisoned {
+                    a.segment = None;
+                }
+                return Err(storage(e.error));
+            }
+            nudge = a.dirty_since.is_none() || segment.len >= CHECKPOINT_BYTES;
+            a.dirty_since.get_or_insert_with(Instant::now);
+        }
+        let seg = segment.seq;
+        let mut pending = lock(&self.shared.pending);
+        let p = &mut *pending;
+        for change in changes {
+            let (doc, head) = match &change {
+                Change::Head(d, h) | Change::Append(d, h, _) | Change::Trim(d, h, _) => {
+                    (d.clone(), *h)
+                }
+            };
+            let d = p.docs.entry(doc).or_insert_with(|| PendingDoc {
+                head,
+                head_seg: seg,
+                entries: VecDeque::new(),
+                trims: Vec::new(),
+            });
+            d.head = head;
+            d.head_seg = seg;
+            match change {
+                Change::Head(..) => {}
+                Change::Append(_, _, entry) => {
+                    p.bytes += entry.update.len() + ENTRY_OVERHEAD;
+                    d.entries.push_back((seg, entry));
+                }
+                Change::Trim(_, _, before) => {
+                    while d.entries.front().is_some_and(|(_, e)| e.id < before) {
+                        if let Some((_, e)) = d.entries.pop_front() {
+                            p.bytes = p.bytes.saturating_sub(e.update.len() + ENTRY_OVERHEAD);
+                        }
+                    }
+                    d.trims.push((seg, before));
+                }
+            }
+        }
+        drop(pending);
+        drop(active);
+        if nudge {
+            self.checkpoints.nudge();
+        }
+        Ok(())
     }
 }
 
 fn push_failed(op: WriteOp, done: &mut Vec<Done>) {
     match op {
-        WriteOp::Open { reply, .. } => done.push(Done::Open(
-            reply,
-            LogHead {
-                epoch: 0,
-                last: StreamId::ZERO,
-                floor: StreamId::ZERO,
-            },
-        )),
+        WriteOp::Open { reply, .. } => done.push(Done::Open(reply, NO_LOG)),
         WriteOp::Append { reply, .. } => {
             done.push(Done::Append(reply, Position::new(0, StreamId::ZERO)))
         }
@@ -575,6 +1204,190 @@ mod tests {
             .await
             .expect("append");
         assert!(next.id > ids[4]);
+        bp.close().await;
+    }
+
+    fn entry_ids(entries: &[Entry]) -> Vec<StreamId> {
+        entries.iter().map(|e| e.id).collect()
+    }
+
+    async fn append_n(bp: &EmbeddedBackplane, doc: &DocId, n: u8) -> Vec<StreamId> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let p = bp
+                .append(doc, Bytes::from(vec![i; 3]), None)
+                .await
+                .expect("append");
+            ids.push(p.id);
+        }
+        ids
+    }
+
+    /// Copies the log and its write-ahead segments as they are on disk right now: what a
+    /// `kill -9` (or a power cut, everything acknowledged having been fsynced) leaves.
+    fn crash_image(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).expect("read dir") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_entries_and_trims_read_and_replay_like_checkpointed_ones() {
+        const NEVER: Duration = Duration::from_secs(3600);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        let tracker = TaskTracker::new();
+        let doc = DocId::parse("d").expect("doc id");
+        let other = DocId::parse("other").expect("doc id");
+
+        // Older entries reach redb at close.
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
+        let older = append_n(&bp, &doc, 4).await;
+        let epoch = bp.open(&doc).await.expect("open doc").epoch;
+        bp.close().await;
+        drop(bp);
+        assert!(
+            wal::list_segments(&path).expect("list").is_empty(),
+            "a clean close leaves nothing to replay"
+        );
+
+        // Newer ones wait in the write-ahead segment, and so does a trim of some of both.
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("reopen");
+        let newer = append_n(&bp, &doc, 4).await;
+        let other_ids = append_n(&bp, &other, 2).await;
+        bp.trim(&doc, newer[1]).await.expect("trim");
+        assert!(
+            !lock(&bp.shared.pending).docs.is_empty(),
+            "nothing was checkpointed yet"
+        );
+        let expect = |head: LogHead, entries: &[Entry]| {
+            assert_eq!(head.epoch, epoch);
+            assert_eq!(
+                head.floor, newer[0],
+                "the newest trimmed entry, from the pending ones"
+            );
+            assert_eq!(head.last, newer[3]);
+            assert_eq!(entry_ids(entries), newer[1..].to_vec());
+            assert_eq!(entries[0].update.as_ref(), &[1, 1, 1]);
+        };
+        let (head, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        expect(head, &entries);
+        let (_, after) = bp.read_after(&doc, newer[2]).await.expect("read");
+        assert_eq!(entry_ids(&after), vec![newer[3]]);
+        assert!(older[3] < newer[0]);
+
+        // What a crash leaves now replays to the same log.
+        let crashed = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), crashed.path());
+        bp.close().await;
+        drop(bp);
+        let copy = EmbeddedBackplane::open_with(
+            &crashed.path().join("log.redb"),
+            1 << 20,
+            &tracker,
+            NEVER,
+        )
+        .expect("open the crash image");
+        assert!(
+            wal::list_segments(&crashed.path().join("log.redb"))
+                .expect("list")
+                .len()
+                == 1,
+            "replayed segments are gone; only the new, empty one is left"
+        );
+        let (head, entries) = copy.read_after(&doc, StreamId::ZERO).await.expect("read");
+        expect(head, &entries);
+        let (other_head, other_entries) =
+            copy.read_after(&other, StreamId::ZERO).await.expect("read");
+        assert_eq!(entry_ids(&other_entries), other_ids);
+        assert_eq!(other_head.last, other_ids[1]);
+        let next = copy
+            .append(&doc, Bytes::from_static(b"n"), None)
+            .await
+            .expect("append");
+        assert!(next.id > newer[3] && next.epoch == epoch);
+        copy.close().await;
+
+        // And the cleanly closed original reads the same from redb alone.
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("reopen");
+        let (head, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        expect(head, &entries);
+        bp.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_segment_left_beside_a_new_log_file_is_not_replayed_into_it() {
+        const NEVER: Duration = Duration::from_secs(3600);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        let tracker = TaskTracker::new();
+        let doc = DocId::parse("d").expect("doc id");
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
+        append_n(&bp, &doc, 3).await;
+        let crashed = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), crashed.path());
+        bp.close().await;
+        // The operator deletes the log file but not the segment beside it.
+        let lost = crashed.path().join("log.redb");
+        std::fs::remove_file(&lost).expect("remove");
+        let bp = EmbeddedBackplane::open_with(&lost, 1 << 20, &tracker, NEVER).expect("open");
+        let (head, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        assert!(entries.is_empty());
+        assert_eq!(head.epoch, 0, "no log: the old one is not resurrected");
+        bp.close().await;
+    }
+
+    #[tokio::test]
+    async fn every_acknowledged_entry_is_readable_while_checkpoints_move_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        let tracker = TaskTracker::new();
+        let doc = DocId::parse("d").expect("doc id");
+        let bp = Arc::new(
+            EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, Duration::from_millis(2))
+                .expect("open"),
+        );
+        let acked = Arc::new(Mutex::new(Vec::<StreamId>::new()));
+        let writer = {
+            let (bp, acked, doc) = (bp.clone(), acked.clone(), doc.clone());
+            tokio::spawn(async move {
+                for i in 0..400u32 {
+                    let p = bp
+                        .append(&doc, Bytes::from(i.to_le_bytes().to_vec()), None)
+                        .await
+                        .expect("append");
+                    lock(&acked).push(p.id);
+                }
+            })
+        };
+        let mut reads = 0;
+        let mut checkpointed_while_reading = false;
+        while !writer.is_finished() || reads == 0 {
+            let known = lock(&acked).clone();
+            let (_, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+            let ids = entry_ids(&entries);
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "in order, no duplicates"
+            );
+            assert!(
+                ids.len() >= known.len() && ids[..known.len()] == known[..],
+                "every entry acknowledged before the read is in it"
+            );
+            checkpointed_while_reading |= lock(&bp.shared.pending)
+                .docs
+                .get(&doc)
+                .is_none_or(|d| d.entries.len() < ids.len());
+            reads += 1;
+        }
+        writer.await.expect("writer");
+        assert!(
+            checkpointed_while_reading,
+            "checkpoints ran during the reads"
+        );
+        let (_, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        assert_eq!(entry_ids(&entries), *lock(&acked));
         bp.close().await;
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod redis;
+mod wal;
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
