@@ -65,7 +65,7 @@ def main():
     L = [START, ""]
     L.append(f"Run `{os.path.basename(run)}` — {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
              f"{machine.get('mem_mb', '?')} MB, Linux {machine.get('kernel', '?')}; load average at start "
-             f"{machine.get('load', '?')} (the machine is shared: other builds ran during the run). "
+             f"{machine.get('load', '?')} (a shared machine: other work may run beside the benchmark). "
              f"Medians of {reps} repetition(s) unless a cell says otherwise.")
     L.append("")
     L.append("| server | version |")

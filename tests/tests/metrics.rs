@@ -76,6 +76,24 @@ async fn metrics_move_with_traffic() {
         assert!(during.contains_key(series), "{series} is exported");
     }
 
+    // The embedded log moves its write-ahead segment into redb about a second after the
+    // first write.
+    let checkpoints = r#"chorus_log_checkpoints_total{outcome="ok"}"#;
+    eventually(
+        "the write-ahead segment is checkpointed",
+        DEADLINE,
+        || async {
+            let m = scrape(server.addr).await;
+            (value(&m, checkpoints) > value(&before, checkpoints)).then_some(())
+        },
+    )
+    .await;
+    let m = scrape(server.addr).await;
+    assert!(
+        value(&m, "chorus_log_checkpoint_seconds_count") >= 1.0,
+        "checkpoint time is recorded"
+    );
+
     reader.close().await;
     writer.close().await;
     let after = eventually("connections drop to 0", DEADLINE, || async {
