@@ -70,7 +70,8 @@ pub struct Config {
     #[arg(long, env = "CHORUS_EVICT_AFTER", default_value = "30s", value_parser = parse_duration)]
     pub evict_after: Duration,
 
-    /// Write a snapshot and trim the log once this many entries arrived since the last one.
+    /// Write a snapshot and trim the log once this many entries arrived since the last one and
+    /// their bytes are at least a quarter of that snapshot; after 16 times this many in any case.
     #[arg(long, env = "CHORUS_COMPACT_ENTRIES", default_value_t = 1000)]
     pub compact_entries: usize,
 

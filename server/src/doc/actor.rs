@@ -892,7 +892,9 @@ impl Owner {
 
     async fn maybe_compact(&mut self) {
         let s = self.shared.settings.clone();
-        if self.since_snapshot.0 < s.compact_entries && self.since_snapshot.1 < s.compact_bytes {
+        let (entries, bytes) = self.since_snapshot;
+        let snapshot_bytes = self.handle.approx_size().saturating_sub(bytes);
+        if !compaction_due(entries, bytes, snapshot_bytes, &s) {
             return;
         }
         // Every node applies every entry, so all of them reach the threshold together; the
@@ -981,6 +983,26 @@ impl Owner {
     }
 }
 
+/// A snapshot encodes and writes the whole document, so it waits until the log behind it is
+/// worth that: `compact_entries` entries whose bytes are at least a quarter of the last
+/// snapshot (at most four bytes of snapshot written per byte of log: a large document typed
+/// into one character at a time is not rewritten every thousand keystrokes), or sixteen times
+/// that many entries whatever their size (what a cold load replays stays bounded), or
+/// `compact_bytes`.
+fn compaction_due(
+    entries: usize,
+    bytes: usize,
+    snapshot_bytes: usize,
+    s: &super::DocSettings,
+) -> bool {
+    const SNAPSHOT_BYTES_PER_LOG_BYTE: usize = 4;
+    const MOST_ENTRIES_FACTOR: usize = 16;
+    bytes >= s.compact_bytes
+        || entries >= s.compact_entries.saturating_mul(MOST_ENTRIES_FACTOR)
+        || (entries >= s.compact_entries
+            && bytes.saturating_mul(SNAPSHOT_BYTES_PER_LOG_BYTE) >= snapshot_bytes)
+}
+
 fn refuse(cmd: Command, err: DocError) {
     match cmd {
         Command::Subscribe { reply, .. } => drop(reply.send(Err(err))),
@@ -993,5 +1015,40 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn settings() -> super::super::DocSettings {
+        super::super::DocSettings {
+            evict_after: Duration::from_secs(30),
+            compact_entries: 1000,
+            compact_bytes: 4 << 20,
+            replay_window: Duration::from_secs(600),
+            replay_memory_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn compaction_waits_until_the_log_is_worth_rewriting_the_document() {
+        let s = settings();
+        // A small document compacts every `compact_entries` entries, as configured.
+        assert!(!compaction_due(999, 30_000, 0, &s));
+        assert!(compaction_due(1000, 30_000, 0, &s));
+        assert!(compaction_due(1000, 30_000, 100_000, &s));
+        // A 37 MB document typed into one character at a time (~30 bytes an entry) is not
+        // rewritten every thousand keystrokes...
+        let big = 37 << 20;
+        assert!(!compaction_due(1000, 30_000, big, &s));
+        assert!(!compaction_due(15_999, 480_000, big, &s));
+        // ...but a cold load never replays more than sixteen times that many entries.
+        assert!(compaction_due(16_000, 480_000, big, &s));
+        // Large updates compact once their bytes are a quarter of the snapshot, or by bytes.
+        assert!(compaction_due(1000, big / 4, big, &s));
+        assert!(compaction_due(10, 4 << 20, big, &s));
     }
 }
