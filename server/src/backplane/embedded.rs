@@ -396,14 +396,9 @@ fn read_after(
         });
         (pending, shared.db.begin_read().map_err(storage)?)
     };
-    let meta = txn.open_table(META).map_err(storage)?;
-    let stored = meta
-        .get(doc.as_str())
-        .map_err(storage)?
-        .map(|v| head_from(v.value()));
     let head = match &pending {
         Some((h, _)) => *h,
-        None => stored.unwrap_or(NO_LOG),
+        None => head_in(&txn, doc)?.unwrap_or(NO_LOG),
     };
     let log = txn.open_table(LOG).map_err(storage)?;
     // Entries at or below the floor are gone, even while redb still holds them (a trim that
@@ -434,10 +429,8 @@ fn read_after(
     Ok((head, entries))
 }
 
-/// The head redb holds for `doc`, read in a snapshot taken while `pending` is held (so a
-/// checkpoint cannot slip between the caller's look at the pending set and this read).
-fn stored_head(db: &Database, doc: &DocId) -> BackplaneResult<Option<LogHead>> {
-    let txn = db.begin_read().map_err(storage)?;
+/// The head redb holds for `doc` in `txn`'s snapshot.
+fn head_in(txn: &redb::ReadTransaction, doc: &DocId) -> BackplaneResult<Option<LogHead>> {
     let meta = txn.open_table(META).map_err(storage)?;
     Ok(meta
         .get(doc.as_str())
@@ -910,7 +903,9 @@ impl Writer {
         let p = lock(&self.shared.pending);
         match p.docs.get(doc) {
             Some(d) => Ok(Some(d.head)),
-            None => stored_head(&self.shared.db, doc),
+            // The snapshot is taken while `pending` is held, so a checkpoint cannot slip
+            // between the look at the pending set and this read.
+            None => head_in(&self.shared.db.begin_read().map_err(storage)?, doc),
         }
     }
 
