@@ -62,10 +62,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 say "Linting the browser client for wasm32 (its wasm-bindgen face only compiles there)"
 cargo clippy -p chorus-client --target wasm32-unknown-unknown -- -D warnings
 
-say "Building the protocol crate for wasm32-unknown-unknown"
-cargo build -p chorus-protocol --target wasm32-unknown-unknown
-
-# The same package run.sh builds for the demo page (web-demo/pkg).
+# The same package run.sh builds for the demo page (web-demo/pkg). It compiles the protocol
+# crate for wasm32 too (the client depends on it), so that needs no build of its own.
 ./scripts/build-wasm.sh
 
 say "Building the chorus binary (the process tests start it, kill -9 it and restart it)"
