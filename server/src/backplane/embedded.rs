@@ -50,6 +50,9 @@ const ORIGIN_HEADER: usize = 25;
 const CHECKPOINT_BYTES: u64 = 16 << 20;
 /// …or once its first record is this old.
 const CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
+/// How soon the checkpoint thread tries again after it could not start a new segment (a full
+/// disk, say): later, not in a loop.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 /// Bytes of acknowledged entries waiting for redb past which the writer waits for a
 /// checkpoint, and refuses appends if redb still cannot take them.
 const MAX_PENDING_BYTES: usize = 256 << 20;
@@ -688,7 +691,8 @@ impl Checkpoints {
                 }
             }
             drop(s);
-            if let Some(upto) = shared.rotate(last) {
+            let rotated = shared.rotate(last);
+            if let Some(upto) = rotated {
                 run_checkpoint(shared, upto);
             }
             s = lock(&self.state);
@@ -696,6 +700,13 @@ impl Checkpoints {
             self.changed.notify_all();
             if last {
                 return;
+            }
+            if rotated.is_none() {
+                s = self
+                    .changed
+                    .wait_timeout(s, CHECKPOINT_RETRY)
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner().0);
             }
         }
     }
