@@ -44,6 +44,8 @@ pub struct ConnContext {
     pub open: Arc<AtomicUsize>,
     /// Open TCP connections per client address (see `crate::serve`).
     pub per_ip: Arc<crate::serve::PerIp>,
+    /// The node's flush tick (`--flush-interval`), which releases held writers.
+    flush_clock: Option<Arc<FlushClock>>,
     /// Who holds each open connection, so revocations can find their sockets.
     holders: Mutex<HashMap<ConnId, (Principal, Weak<Outbox>)>>,
     accept_rate: Mutex<TokenBucket>,
@@ -72,7 +74,10 @@ impl ConnContext {
     ) -> Self {
         let rate = config.max_connections_per_second;
         let per_ip = config.max_connections_per_ip;
+        let flush_clock = (!config.flush_interval.is_zero())
+            .then(|| FlushClock::spawn(config.flush_interval, shutdown.clone(), &tracker));
         ConnContext {
+            flush_clock,
             registry,
             config,
             shutdown,
@@ -373,8 +378,6 @@ async fn write_loop(
     keepalive.tick().await;
     let mut last_write = Instant::now();
     let mut wake_at: Option<Instant> = None;
-    // No write carrying updates before this (the flush interval after the last one).
-    let mut next_flush: Option<Instant> = None;
     let stall = cfg.slow_client_timeout;
     let silence_limit = (cfg.ping_interval + cfg.ping_timeout).as_millis() as u64;
     // Made once: a cancellation future registers with its token when first polled, and
@@ -406,16 +409,10 @@ async fn write_loop(
                 break Some(CloseCode::GoingAway);
             }
             Wake::Drain => {
-                let now = Instant::now();
-                if let Some(t) = next_flush.filter(|t| *t > now)
-                    && !outbox.urgent()
-                {
-                    // Within the flush interval of the last write: let more gather. Pushes
-                    // meanwhile don't wake us (the outbox told us once already).
-                    wake_at = Some(match wake_at {
-                        Some(w) if w > now => w.min(t),
-                        _ => t,
-                    });
+                if ctx.flush_clock.is_some() && outbox.is_held() && !outbox.urgent() {
+                    // Held for the flush tick, which drains everything (awareness held back
+                    // by its rate cap included); only a close or an error frame goes first.
+                    wake_at = None;
                     continue;
                 }
                 let drained = outbox.drain();
@@ -427,8 +424,9 @@ async fn write_loop(
                 let wrote = if drained.frames.is_empty() {
                     Wrote::Ok
                 } else {
-                    if !cfg.flush_interval.is_zero() {
-                        next_flush = Some(now + cfg.flush_interval);
+                    if let Some(clock) = &ctx.flush_clock {
+                        // Before the write: a tick during it releases the writer at once.
+                        clock.hold(&outbox);
                     }
                     ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
                     ctx.stats
@@ -520,6 +518,53 @@ fn instant_at(unix_secs: u64) -> Instant {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     Instant::now() + Duration::from_millis((unix_secs * 1000).saturating_sub(now_ms))
+}
+
+/// The node's flush tick for `--flush-interval`. A writer that wrote updates is held: pushes
+/// don't wake it until the next tick, which releases every held writer at once. One timer for
+/// the node rather than one per writer: many timers falling due together each wake the
+/// runtime's time driver, and the writers' wakes would not line up.
+struct FlushClock {
+    held: Mutex<Vec<Arc<Outbox>>>,
+}
+
+impl FlushClock {
+    fn spawn(interval: Duration, shutdown: CancellationToken, tracker: &TaskTracker) -> Arc<Self> {
+        let clock = Arc::new(FlushClock {
+            held: Mutex::new(Vec::new()),
+        });
+        let ticking = clock.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            // Swapped with the held list each tick, so neither allocates once grown.
+            let mut due = Vec::new();
+            loop {
+                tokio::select! {
+                    // Writers hear the shutdown themselves and drain.
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                std::mem::swap(&mut *ticking.lock(), &mut due);
+                for outbox in due.drain(..) {
+                    outbox.release();
+                }
+            }
+        });
+        clock
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Outbox>>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `outbox`'s writer until the next tick. At most one entry per connection, so the
+    /// list is bounded by the open connections.
+    fn hold(&self, outbox: &Arc<Outbox>) {
+        if outbox.hold() {
+            self.lock().push(outbox.clone());
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

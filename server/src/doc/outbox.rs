@@ -95,6 +95,8 @@ struct State {
     /// Something was pushed since the writer last drained and the writer was told. Later
     /// pushes don't notify again: one wake per drain, however many updates arrive meanwhile.
     told: bool,
+    /// Waiting for the node's flush tick (see `hold`).
+    held: bool,
 }
 
 /// What a drain produced, in send order.
@@ -171,6 +173,25 @@ impl Outbox {
     /// Waits until there is something to drain.
     pub async fn ready(&self) {
         self.notify.notified().await
+    }
+
+    /// Holds the writer until the node's next flush tick (`--flush-interval`): pushes don't
+    /// wake it meanwhile; close requests and error frames still do. Returns whether it was
+    /// not held already, i.e. whether the caller must register it for the tick.
+    pub fn hold(&self) -> bool {
+        let mut s = self.lock();
+        s.told = true;
+        !std::mem::replace(&mut s.held, true)
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.lock().held
+    }
+
+    /// The flush tick: the writer drains what gathered while it was held.
+    pub fn release(&self) {
+        self.lock().held = false;
+        self.notify.notify_one();
     }
 
     /// A close or an error frame is waiting: the writer sends it without holding for the
@@ -627,6 +648,48 @@ mod tests {
             "the very bytes built once for every recipient"
         );
         assert_eq!(o.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_held_writer_is_woken_by_a_close_but_not_by_updates() {
+        use futures_util::FutureExt;
+        let o = outbox(1 << 20);
+        let doc = DocId::parse("d").expect("id");
+        let u = updates(1, 10).remove(0);
+        o.push_update(
+            &doc,
+            update_frame(Proto::Native, &doc, &u, pos(1)),
+            u,
+            pos(1),
+        );
+        assert!(
+            o.ready().now_or_never().is_some(),
+            "a push wakes the writer"
+        );
+        assert_eq!(o.drain().frames.len(), 1);
+
+        assert!(o.hold(), "the first hold registers for the tick");
+        assert!(!o.hold(), "a writer is registered once per tick");
+        let u = updates(1, 10).remove(0);
+        o.push_update(
+            &doc,
+            update_frame(Proto::Native, &doc, &u, pos(2)),
+            u,
+            pos(2),
+        );
+        assert!(
+            o.ready().now_or_never().is_none(),
+            "held: the update waits for the flush tick"
+        );
+        o.release();
+        assert!(o.ready().now_or_never().is_some(), "the tick wakes it");
+        assert!(!o.is_held());
+        assert_eq!(o.drain().frames.len(), 1, "the held update goes out");
+
+        assert!(o.hold());
+        o.request_close(CloseCode::GoingAway);
+        assert!(o.ready().now_or_never().is_some(), "a close goes at once");
+        assert!(o.urgent());
     }
 
     #[test]
