@@ -190,7 +190,15 @@ impl Outbox {
 
     /// The flush tick: the writer drains what gathered while it was held.
     pub fn release(&self) {
-        self.lock().held = false;
+        let mut s = self.lock();
+        s.held = false;
+        if s.ready.is_empty() && s.control.is_empty() && s.close.is_none() {
+            // Nothing gathered: no wake now, and the next push wakes the writer at once, as
+            // after any quiet spell.
+            s.told = false;
+            return;
+        }
+        drop(s);
         self.notify.notify_one();
     }
 
@@ -685,6 +693,25 @@ mod tests {
         assert!(o.ready().now_or_never().is_some(), "the tick wakes it");
         assert!(!o.is_held());
         assert_eq!(o.drain().frames.len(), 1, "the held update goes out");
+
+        assert!(o.hold());
+        o.release();
+        assert!(
+            o.ready().now_or_never().is_none(),
+            "a tick with nothing gathered wakes nobody"
+        );
+        let u = updates(1, 10).remove(0);
+        o.push_update(
+            &doc,
+            update_frame(Proto::Native, &doc, &u, pos(3)),
+            u,
+            pos(3),
+        );
+        assert!(
+            o.ready().now_or_never().is_some(),
+            "the next push goes at once"
+        );
+        assert_eq!(o.drain().frames.len(), 1);
 
         assert!(o.hold());
         o.request_close(CloseCode::GoingAway);
