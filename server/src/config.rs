@@ -103,7 +103,7 @@ pub struct Config {
     /// The first update after a quiet spell goes out at once; what arrives after a write waits
     /// for the node's next flush tick (one every interval, shared by all connections) and goes
     /// out with the rest in a single syscall. Trades latency for CPU in big rooms: measured
-    /// with 50 readers and 100 updates/s, 30ms cut the node's CPU per delivery by about 40 %
+    /// with 50 readers and 100 updates/s, 30ms cut the node's CPU per delivery by about a third
     /// and added about 16 ms to the median latency (BENCHMARKS.md).
     #[arg(long, env = "CHORUS_FLUSH_INTERVAL", default_value = "0ms", value_parser = parse_duration)]
     pub flush_interval: Duration,
