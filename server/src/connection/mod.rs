@@ -282,9 +282,9 @@ async fn run_split<S: Session>(
                 match msg {
                     None => break "client went away",
                     Some(Ok(Message::Binary(bytes))) => {
-                        metrics::counter!(crate::metrics::names::FRAMES_IN).increment(1);
-                        metrics::counter!(crate::metrics::names::BYTES_IN)
-                            .increment(bytes.len() as u64);
+                        let hot = crate::metrics::hot();
+                        hot.frames_in.increment(1);
+                        hot.bytes_in.increment(bytes.len() as u64);
                         let step = if messages.try_take() {
                             Box::pin(session.on_binary(bytes)).await
                         } else {
@@ -579,8 +579,9 @@ async fn send_all(
     frames: Vec<Bytes>,
 ) -> Result<(), axum::Error> {
     // feed() queues into tungstenite's write buffer; one flush writes many frames per syscall.
-    metrics::counter!(crate::metrics::names::FRAMES_OUT).increment(frames.len() as u64);
-    metrics::counter!(crate::metrics::names::BYTES_OUT)
+    let hot = crate::metrics::hot();
+    hot.frames_out.increment(frames.len() as u64);
+    hot.bytes_out
         .increment(frames.iter().map(|f| f.len() as u64).sum());
     for f in frames {
         sink.feed(Message::Binary(f)).await?;

@@ -38,12 +38,13 @@ pub fn start_append(
     let (doc, seq) = (doc.clone(), origin.seq);
     let started = std::time::Instant::now();
     fut.map(move |result| {
-        crate::metrics::observe(crate::metrics::names::APPEND_SECONDS, started.elapsed());
-        let name = match result {
-            Ok(_) => crate::metrics::names::UPDATES_IN,
-            Err(_) => crate::metrics::names::APPEND_ERRORS,
-        };
-        metrics::counter!(name).increment(1);
+        let hot = crate::metrics::hot();
+        hot.append_seconds.record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => &hot.updates_in,
+            Err(_) => &hot.append_errors,
+        }
+        .increment(1);
         AppendDone { doc, seq, result }
     })
     .boxed()

@@ -567,8 +567,9 @@ impl Owner {
         }
         let others =
             self.subs.len() - usize::from(own.is_some_and(|o| self.subs.contains_key(&o.conn)));
-        metrics::counter!(crate::metrics::names::UPDATES_OUT).increment(others as u64);
-        crate::metrics::observe(crate::metrics::names::FANOUT_SECONDS, started.elapsed());
+        let hot = crate::metrics::hot();
+        hot.updates_out.increment(others as u64);
+        hot.fanout_seconds.record(started.elapsed().as_secs_f64());
     }
 
     fn wake_waiters(&mut self) {

@@ -478,10 +478,9 @@ impl EntrySink for Registry {
         // Log ids start with their append time in ms: how far behind the reader runs.
         if let Some(last) = entries.last() {
             let lag_ms = crate::backplane::now_ms().saturating_sub(last.id.ms);
-            crate::metrics::observe(
-                crate::metrics::names::STREAM_READ_LAG_SECONDS,
-                std::time::Duration::from_millis(lag_ms),
-            );
+            crate::metrics::hot()
+                .stream_read_lag_seconds
+                .record(lag_ms as f64 / 1000.0);
         }
         if h.inner.entries.try_send((epoch, entries)).is_err() {
             h.inner.lagged.store(true, Ordering::Release);
