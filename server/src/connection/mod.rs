@@ -522,8 +522,8 @@ fn instant_at(unix_secs: u64) -> Instant {
 
 /// The node's flush tick for `--flush-interval`. A writer that wrote updates is held: pushes
 /// don't wake it until the next tick, which releases every held writer at once. One timer for
-/// the node rather than one per writer: many timers falling due together each wake the
-/// runtime's time driver, and the writers' wakes would not line up.
+/// the node rather than one per write: per-writer timers fall due at scattered instants, each
+/// a wake-up of its own (BENCHMARKS.md has the A/B).
 struct FlushClock {
     held: Mutex<Vec<Arc<Outbox>>>,
 }
