@@ -663,13 +663,16 @@ mod tests {
         use futures_util::FutureExt;
         let o = outbox(1 << 20);
         let doc = DocId::parse("d").expect("id");
-        let u = updates(1, 10).remove(0);
-        o.push_update(
-            &doc,
-            update_frame(Proto::Native, &doc, &u, pos(1)),
-            u,
-            pos(1),
-        );
+        let push = |seq| {
+            let u = updates(1, 10).remove(0);
+            o.push_update(
+                &doc,
+                update_frame(Proto::Native, &doc, &u, pos(seq)),
+                u,
+                pos(seq),
+            );
+        };
+        push(1);
         assert!(
             o.ready().now_or_never().is_some(),
             "a push wakes the writer"
@@ -678,13 +681,7 @@ mod tests {
 
         assert!(o.hold(), "the first hold registers for the tick");
         assert!(!o.hold(), "a writer is registered once per tick");
-        let u = updates(1, 10).remove(0);
-        o.push_update(
-            &doc,
-            update_frame(Proto::Native, &doc, &u, pos(2)),
-            u,
-            pos(2),
-        );
+        push(2);
         assert!(
             o.ready().now_or_never().is_none(),
             "held: the update waits for the flush tick"
@@ -700,13 +697,7 @@ mod tests {
             o.ready().now_or_never().is_none(),
             "a tick with nothing gathered wakes nobody"
         );
-        let u = updates(1, 10).remove(0);
-        o.push_update(
-            &doc,
-            update_frame(Proto::Native, &doc, &u, pos(3)),
-            u,
-            pos(3),
-        );
+        push(3);
         assert!(
             o.ready().now_or_never().is_some(),
             "the next push goes at once"
