@@ -152,6 +152,22 @@ stop() {
 }
 trap stop EXIT
 
+# Waits until the server has used under 20 ms of CPU in each of 2 consecutive seconds (at most
+# $1 seconds): servers that persist behind their answers (the reference server's LevelDB
+# writes) get to finish before they are stopped and cold-loaded.
+settle() {
+  local limit=${1:-60} quiet=0 last now
+  last=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null) || return 0
+  for _ in $(seq "$limit"); do
+    sleep 1
+    now=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null) || return 0
+    if [ $((now - last)) -lt 2 ]; then quiet=$((quiet + 1)); else quiet=0; fi
+    last=$now
+    [ "$quiet" -ge 2 ] && return 0
+  done
+  say "$SERVER_PID still busy after ${limit}s; stopping it anyway"
+}
+
 gen() { taskset -c "$GEN_CPU" "$LOADGEN" --proto "$PROTO" --url "$URL" --pid "$SERVER_PID" --out "$RESULTS" "$@"; }
 
 # --- machine -------------------------------------------------------------------------------
@@ -200,10 +216,12 @@ for rep in $(seq "$REPS"); do
         gen --scenario ingest --label "$s" --ops "$S3_OPS" --doc "b4r$rep" --deadline "$S3_DEADLINE" || true
         # A fresh process for the put: one still digesting an unfinished ingest would
         # charge that backlog to the big document.
+        settle 60
         stop
         start "$s" 1
       fi
       gen --scenario put --label "$s" --file "$BIG" --doc "${big}r$rep" --settle 12 || true
+      settle 60
       stop
       if [ -z "${S3_SKIP_INGEST:-}" ]; then
         start "$s" 1
