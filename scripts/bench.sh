@@ -13,14 +13,14 @@
 # chorus-flush30 (/y with --flush-interval 30ms), ywebsocket, hocuspocus, ysweet. S2 and S3
 # (idle sockets, large documents) run against `chorus` and the peers only: the Chorus variants
 # differ in how updates are written and fanned out, which neither scenario exercises.
-# Knobs (environment): REPS, SCENARIOS (fanout s1 s2 s3 s4 s5), SERVERS, S1_DOCS, S1_STEPS,
+# Knobs (environment): REPS, SCENARIOS (floor fanout s1 s2 s3 s4 s5), SERVERS, S1_DOCS, S1_STEPS,
 # S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, MEASURE, WARMUP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PEERS=$ROOT/bench-peers
 REPS=${REPS:-3}
-SCENARIOS=${SCENARIOS:-"fanout s1 s2 s3 s4 s5"}
+SCENARIOS=${SCENARIOS:-"floor fanout s1 s2 s3 s4 s5"}
 SERVERS=${SERVERS:-"chorus chorus-native chorus-redis chorus-flush30 ywebsocket hocuspocus ysweet"}
 S1_DOCS=${S1_DOCS:-200}
 S1_STEPS=${S1_STEPS:-"1,2,3,4,6,8,12,16"}
@@ -56,8 +56,9 @@ if [ ! -x "$PEERS/y-sweet/bin/y-sweet" ]; then
   say "cargo install y-sweet --version 0.9.1 --locked --root bench-peers/y-sweet (~4 min)"
   cargo install y-sweet --version 0.9.1 --locked --root "$PEERS/y-sweet"
 fi
-say "cargo build --release (chorus, loadgen, bench_slow_readers, bench_redis)"
-cargo build --release -p chorus-server --bin chorus -p chorus-tests --bin loadgen --bin bench_slow_readers --bin bench_redis
+say "cargo build --release (chorus, loadgen, bench_send_floor, bench_slow_readers, bench_redis)"
+cargo build --release -p chorus-server --bin chorus -p chorus-tests --bin loadgen --bin bench_send_floor \
+  --bin bench_slow_readers --bin bench_redis
 CHORUS=$ROOT/target/release/chorus
 LOADGEN=$ROOT/target/release/loadgen
 
@@ -185,6 +186,11 @@ if [[ " $SCENARIOS " == *" s3 "* ]] && [ ! -f "$BIG" ]; then
 fi
 
 for rep in $(seq "$REPS"); do
+  if [[ " $SCENARIOS " == *" floor "* ]]; then
+    say "[$rep/$REPS] floor: plain writes to 50 loopback sockets in the fan-out's shape (bench_send_floor)"
+    taskset -c "$SERVER_CPU" "$ROOT/target/release/bench_send_floor" --reader-cpu "$GEN_CPU" \
+      | tee -a "$RUN/floor.txt" | sed -n 's/^RESULT //p' >>"$RESULTS"
+  fi
   for s in $SERVERS; do
     if [[ " $SCENARIOS " == *" fanout "* ]]; then
       say "[$rep/$REPS] $s: fan-out efficiency (1 doc, 50 readers, 2 writers × 50 updates/s)"

@@ -121,6 +121,23 @@ def main():
         ("p50 ms", "base_p50_ms", 2, False),
         ("p99 ms", "base_p99_ms", 2, False),
     ])
+    floor = by.get(("floor", "floor"), [])
+    if floor:
+        L.append("### The floor: plain writes in the fan-out's shape (bench_send_floor)")
+        L.append("")
+        L.append("The least any server can spend here: 50 loopback sockets, 100 updates/s of 32 B "
+                 "each written to every socket by blocking `write`s, no framing, runtime or document; "
+                 "readers in another process on the generator's core. Sender CPU measured like the servers'.")
+        L.append("")
+        L.append("| messages per write | sender CPU ms / 1,000 deliveries | deliveries/s |")
+        L.append("|---|---|---|")
+        for batch in sorted({r.get("messages_per_write") for r in floor}):
+            rs = [r for r in floor if r.get("messages_per_write") == batch]
+            cpu, n = med(rs, "cpu_ms_per_1k")
+            rate, _ = med(rs, "deliveries_per_s")
+            note = "" if n == reps else f" (n={n})"
+            L.append(f"| {batch} | {fmt(cpu, 2)}{note} | {fmt(rate, 0)} |")
+        L.append("")
     table("S1 typing rooms", "s1", [
         ("knee deliveries/s (p99 ≤ 50 ms)", "knee_delivered_per_s", 0, True),
         ("base p50 ms", "base_p50_ms", 2, False),

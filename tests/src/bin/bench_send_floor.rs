@@ -1,0 +1,162 @@
+//! Benchmark (not a test; outside the data flow): the least CPU any fan-out server can spend
+//! per delivery on this machine. Plain blocking `write`s of update-sized messages to loopback
+//! sockets in the fan-out target's shape (50 readers, 100 updates/s), with no WebSocket
+//! framing, no runtime and no document behind them; the readers are another process on the
+//! other core, as the load generator is for the servers.
+//!
+//! bench_send_floor [--readers 50] [--rate 100] [--seconds 10] [--bytes 32] [--reader-cpu 1]
+//!
+//! Run it pinned like a server (`taskset -c 0`; scripts/bench.sh does). It measures one write
+//! per delivery, then several messages per write (what holding a connection's writer gathers),
+//! and prints sender CPU per 1,000 deliveries from `/proc/self/stat` (utime+stime), the figure
+//! the servers are measured by. On loopback the sender also pays for the receive side's TCP
+//! processing, as every server does.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--read-from") {
+        let addr = args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!("--read-from ADDR"))?;
+        return read_all(addr, chorus_tests::arg("--readers", 50));
+    }
+    let readers = chorus_tests::arg("--readers", 50);
+    let rate = chorus_tests::arg("--rate", 100);
+    let seconds = chorus_tests::arg("--seconds", 10);
+    let bytes = chorus_tests::arg("--bytes", 32);
+    let reader_cpu = chorus_tests::arg("--reader-cpu", 1);
+    println!(
+        "bench_send_floor: {readers} loopback sockets, {rate} updates/s of {bytes} B, each update \
+         written to every socket, {seconds} s per row; readers in a separate process on CPU {reader_cpu}"
+    );
+    println!(
+        "{:>18} {:>14} {:>14} {:>22}",
+        "messages/write", "deliveries/s", "writes/s", "sender CPU ms/1k deliv"
+    );
+    for batch in [1usize, 3, 10] {
+        let (delivered, secs, cpu) = run(readers, rate, seconds, bytes, batch, reader_cpu)?;
+        let per_1k = cpu * 1000.0 * 1000.0 / delivered as f64;
+        println!(
+            "{batch:>18} {:>14.0} {:>14.0} {per_1k:>22.2}",
+            delivered as f64 / secs,
+            delivered as f64 / secs / batch as f64
+        );
+        println!(
+            "RESULT {}",
+            serde_json::json!({
+                "scenario": "floor", "server": "floor", "messages_per_write": batch,
+                "deliveries_per_s": delivered as f64 / secs, "cpu_ms_per_1k": per_1k,
+                "readers": readers, "rate": rate, "bytes": bytes,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// One row: `rate` updates a second for `seconds`, each written to every reader, `batch`
+/// updates to a write. Returns (deliveries, seconds, sender CPU seconds).
+fn run(
+    readers: usize,
+    rate: usize,
+    seconds: usize,
+    bytes: usize,
+    batch: usize,
+    reader_cpu: usize,
+) -> anyhow::Result<(u64, f64, f64)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let exe = std::env::current_exe()?;
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg(reader_cpu.to_string())
+        .arg(exe)
+        .args(["--read-from", &addr, "--readers", &readers.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut socks = Vec::with_capacity(readers);
+    for _ in 0..readers {
+        let (s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        socks.push(s);
+    }
+    let message = vec![0x55u8; bytes * batch];
+    // Writes come every `batch` update periods, `batch` updates at a time.
+    let period = Duration::from_secs_f64(batch as f64 / rate as f64);
+    let rounds = (seconds * rate).div_ceil(batch);
+    let cpu0 = cpu_seconds()?;
+    let t0 = Instant::now();
+    let mut next = t0;
+    for _ in 0..rounds {
+        for s in &mut socks {
+            s.write_all(&message)?;
+        }
+        next += period;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds()? - cpu0;
+    drop(socks);
+    let out = child.wait_with_output()?;
+    let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let sent = (rounds * batch * readers * bytes) as u64;
+    anyhow::ensure!(got == sent, "readers got {got} bytes of {sent}");
+    Ok(((rounds * batch * readers) as u64, secs, cpu))
+}
+
+/// The reader process: one thread, one task per socket (as the load generator reads), each
+/// reading until the sender closes; prints the bytes received.
+fn read_all(addr: &str, readers: usize) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let total = rt.block_on(async {
+        let mut tasks = Vec::with_capacity(readers);
+        for _ in 0..readers {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                total
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await?;
+        }
+        anyhow::Ok(total)
+    })?;
+    println!("{total}");
+    Ok(())
+}
+
+/// utime + stime of this process, from `/proc/self/stat` (the fields after the command name).
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("/proc/self/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of the file, utime 14 and stime 15.
+    let ticks: f64 = f
+        .get(11)
+        .zip(f.get(12))
+        .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
+        .ok_or_else(|| anyhow::anyhow!("utime/stime in /proc/self/stat"))?;
+    // USER_HZ is 100 on Linux.
+    Ok(ticks / 100.0)
+}
