@@ -231,12 +231,13 @@ for rep in $(seq "$REPS"); do
       stop
       if [ -z "${S3_SKIP_INGEST:-}" ]; then
         start "$s" 1
-        # Up to 20 s of quiet: the reference server sends a persisted document after its sync.
-        gen --scenario load --label "$s" --doc "b4r$rep" --quiet-ms 20000 || true
+        # Up to 45 s without content: the reference server sends a persisted document after
+        # its sync (the 100x one about 20 s later); a load ends as soon as all has arrived.
+        gen --scenario load --label "$s" --doc "b4r$rep" --ops "$S3_OPS" --quiet-ms 45000 || true
         stop
       fi
       start "$s" 1
-      gen --scenario load --label "$s" --doc "${big}r$rep" --quiet-ms 20000 || true
+      gen --scenario load --label "$s" --doc "${big}r$rep" --file "$BIG" --quiet-ms 45000 || true
       stop
     fi
   done

@@ -30,6 +30,34 @@ pub fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// utime + stime of process `pid`, in seconds, from `/proc/PID/stat`: the CPU figure every
+/// benchmark reports. 0 if the process is gone.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the ")" closing the command name; utime and stime are 14 and 15.
+    let after = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// VmRSS of process `pid` in KB, from `/proc/PID/status`. 0 if the process is gone.
+pub fn process_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Default deadline for anything a test waits on.
 pub const DEADLINE: Duration = Duration::from_secs(15);
 

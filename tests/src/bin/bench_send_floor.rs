@@ -88,7 +88,7 @@ fn run(
     // Writes come every `batch` update periods, `batch` updates at a time.
     let period = Duration::from_secs_f64(batch as f64 / rate as f64);
     let rounds = (seconds * rate).div_ceil(batch);
-    let cpu0 = cpu_seconds()?;
+    let cpu0 = chorus_tests::process_cpu_seconds(std::process::id());
     let t0 = Instant::now();
     let mut next = t0;
     for _ in 0..rounds {
@@ -101,7 +101,7 @@ fn run(
         }
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds()? - cpu0;
+    let cpu = chorus_tests::process_cpu_seconds(std::process::id()) - cpu0;
     drop(socks);
     let out = child.wait_with_output()?;
     let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
@@ -141,22 +141,4 @@ fn read_all(addr: &str, readers: usize) -> anyhow::Result<()> {
     })?;
     println!("{total}");
     Ok(())
-}
-
-/// utime + stime of this process, from `/proc/self/stat` (the fields after the command name).
-fn cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let rest = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow::anyhow!("/proc/self/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3 of the file, utime 14 and stime 15.
-    let ticks: f64 = f
-        .get(11)
-        .zip(f.get(12))
-        .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
-        .ok_or_else(|| anyhow::anyhow!("utime/stime in /proc/self/stat"))?;
-    // USER_HZ is 100 on Linux.
-    Ok(ticks / 100.0)
 }

@@ -24,17 +24,6 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use yrs::{Map, ReadTxn, Transact};
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 const VALUE_BYTES: usize = 10 * 1024;
 const DOC: &str = "slow";
 
@@ -151,7 +140,7 @@ struct Sampler {
 
 impl Sampler {
     fn start(addr: std::net::SocketAddr, pid: u32) -> Self {
-        let peak_rss = Arc::new(AtomicU64::new(rss_kb(pid)));
+        let peak_rss = Arc::new(AtomicU64::new(chorus_tests::process_rss_kb(pid)));
         let peak_largest_outbox = Arc::new(AtomicU64::new(0));
         let running = Arc::new(AtomicBool::new(true));
         let task = {
@@ -162,7 +151,7 @@ impl Sampler {
             );
             tokio::spawn(async move {
                 while running.load(Ordering::Relaxed) {
-                    peak_rss.fetch_max(rss_kb(pid), Ordering::Relaxed);
+                    peak_rss.fetch_max(chorus_tests::process_rss_kb(pid), Ordering::Relaxed);
                     if let Ok(r) = http::get(addr, "/v1/stats").await {
                         let largest = r.json()["outbox"]["largest_pending_bytes"]
                             .as_u64()
@@ -264,7 +253,7 @@ async fn main() {
     let mut stalled = NativeClient::connect_small_window(&url, 16 * 1024).await;
     stalled.subscribe_synced(DOC).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before = rss_kb(pid);
+    let rss_before = chorus_tests::process_rss_kb(pid);
     let sampler = Sampler::start(server.addr, pid);
     let (missed, took) = write(&url, 1, mb << 20, epoch).await;
     let (peak_rss, peak_outbox) = sampler.stop().await;

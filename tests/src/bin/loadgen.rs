@@ -354,27 +354,11 @@ struct Proc {
 impl Proc {
     /// utime + stime of the process, in seconds.
     fn cpu(&self) -> f64 {
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return 0.0;
-        };
-        // Fields after the ")" closing the command name; utime and stime are 14 and 15.
-        let after = s.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        ticks / 100.0
+        chorus_tests::process_cpu_seconds(self.pid)
     }
 
     fn rss_kb(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        chorus_tests::process_rss_kb(self.pid)
     }
 }
 
@@ -1053,10 +1037,28 @@ async fn put(target: Arc<Target>, a: &Args) -> anyhow::Result<()> {
 }
 
 /// Cold load: a fresh client syncs a document the (just restarted) server has not loaded.
+/// With `--file F` (the document that was put) or `--ops N` (the trace's document) the load
+/// knows how many characters the whole document holds and ends once they have arrived.
 async fn load(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()> {
     let doc_name = a.s("doc", "large");
     let label = a.s("label", "server");
     let out = a.s("out", "");
+    let file = a.s("file", "");
+    let expect = if !file.is_empty() {
+        Some(check_doc(&std::fs::read(&file)?))
+    } else {
+        let ops = a.n("ops", 0.0) as usize;
+        (ops > 0).then(|| {
+            synthetic_trace(ops)
+                .iter()
+                .map(|op| match op {
+                    Op::Ins(..) => 1isize,
+                    Op::Del(..) => -1,
+                })
+                .sum::<isize>()
+                .max(0) as usize
+        })
+    };
     let rss0 = server.rss_kb();
     let t = Instant::now();
     let mut ws = target.open(&doc_name, 6).await?;
@@ -1065,19 +1067,38 @@ async fn load(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()>
     let mut parts = vec![state];
     // A server may answer before its persistence layer has loaded the document (the
     // reference server's LevelDB binding does) and send the content as updates afterwards:
-    // the load ends with the last content that arrives before `--quiet-ms` (1.5 s) of silence.
+    // the load ends once the whole document has arrived, or after `--quiet-ms` (1.5 s) with
+    // no content. Completeness is checked only in pauses of `PAUSE`, so that checking (which
+    // applies everything received to a document) never delays seeing the next message.
+    const PAUSE: Duration = Duration::from_millis(500);
     let mut scratch = Vec::new();
     let quiet = Duration::from_millis(a.n("quiet-ms", 1500.0) as u64);
-    // Only content restarts the quiet window: keepalives (Chorus sends one every 15 s on a
-    // quiet y-websocket socket) must not keep the load open forever.
-    let mut until = Instant::now() + quiet;
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(until.into(), ws.next()).await {
+    // Only content moves `last_content`: keepalives (Chorus sends one every 15 s on a quiet
+    // y-websocket socket) must not keep the load open forever.
+    let mut last_content = Instant::now();
+    loop {
+        let msg = match tokio::time::timeout(PAUSE, ws.next()).await {
+            Ok(Some(Ok(msg))) => msg,
+            Ok(_) => break,
+            Err(_) => {
+                let complete = || {
+                    expect.is_some_and(|n| {
+                        yrs::merge_updates_v1(parts.iter().map(Vec::as_slice))
+                            .is_ok_and(|s| check_doc(&s) >= n)
+                    })
+                };
+                if last_content.elapsed() >= quiet || complete() {
+                    break;
+                }
+                continue;
+            }
+        };
         let Message::Binary(b) = msg else { continue };
         let got = target.parse(&b, &mut scratch);
         if let Got::Update(u) | Got::Synced(u) = &got {
             parts.push(u.to_vec());
             secs = t.elapsed().as_secs_f64();
-            until = Instant::now() + quiet;
+            last_content = Instant::now();
         }
         target.answer(&mut ws, &doc_name, &got).await?;
     }
@@ -1096,7 +1117,8 @@ async fn load(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()>
         &out,
         serde_json::json!({
             "scenario": format!("load:{doc_name}"), "server": label, "ms": secs * 1000.0,
-            "bytes": bytes, "characters": chars, "rss_before_kb": rss0, "rss_after_kb": rss1,
+            "bytes": bytes, "characters": chars, "expected_characters": expect,
+            "rss_before_kb": rss0, "rss_after_kb": rss1,
         }),
     );
     Ok(())
