@@ -338,6 +338,28 @@ impl Backplane for EmbeddedBackplane {
         async move { task.await.map_err(storage)? }.boxed()
     }
 
+    /// Every append is delivered by this process, so the head is exact: an id past it cannot
+    /// exist yet (whatever the clock says; ids here never go backwards, even when it does).
+    fn may_hold(&self, doc: &DocId, id: StreamId) -> BoxFuture<'static, bool> {
+        let shared = self.shared.clone();
+        let doc = doc.clone();
+        let task = self.tracker.spawn_blocking(move || {
+            let head = {
+                let p = lock(&shared.pending);
+                match p.docs.get(&doc) {
+                    Some(d) => Some(d.head),
+                    None => shared
+                        .db
+                        .begin_read()
+                        .ok()
+                        .and_then(|txn| head_in(&txn, &doc).ok().flatten()),
+                }
+            };
+            head.is_some_and(|h| id <= h.last)
+        });
+        async move { task.await.unwrap_or(false) }.boxed()
+    }
+
     fn trim(&self, doc: &DocId, before: StreamId) -> BoxFuture<'static, BackplaneResult<()>> {
         let (reply, rx) = oneshot::channel();
         answer(

@@ -116,6 +116,16 @@ pub trait Backplane: Send + Sync + 'static {
         after: StreamId,
     ) -> BoxFuture<'static, BackplaneResult<(LogHead, Vec<Entry>)>>;
 
+    /// Whether the log may hold an entry `id` of its current epoch, now or any moment (an
+    /// append this node's reader has not delivered yet). A caller about to wait for a position
+    /// asks first, so that a position that cannot exist is answered at once instead of
+    /// waited for. A shared log's ids start with their append time on some node's clock, so
+    /// by default an id more than [`MAX_CLOCK_SKEW_MS`] ahead of this node's clock cannot
+    /// exist yet.
+    fn may_hold(&self, _doc: &DocId, id: StreamId) -> BoxFuture<'static, bool> {
+        Box::pin(async move { id.ms <= now_ms().saturating_add(MAX_CLOCK_SKEW_MS) })
+    }
+
     /// Drops entries with ids lower than `before` (they are covered by a snapshot).
     fn trim(&self, doc: &DocId, before: StreamId) -> BoxFuture<'static, BackplaneResult<()>>;
 
@@ -203,6 +213,10 @@ pub fn next_id(last: StreamId, now_ms: u64) -> StreamId {
         last.successor()
     }
 }
+
+/// How far another node's clock may run ahead of ours before an id it could have handed out
+/// is taken as forged (see [`Backplane::may_hold`]).
+pub const MAX_CLOCK_SKEW_MS: u64 = 5_000;
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

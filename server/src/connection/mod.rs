@@ -204,6 +204,40 @@ pub trait Session: Send + 'static {
     fn expires_at(&self) -> Option<u64>;
     /// The token expires soon: tell the client, if the protocol can.
     fn warn_expiring(&mut self);
+    /// Updates the session holds back, while the socket keeps being read, until what they
+    /// build on arrives: when to look at them again. `None` while nothing is held.
+    fn held(&self) -> Option<HeldWake> {
+        None
+    }
+    /// The document learned more, or the oldest held update's wait ended.
+    fn on_held_wake(&mut self) -> Step {
+        Step::Continue
+    }
+}
+
+/// When a session's held updates are due for another look (see [`Session::held`]).
+pub struct HeldWake {
+    /// Changes when the document learns of more applied state.
+    pub changed: tokio::sync::watch::Receiver<u64>,
+    /// The oldest held update's wait ends.
+    pub until: Instant,
+}
+
+impl HeldWake {
+    async fn wait(held: Option<HeldWake>) {
+        let Some(mut h) = held else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            changed = h.changed.changed() => {
+                // The document is gone: only the deadline is left to wait for.
+                if changed.is_err() {
+                    tokio::time::sleep_until(h.until).await;
+                }
+            }
+            _ = tokio::time::sleep_until(h.until) => {}
+        }
+    }
 }
 
 /// Appends one connection may have in flight before we stop reading its frames.
@@ -255,6 +289,11 @@ async fn run_split<S: Session>(
     let mut expired = false;
     let reason = loop {
         let inflight_full = session.inflight().len() >= MAX_INFLIGHT;
+        // Backpressure on the client's own requests: while more waits for it than its budget
+        // (an answer to a document larger than the budget, say), what it sends stays unread
+        // in the socket, so asking again and again without reading costs nothing here.
+        let over_budget = outbox.over_budget();
+        let held = session.held();
         let expiry = session.expires_at();
         let expire_at = expiry.filter(|_| !expired).map(instant_at);
         let warn_at = expiry
@@ -277,7 +316,13 @@ async fn run_split<S: Session>(
                     outbox.request_close(code);
                 }
             }
-            msg = stream.next(), if !inflight_full => {
+            _ = outbox.room(), if over_budget => {}
+            _ = HeldWake::wait(held) => {
+                if let Step::Close(code) = session.on_held_wake() {
+                    outbox.request_close(code);
+                }
+            }
+            msg = stream.next(), if !inflight_full && !over_budget => {
                 last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 match msg {
                     None => break "client went away",
@@ -415,12 +460,9 @@ async fn write_loop(
                     wake_at = None;
                     continue;
                 }
-                let drained = outbox.drain();
+                let mut drained = outbox.drain();
                 wake_at = drained.wake_at;
-                for (handle, from) in drained.resync {
-                    metrics::counter!(crate::metrics::names::RESYNCS).increment(1);
-                    Box::pin(handle.resync(outbox.conn, from)).await;
-                }
+                drained.request_owed(outbox.conn).await;
                 let wrote = if drained.frames.is_empty() {
                     Wrote::Ok
                 } else {

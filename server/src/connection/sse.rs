@@ -167,11 +167,9 @@ async fn pump(
                 break;
             }
             Wake::Drain => {
-                let drained = outbox.drain();
+                let mut drained = outbox.drain();
                 wake_at = drained.wake_at;
-                for (h, from) in drained.resync {
-                    h.resync(conn, from).await;
-                }
+                drained.request_owed(conn).await;
                 let mut chunk = events(&drained.frames, req.presence);
                 if let Some(code) = drained.close {
                     chunk.extend_from_slice(&close_event(code));
@@ -249,7 +247,8 @@ fn event(out: &mut Vec<u8>, name: Option<&str>, id: Option<Position>, data: &[u8
 
 /// A position handed out by another node may be a few milliseconds ahead of this node's
 /// reader: wait (briefly) until this node has applied it, so the reader gets an exact replay
-/// instead of a needless full state. A position from another epoch is not waited for.
+/// instead of a needless full state. A position from another epoch, or one the log cannot
+/// hold (forged, far in the future), is not waited for.
 async fn settle_ahead(ctx: &ConnContext, doc: &DocId, p: Position) {
     let current = ctx
         .registry
@@ -260,6 +259,7 @@ async fn settle_ahead(ctx: &ConnContext, doc: &DocId, p: Position) {
     if let Ok(current) = current
         && current.epoch == p.epoch
         && current.id < p.id
+        && ctx.registry.backplane().may_hold(doc, p.id).await
     {
         let _ = tokio::time::timeout(
             AHEAD_WAIT,
@@ -338,10 +338,8 @@ async fn poll_once(
     let mut updates: Vec<Vec<u8>> = Vec::new();
     let mut synced = false;
     loop {
-        let drained = outbox.drain();
-        for (h, from) in drained.resync {
-            h.resync(conn, from).await;
-        }
+        let mut drained = outbox.drain();
+        drained.request_owed(conn).await;
         for f in &drained.frames {
             match ServerFrame::decode(f) {
                 Ok(ServerFrame::Synced {

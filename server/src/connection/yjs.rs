@@ -7,18 +7,20 @@
 //! yrs decodes anything.
 
 use super::native::{AppendDone, AppendFuture, ErrorBudget, start_append};
-use super::{ConnContext, Session, Step};
+use super::{ConnContext, HeldWake, Session, Step};
 use crate::auth::{Access, Principal};
 use crate::backplane::Origin;
 use crate::doc::outbox::Outbox;
-use crate::doc::{DocHandle, Readiness, Registry};
+use crate::doc::{DocHandle, LOAD_WAIT, Readiness, Registry};
 use crate::validate::{self, Lib0Reader};
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId};
 use futures_util::stream::FuturesUnordered;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use yrs::StateVector;
 use yrs::sync::protocol::{
     MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC, MSG_SYNC_STEP_1, MSG_SYNC_STEP_2,
@@ -122,6 +124,11 @@ pub struct YjsSession {
     told_read_only: bool,
     /// Clocks this socket's admitted appends reach, per yrs client (see the native session).
     own: HashMap<u64, u64>,
+    /// Updates waiting for what they build on, oldest first (see `hold`).
+    held: VecDeque<Held>,
+    held_bytes: usize,
+    /// While something is held: tells when the document learned more.
+    known: Option<watch::Receiver<u64>>,
 }
 
 impl YjsSession {
@@ -145,6 +152,9 @@ impl YjsSession {
             principal,
             told_read_only: false,
             own: HashMap::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            known: None,
         }
     }
 
@@ -183,58 +193,143 @@ impl YjsSession {
             }
             return Step::Continue;
         }
-        match validate::check_update(update, self.config.max_update_bytes) {
+        let checked = match validate::check_update(update, self.config.max_update_bytes) {
             // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
             // to log.
-            Ok(checked) if checked.update.is_empty() => Step::Continue,
-            Ok(checked) => {
-                let Some(handle) = self.handle.clone() else {
-                    return Step::Close(CloseCode::InternalError);
-                };
-                handle.forget_known(&mut self.own);
-                if handle
-                    .wait_ready(
-                        &checked.deps,
-                        Some(&self.own),
-                        None,
-                        self.config.missing_deps_wait,
-                    )
-                    .await
-                    != Readiness::Met
-                {
-                    self.ctx
-                        .refused_missing_deps
-                        .fetch_add(1, Ordering::Relaxed);
-                    let msg = permission_denied_message(
-                        "update refused: it builds on changes this document does not have",
-                    );
-                    if !self.outbox.push_control(Bytes::from(msg)) {
-                        return Step::Close(CloseCode::PolicyViolation);
-                    }
-                    return self.bad("update with missing dependencies");
-                }
-                for (client, end) in checked.deps.ends() {
-                    let reach = self.own.entry(client).or_default();
-                    *reach = (*reach).max(end);
-                }
-                let origin = Origin {
-                    node: self.registry.node(),
-                    conn: self.outbox.conn,
-                    seq: None,
-                };
-                self.inflight.push(start_append(
-                    &self.registry,
-                    &self.doc,
-                    Bytes::copy_from_slice(update),
-                    origin,
-                ));
+            Ok(checked) if checked.update.is_empty() => return Step::Continue,
+            Ok(checked) => checked,
+            Err(validate::Rejected::TooLarge(..)) => return Step::Close(CloseCode::MessageTooBig),
+            Err(_) => return self.bad("invalid update"),
+        };
+        let Some(handle) = self.handle.clone() else {
+            return Step::Close(CloseCode::InternalError);
+        };
+        handle.forget_known(&mut self.own);
+        if handle.readiness_now(&checked.deps, &self.own) == Some(Readiness::Met) {
+            self.admit(Bytes::copy_from_slice(update), &checked.deps);
+            return if self.held.is_empty() {
                 Step::Continue
-            }
-            Err(validate::Rejected::TooLarge(..)) => Step::Close(CloseCode::MessageTooBig),
-            Err(_) => self.bad("invalid update"),
+            } else {
+                // What it brought may be what a held update was waiting for.
+                self.admit_held()
+            };
         }
+        self.hold(&handle, Bytes::copy_from_slice(update), checked.deps)
+    }
+
+    /// Appends an update whose dependencies are met; later updates of this socket may build on
+    /// it before the document has applied it.
+    fn admit(&mut self, update: Bytes, deps: &validate::Deps) {
+        for (client, end) in deps.ends() {
+            let reach = self.own.entry(client).or_default();
+            *reach = (*reach).max(end);
+        }
+        let origin = Origin {
+            node: self.registry.node(),
+            conn: self.outbox.conn,
+            seq: None,
+        };
+        self.inflight
+            .push(start_append(&self.registry, &self.doc, update, origin));
+    }
+
+    /// An update that builds on something the document does not have yet waits here, in
+    /// order, while the socket keeps being read: a stock client sends its live updates as soon
+    /// as its socket opens, before the sync reply that carries what they build on, and that
+    /// reply must be read for them to be admitted.
+    fn hold(&mut self, handle: &DocHandle, update: Bytes, deps: validate::Deps) -> Step {
+        if self.held.len() >= MAX_HELD || self.held_bytes + update.len() > self.held_budget() {
+            return self.refuse_missing();
+        }
+        if self.held.is_empty() {
+            let mut changes = handle.known_changes();
+            changes.borrow_and_update();
+            self.known = Some(changes);
+        }
+        // A document still loading can take longer than the usual wait to know its state.
+        let wait = if !handle.is_loaded() {
+            self.config.missing_deps_wait.max(LOAD_WAIT)
+        } else {
+            self.config.missing_deps_wait
+        };
+        self.held_bytes += update.len();
+        self.held.push_back(Held {
+            update,
+            deps,
+            until: Instant::now() + wait,
+        });
+        Step::Continue
+    }
+
+    /// Admits every held update that is now met (in order, each making way for the next),
+    /// then refuses those whose wait is over.
+    fn admit_held(&mut self) -> Step {
+        let Some(handle) = self.handle.clone() else {
+            return Step::Continue;
+        };
+        if let Some(known) = &mut self.known {
+            known.borrow_and_update();
+        }
+        handle.forget_known(&mut self.own);
+        let mut progress = true;
+        while progress {
+            progress = false;
+            let mut i = 0;
+            while i < self.held.len() {
+                if handle.readiness_now(&self.held[i].deps, &self.own) == Some(Readiness::Met) {
+                    let Some(h) = self.held.remove(i) else { break };
+                    self.held_bytes -= h.update.len();
+                    self.admit(h.update, &h.deps);
+                    progress = true;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let now = Instant::now();
+        while self.held.front().is_some_and(|h| h.until <= now) {
+            if let Some(h) = self.held.pop_front() {
+                self.held_bytes -= h.update.len();
+            }
+            if let Step::Close(code) = self.refuse_missing() {
+                return Step::Close(code);
+            }
+        }
+        if self.held.is_empty() {
+            self.known = None;
+        }
+        Step::Continue
+    }
+
+    fn refuse_missing(&mut self) -> Step {
+        self.ctx
+            .refused_missing_deps
+            .fetch_add(1, Ordering::Relaxed);
+        let msg = permission_denied_message(
+            "update refused: it builds on changes this document does not have",
+        );
+        if !self.outbox.push_control(Bytes::from(msg)) {
+            return Step::Close(CloseCode::PolicyViolation);
+        }
+        self.bad("update with missing dependencies")
+    }
+
+    /// Bytes of updates one socket may hold back: a few of the largest updates.
+    fn held_budget(&self) -> usize {
+        self.config.max_update_bytes.saturating_mul(2)
     }
 }
+
+/// An update waiting for what it builds on (see `YjsSession::hold`).
+struct Held {
+    update: Bytes,
+    deps: validate::Deps,
+    until: Instant,
+}
+
+/// Updates one y-websocket socket may hold back at once; past this (or its byte budget) a new
+/// one that cannot be admitted is refused at once.
+const MAX_HELD: usize = 64;
 
 impl Session for YjsSession {
     async fn on_binary(&mut self, bytes: Bytes) -> Step {
@@ -291,6 +386,16 @@ impl Session for YjsSession {
 
     /// y-websocket has no way to refresh a token: the socket is simply closed at expiry.
     fn warn_expiring(&mut self) {}
+
+    fn held(&self) -> Option<HeldWake> {
+        let changed = self.known.clone()?;
+        let until = self.held.front()?.until;
+        Some(HeldWake { changed, until })
+    }
+
+    fn on_held_wake(&mut self) -> Step {
+        self.admit_held()
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use yrs::sync::Awareness;
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
@@ -60,6 +61,8 @@ pub(crate) struct Owner {
     /// that id's state (y-protocols has no ownership; without this any client could move or
     /// erase another's cursor).
     awareness_owner: HashMap<ClientID, u64>,
+    /// Awareness clients removed since the tombstones were last compacted.
+    departed: usize,
     /// The whole document encoded at a position (a snapshot just loaded or saved, or a full
     /// state sent to a joining client), reused while the document stays at that position:
     /// joins of a large idle document don't each re-encode it.
@@ -70,6 +73,14 @@ pub(crate) struct Owner {
 /// (its document's client id); a few more leave room for clients that hold several docs
 /// under one socket id scheme, without letting one socket flood everyone's presence.
 pub(crate) const MAX_AWARENESS_IDS: usize = 8;
+
+/// Callers waiting for one document to apply an entry (read-your-writes, a position from
+/// another node); see `Owner::wait_applied`.
+const MAX_WAITERS: usize = 1024;
+
+/// See `Owner::note_departed`.
+const AWARENESS_COMPACT_EVERY: usize = 64;
+const AWARENESS_TOMBSTONE_GRACE_MS: u64 = 30_000;
 
 /// How long one node may hold a document's compaction lock (snapshot + trim).
 const COMPACTION_LOCK: std::time::Duration = std::time::Duration::from_secs(30);
@@ -100,6 +111,7 @@ impl Owner {
             waiters: Vec::new(),
             remote_awareness: HashMap::new(),
             awareness_owner: HashMap::new(),
+            departed: 0,
             full_state: std::cell::RefCell::new(None),
         }
     }
@@ -152,7 +164,9 @@ impl Owner {
                 Some(cmd) = commands.recv() => self.handle_command(cmd).await,
                 _ = sleep_until_opt(evict_at) => break,
             }
-            idle_since = match (self.subs.is_empty() && self.waiters.is_empty(), idle_since) {
+            // Waiters do not keep a document hot: each has its own deadline, and those still
+            // waiting at unload are answered with where the document stands.
+            idle_since = match (self.subs.is_empty(), idle_since) {
                 (true, None) => Some(Instant::now()),
                 (true, since) => since,
                 (false, _) => None,
@@ -164,6 +178,10 @@ impl Owner {
         // we unregister, so its `watch` comes last. With a shared log, only the holder of the
         // document's compaction lock writes snapshots.
         self.save_snapshot_locked().await;
+        let position = self.position();
+        for (_, reply) in self.waiters.drain(..) {
+            let _ = reply.send(position);
+        }
         self.shared.backplane.unwatch(&self.doc);
         self.unregister();
         commands.close();
@@ -572,16 +590,42 @@ impl Owner {
         hot.fanout_seconds.record(started.elapsed().as_secs_f64());
     }
 
+    /// Answers the waiters whose entry is applied, and forgets those nobody waits for any more.
     fn wake_waiters(&mut self) {
-        let position = self.position();
-        let applied = self.applied;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|(id, _)| *id <= applied);
-        self.waiters = waiting;
-        for (_, reply) in ready {
-            let _ = reply.send(position);
+        if self.waiters.is_empty() {
+            return;
         }
+        let position = self.position();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let (id, reply) = &self.waiters[i];
+            if *id <= self.applied || reply.is_closed() {
+                let (_, reply) = self.waiters.swap_remove(i);
+                let _ = reply.send(position);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// A caller waits until the entry `id` is applied. Callers check first that such an entry
+    /// can exist ([`crate::backplane::Backplane::may_hold`]) and bound their wait; here the
+    /// number of waiters is bounded too: past [`MAX_WAITERS`] (after forgetting those whose
+    /// caller gave up) a waiter is answered at once with where the document stands, which its
+    /// caller reads as "not applied yet".
+    fn wait_applied(&mut self, id: StreamId, reply: oneshot::Sender<Position>) {
+        if id <= self.applied {
+            let _ = reply.send(self.position());
+            return;
+        }
+        if self.waiters.len() >= MAX_WAITERS {
+            self.waiters.retain(|(_, r)| !r.is_closed());
+        }
+        if self.waiters.len() >= MAX_WAITERS {
+            let _ = reply.send(self.position());
+            return;
+        }
+        self.waiters.push((id, reply));
     }
 
     async fn handle_command(&mut self, cmd: Command) {
@@ -611,10 +655,7 @@ impl Owner {
                 let state = self.encode_diff(&StateVector::default());
                 let _ = reply.send((state, self.position()));
             }
-            Command::WaitApplied { id, reply } => {
-                self.waiters.push((id, reply));
-                self.wake_waiters();
-            }
+            Command::WaitApplied { id, reply } => self.wait_applied(id, reply),
             Command::RemoteAwareness { node, update } => self.apply_remote_awareness(node, &update),
             Command::NodeGone { node } => self.remove_node_awareness(node),
         }
@@ -622,8 +663,22 @@ impl Owner {
 
     fn subscribe(&mut self, sub: Subscriber, from: SyncFrom) {
         let conn = sub.conn;
+        let offer_only = sub.outbox.proto == Proto::Yjs
+            && from.position.is_none()
+            && from.state_vector.is_none();
         self.add_sub(sub);
-        self.send_sync(conn, &from);
+        if offer_only {
+            // y-websocket join: offer our state vector. The client answers with what we miss
+            // and its own step 1, whose answer (step 2) carries the document. The offer has
+            // no content, so it moves no position.
+            let sv = self.awareness.doc().transact().state_vector();
+            if let Some(sub) = self.subs.get(&conn) {
+                sub.outbox
+                    .push_frame(&self.doc, Bytes::from(yjs::sync_step1_message(&sv)));
+            }
+        } else {
+            self.send_sync(conn, &from);
+        }
         self.send_awareness_snapshot(conn);
     }
 
@@ -634,37 +689,37 @@ impl Owner {
             Proto::Native => self.native_subs += 1,
             Proto::Yjs => self.yjs_subs += 1,
         }
-        if let Some(old) = self.subs.insert(
+        // Re-subscribing on the same socket keeps the presence it introduced: those ids are
+        // still its own (`awareness_owner` says so), and its leave must still clear them.
+        let awareness_ids = match self.subs.remove(&conn) {
+            Some(old) => {
+                match old.outbox.proto {
+                    Proto::Native => self.native_subs -= 1,
+                    Proto::Yjs => self.yjs_subs -= 1,
+                }
+                old.awareness_ids
+            }
+            None => HashSet::new(),
+        };
+        self.subs.insert(
             conn,
             Sub {
                 outbox: sub.outbox,
-                awareness_ids: HashSet::new(),
+                awareness_ids,
             },
-        ) {
-            // Re-subscribing on the same socket: keep counts right.
-            match old.outbox.proto {
-                Proto::Native => self.native_subs -= 1,
-                Proto::Yjs => self.yjs_subs -= 1,
-            }
-        }
+        );
     }
 
     /// Brings one subscriber up to the current position: exact replay when its position is
     /// still in memory, otherwise a diff against its state vector (or the whole document).
+    /// Always with content, for either protocol: a catch-up that only offered our state vector
+    /// would leave a stock y-websocket client, which has already sent its own step 1, without
+    /// the document.
     fn send_sync(&self, conn: u64, from: &SyncFrom) {
         let Some(sub) = self.subs.get(&conn) else {
             return;
         };
         let position = self.position();
-        if sub.outbox.proto == Proto::Yjs && from.position.is_none() && from.state_vector.is_none()
-        {
-            // y-websocket: offer our state vector; the client answers with what we miss and
-            // sends its own step 1, which we answer with step 2.
-            let sv = self.awareness.doc().transact().state_vector();
-            let frame = Bytes::from(yjs::sync_step1_message(&sv));
-            sub.outbox.push_synced(&self.doc, frame, position);
-            return;
-        }
         let state_diff = || self.encode_diff(&from.state_vector.clone().unwrap_or_default());
         let (update, replay) = match from.position.and_then(|p| self.replay_after(p)) {
             Some(update) if update.len() <= LARGE_REPLAY => (update, true),
@@ -769,12 +824,30 @@ impl Owner {
             self.awareness_owner.remove(id);
             self.awareness.remove_state(*id);
         }
+        let departed = ids.len();
         if let Ok(update) = self.awareness.update_with_clients(ids) {
             let raw = update.encode_v1();
             self.broadcast_awareness(None, &raw);
             self.shared
                 .backplane
                 .publish_awareness(&self.doc, Bytes::from(raw));
+        }
+        self.note_departed(departed);
+    }
+
+    /// yrs keeps a removed client's clock forever (a tombstone, so that a late copy of its
+    /// old state is not taken as new). Clients come and go, so after every
+    /// [`AWARENESS_COMPACT_EVERY`] removals the tombstones of clients last heard of more than
+    /// [`AWARENESS_TOMBSTONE_GRACE_MS`] ago are dropped: by then no late copy of their state
+    /// can still be on its way (y-protocols itself forgets states after 30 s of silence).
+    fn note_departed(&mut self, n: usize) {
+        self.departed += n;
+        if self.departed < AWARENESS_COMPACT_EVERY {
+            return;
+        }
+        self.departed = 0;
+        if let Some(fresh) = without_old_tombstones(&self.awareness, now_ms()) {
+            self.awareness = fresh;
         }
     }
 
@@ -785,9 +858,11 @@ impl Owner {
         // A removal (state `null`) ends that node's claim, so the client may reappear through
         // any node (a reconnect through the load balancer).
         let claims = self.remote_awareness.entry(node).or_default();
+        let mut departed = 0;
         for (id, entry) in &update.clients {
             if &*entry.json == "null" {
                 claims.remove(id);
+                departed += 1;
             } else {
                 claims.insert(*id);
             }
@@ -797,6 +872,7 @@ impl Owner {
         {
             self.broadcast_awareness(None, &changed.encode_v1());
         }
+        self.note_departed(departed);
     }
 
     fn remove_node_awareness(&mut self, node: u64) {
@@ -807,9 +883,11 @@ impl Owner {
         for id in &ids {
             self.awareness.remove_state(*id);
         }
+        let departed = ids.len();
         if let Ok(update) = self.awareness.update_with_clients(ids) {
             self.broadcast_awareness(None, &update.encode_v1());
         }
+        self.note_departed(departed);
     }
 
     fn apply_awareness(&mut self, conn: u64, update: yrs::sync::awareness::AwarenessUpdate) {
@@ -857,6 +935,12 @@ impl Owner {
         for id in ids {
             self.awareness_owner.insert(id, conn);
         }
+        let departed = update
+            .clients
+            .values()
+            .filter(|e| &*e.json == "null")
+            .count();
+        self.note_departed(departed);
         match self.awareness.apply_update_summary(update) {
             Ok(Some(summary)) => {
                 if let Ok(changed) = self.awareness.update_with_clients(summary.all_changes()) {
@@ -984,6 +1068,40 @@ impl Owner {
     }
 }
 
+/// `awareness` without the tombstones whose client was last heard of more than
+/// [`AWARENESS_TOMBSTONE_GRACE_MS`] before `now` (ms; yrs stamps a state when it is set, not
+/// when it is removed), or `None` when it has none. yrs has no way to forget one client, so a fresh
+/// awareness over the same document takes what is kept: live states and recent tombstones,
+/// clocks unchanged.
+fn without_old_tombstones(awareness: &Awareness, now: u64) -> Option<Awareness> {
+    let mut keep = HashMap::new();
+    let mut dropped = 0usize;
+    for (id, state) in awareness.iter() {
+        let json = match state.data {
+            Some(json) => json,
+            None if now.saturating_sub(state.last_updated) < AWARENESS_TOMBSTONE_GRACE_MS => {
+                "null".into()
+            }
+            None => {
+                dropped += 1;
+                continue;
+            }
+        };
+        let clock = state.clock;
+        keep.insert(id, AwarenessUpdateEntry { clock, json });
+    }
+    if dropped == 0 {
+        return None;
+    }
+    let mut fresh = Awareness::new(awareness.doc().clone());
+    if let Err(e) = fresh.apply_update(AwarenessUpdate { clients: keep }) {
+        tracing::warn!(error = %e, "awareness could not be compacted");
+        return None;
+    }
+    tracing::debug!(dropped, "awareness tombstones dropped");
+    Some(fresh)
+}
+
 /// A snapshot encodes and writes the whole document, so it waits until the log behind it is
 /// worth that: `compact_entries` entries whose bytes are at least a quarter of the last
 /// snapshot (at most four bytes of snapshot written per byte of log: a large document typed
@@ -1032,6 +1150,77 @@ mod tests {
             replay_window: Duration::from_secs(600),
             replay_memory_bytes: 1 << 20,
         }
+    }
+
+    #[test]
+    fn departed_awareness_clients_are_forgotten_after_the_grace_period() {
+        let mut aw = Awareness::new(Doc::new());
+        let entry = |clock, json: &str| AwarenessUpdateEntry {
+            clock,
+            json: json.into(),
+        };
+        let clients = (1..=100u64)
+            .map(|id| (ClientID::new(id), entry(3, "{\"x\":1}")))
+            .collect();
+        aw.apply_update(AwarenessUpdate { clients }).expect("apply");
+        for id in 2..=100u64 {
+            aw.remove_state(ClientID::new(id));
+        }
+        assert_eq!(aw.iter().count(), 100, "yrs keeps every tombstone");
+        let now = now_ms();
+        assert!(
+            without_old_tombstones(&aw, now).is_none(),
+            "within the grace period nothing is dropped"
+        );
+        let fresh = without_old_tombstones(&aw, now + AWARENESS_TOMBSTONE_GRACE_MS + 1)
+            .expect("old tombstones dropped");
+        assert_eq!(fresh.iter().count(), 1, "only the live client is left");
+        assert_eq!(
+            fresh.meta(ClientID::new(1)).map(|m| m.0),
+            Some(3),
+            "clock kept"
+        );
+        assert_eq!(
+            fresh.state::<serde_json::Value>(ClientID::new(1)),
+            Some(serde_json::json!({"x": 1}))
+        );
+    }
+
+    #[test]
+    fn a_recent_tombstone_is_kept_and_still_refuses_a_late_copy_of_the_old_state() {
+        use std::sync::atomic::AtomicU64;
+        let t0 = 1_000_000_000u64;
+        let now = Arc::new(AtomicU64::new(t0));
+        let clock = now.clone();
+        let mut aw = Awareness::with_clock(Doc::new(), move || clock.load(Ordering::Relaxed));
+        let update = |entries: &[(u64, u32, &str)]| AwarenessUpdate {
+            clients: entries
+                .iter()
+                .map(|(id, clock, json)| {
+                    let entry = AwarenessUpdateEntry {
+                        clock: *clock,
+                        json: (*json).into(),
+                    };
+                    (ClientID::new(*id), entry)
+                })
+                .collect(),
+        };
+        aw.apply_update(update(&[(1, 5, "{}"), (2, 5, "{}")]))
+            .expect("apply");
+        aw.remove_state(ClientID::new(2));
+        // yrs stamps a state when it is set, not when it is removed.
+        now.store(t0 + 20_000, Ordering::Relaxed);
+        aw.apply_update(update(&[(1, 6, "{}")])).expect("apply");
+        aw.remove_state(ClientID::new(1));
+        let mut fresh = without_old_tombstones(&aw, t0 + 35_000).expect("2's tombstone is old");
+        assert_eq!(fresh.iter().count(), 1, "1's tombstone is recent and kept");
+        assert_eq!(fresh.meta(ClientID::new(1)).map(|m| m.0), Some(7));
+        // A late copy of client 1's old state is still refused...
+        fresh.apply_update(update(&[(1, 6, "{}")])).expect("apply");
+        assert_eq!(fresh.state::<serde_json::Value>(ClientID::new(1)), None);
+        // ...while client 2, forgotten, may come back with any clock.
+        fresh.apply_update(update(&[(2, 1, "{}")])).expect("apply");
+        assert!(fresh.state::<serde_json::Value>(ClientID::new(2)).is_some());
     }
 
     #[test]

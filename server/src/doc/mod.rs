@@ -123,7 +123,7 @@ impl Command {
 
 /// Longest an update waits for its document to finish loading before its dependencies are
 /// judged (a very large snapshot can take seconds to integrate).
-const LOAD_WAIT: Duration = Duration::from_secs(30);
+pub const LOAD_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether an update may be appended (see [`DocHandle::wait_ready`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +227,33 @@ impl DocHandle {
         }
     }
 
+    /// Whether `deps` is met right now, without waiting: `None` when it is not (yet), or while
+    /// the document is still loading (nothing can be judged missing before its state is
+    /// known). For writers that keep reading while an update waits ([`Self::known_changes`]
+    /// says when to ask again).
+    pub fn readiness_now(&self, deps: &Deps, own: &HashMap<u64, u64>) -> Option<Readiness> {
+        if !self.is_loaded() {
+            return None;
+        }
+        let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
+        let at = |c| {
+            let mine = own.get(&c).copied().unwrap_or(0);
+            u64::from(known.get(&ClientID::new(c))).max(mine)
+        };
+        deps.met_by(at).then_some(Readiness::Met)
+    }
+
+    /// Whether the document's state is known (it has finished loading its snapshot).
+    pub fn is_loaded(&self) -> bool {
+        *self.inner.known_version.borrow() != 0
+    }
+
+    /// Changes whenever the document learns of more applied state (and when it finishes
+    /// loading).
+    pub fn known_changes(&self) -> watch::Receiver<u64> {
+        self.inner.known_version.subscribe()
+    }
+
     /// Drops entries of `own` the document has caught up with.
     pub fn forget_known(&self, own: &mut HashMap<u64, u64>) {
         let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
@@ -246,6 +273,25 @@ impl DocHandle {
             }
         }
         self.inner.known_version.send_modify(|v| *v += 1);
+    }
+
+    /// A handle whose owner is the test: it receives the commands sent to the document.
+    #[cfg(test)]
+    pub(crate) fn for_tests(doc: &DocId) -> (DocHandle, mpsc::Receiver<Command>) {
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let handle = DocHandle {
+            inner: Arc::new(HandleInner {
+                doc: doc.clone(),
+                generation: 0,
+                commands,
+                entries: mpsc::channel(1).0,
+                lagged: AtomicBool::new(false),
+                approx_size: AtomicUsize::new(0),
+                known: std::sync::RwLock::new(StateVector::default()),
+                known_version: watch::channel(0).0,
+            }),
+        };
+        (handle, rx)
     }
 
     async fn send(&self, cmd: Command) -> Result<(), DocError> {

@@ -4,10 +4,24 @@
 //! together with the raw update. While a connection keeps up, the shared frame goes out as is.
 //! When it falls behind, what waits for a document is merged at drain time in one batch — all
 //! pending updates in a single `merge_updates_v1` call, not pairwise on arrival — and
-//! awareness keeps only the newest state per client. Bytes held are accounted; past the budget
-//! the pending updates are dropped and the document is asked to bring the connection up to
-//! date from the last position it was actually sent, once it drains. Nothing is lost: the
-//! document has every update, and positions only ever move forward on the wire.
+//! awareness keeps only the newest state per client. Nothing is lost: the document has every
+//! update, and positions only ever move forward on the wire.
+//!
+//! Every kind of frame is bounded, because a client can make the node produce any of them:
+//! - a sync answer (a `synced` catch-up or a y-websocket sync step 2) waits at most once per
+//!   document: a newer answer replaces it together with every update queued before it (the
+//!   answer is built later, from a document that already holds them);
+//! - updates past the byte budget are dropped, and the document is asked to bring the
+//!   connection up to date from the last position it was sent, once it drains;
+//! - awareness merges to the newest state per client; past the budget it is dropped too and an
+//!   awareness snapshot is owed instead;
+//! - error frames count toward the budget and their number is capped.
+//!
+//! An answer is never dropped for the budget (a document larger than the budget must still
+//! reach its client), so an outbox can stand over budget while one waits. The connection
+//! stops reading its client's requests until the outbox is back under budget
+//! ([`Outbox::room`]): a client that asks for the document again and again without reading
+//! costs one copy of it, not one per request.
 
 use super::{ConnId, DocHandle};
 use bytes::Bytes;
@@ -31,8 +45,12 @@ pub enum Proto {
 }
 
 enum Item {
-    /// Sent as is: `synced`, sync step 1/2, awareness snapshots.
-    Frame(Bytes, Option<Position>),
+    /// Sent as is and carries no document content, so it moves no position (y-websocket's
+    /// sync step 1, which only offers our state vector).
+    Frame(Bytes),
+    /// Brings the client to `position` with content: a `synced` catch-up or a y-websocket
+    /// sync step 2. At most one per document.
+    Answer(Bytes, Position),
     /// A log entry from someone else.
     Update {
         frame: Bytes,
@@ -46,13 +64,20 @@ enum Item {
     },
 }
 
+/// What an owed ack costs the budget (the frame it becomes is about this big).
+const ACK_COST: usize = 32;
+
 impl Item {
     fn cost(&self) -> usize {
         match self {
-            Item::Frame(f, _) => f.len(),
+            Item::Frame(f) | Item::Answer(f, _) => f.len(),
             Item::Update { frame, update, .. } => frame.len() + update.len(),
-            Item::Own { .. } => 32,
+            Item::Own { .. } => ACK_COST,
         }
+    }
+
+    fn is_update(&self) -> bool {
+        matches!(self, Item::Update { .. } | Item::Own { .. })
     }
 }
 
@@ -60,15 +85,32 @@ impl Item {
 struct DocQueue {
     items: VecDeque<Item>,
     awareness: Vec<(Bytes, Bytes)>,
+    /// Bytes of `awareness`.
+    awareness_bytes: usize,
+    /// Pending awareness was dropped for the budget: the document owes a snapshot of it.
+    awareness_owed: bool,
     /// Awareness is sent to this connection no sooner than this (the per-connection cap).
     next_awareness: Option<Instant>,
-    /// Position of the last thing handed to the socket for this document.
+    /// Position of the last thing with content handed to the socket for this document.
     sent: Option<Position>,
-    /// Pending updates were dropped; waiting for the document's catch-up `synced`.
+    /// Pending updates were dropped; waiting for the document's catch-up.
     resync: Resync,
-    /// Acks owed for own entries that arrived while resyncing.
+    /// Acks owed for own entries dropped or arrived while resyncing.
     owed_acks: Vec<Option<u64>>,
     handle: Option<DocHandle>,
+}
+
+impl DocQueue {
+    fn is_idle(&self) -> bool {
+        self.items.is_empty() && self.awareness.is_empty()
+    }
+
+    /// Bytes this queue holds toward the budget.
+    fn cost(&self) -> usize {
+        self.items.iter().map(Item::cost).sum::<usize>()
+            + self.awareness_bytes
+            + self.owed_acks.len() * ACK_COST
+    }
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +119,7 @@ enum Resync {
     No,
     /// Dropped; the writer must ask the document for a catch-up.
     Needed,
-    /// Asked; items are ignored until the catch-up arrives.
+    /// Asked; updates are ignored until the catch-up arrives.
     Requested,
 }
 
@@ -99,14 +141,38 @@ struct State {
     held: bool,
 }
 
-/// What a drain produced, in send order.
+impl State {
+    fn mark_ready(&mut self, doc: &DocId) {
+        if !self.ready.contains(doc) {
+            self.ready.push_back(doc.clone());
+        }
+    }
+}
+
+/// What a drain produced, in send order, and what the documents must be asked for.
 pub struct Drained {
     pub frames: Vec<Bytes>,
     /// Documents to ask for a catch-up, from the given position (None: whole state).
     pub resync: Vec<(DocHandle, Option<Position>)>,
+    /// Documents whose awareness was dropped for the budget: ask for a snapshot of it.
+    pub awareness: Vec<DocHandle>,
     pub close: Option<CloseCode>,
     /// Awareness held back by the rate cap: drain again at this time.
     pub wake_at: Option<Instant>,
+}
+
+impl Drained {
+    /// Asks the documents for what this drain owes the connection (catch-ups, awareness
+    /// snapshots). Every drain loop calls this after each drain.
+    pub async fn request_owed(&mut self, conn: ConnId) {
+        for (handle, from) in self.resync.drain(..) {
+            metrics::counter!(crate::metrics::names::RESYNCS).increment(1);
+            Box::pin(handle.resync(conn, from)).await;
+        }
+        for handle in self.awareness.drain(..) {
+            let _ = Box::pin(handle.query_awareness(conn)).await;
+        }
+    }
 }
 
 /// Limits of one outbox.
@@ -127,6 +193,8 @@ pub struct OutboxStats {
     pub merged_frames: AtomicU64,
     /// Updates that went out inside merged frames.
     pub merged_updates: AtomicU64,
+    /// Sync answers replaced by a newer one before they were sent.
+    pub replaced_answers: AtomicU64,
     /// Connections right now in their last grace period before a 4001 close.
     pub stalled: AtomicU64,
     /// Connections closed (or dropped) for not reading.
@@ -144,6 +212,8 @@ pub struct Outbox {
     stats: Arc<OutboxStats>,
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when a drain or a close brings the outbox back under budget (see [`Outbox::room`]).
+    room: Notify,
 }
 
 /// Pending updates for one document from which a drain merges them into one (a connection
@@ -154,6 +224,10 @@ pub const MERGE_FROM: usize = 8;
 /// reading any is misbehaving and gets closed.
 const MAX_CONTROL: usize = 64;
 
+/// Raw awareness updates kept for one document before they are merged into one (newest state
+/// per client): awareness stays bounded by the number of clients, not of messages.
+const AWARENESS_MERGE_FROM: usize = 16;
+
 impl Outbox {
     pub fn new(conn: ConnId, proto: Proto, limits: OutboxLimits, stats: Arc<OutboxStats>) -> Self {
         Outbox {
@@ -163,6 +237,7 @@ impl Outbox {
             stats,
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            room: Notify::new(),
         }
     }
 
@@ -173,6 +248,27 @@ impl Outbox {
     /// Waits until there is something to drain.
     pub async fn ready(&self) {
         self.notify.notified().await
+    }
+
+    /// Whether more bytes wait than the budget allows: the connection reads no more of its
+    /// client's requests until this is false again.
+    pub fn over_budget(&self) -> bool {
+        let s = self.lock();
+        !s.closed && s.bytes > self.limits.budget
+    }
+
+    /// Resolves once the outbox is under budget (or closed).
+    pub async fn room(&self) {
+        loop {
+            let drained = self.room.notified();
+            tokio::pin!(drained);
+            // Registered before the check, so a drain between the two still wakes us.
+            drained.as_mut().enable();
+            if !self.over_budget() {
+                return;
+            }
+            drained.await;
+        }
     }
 
     /// Holds the writer until the node's next flush tick (`--flush-interval`): pushes don't
@@ -222,14 +318,11 @@ impl Outbox {
     pub fn detach(&self, doc: &DocId) {
         let mut s = self.lock();
         if let Some(q) = s.docs.remove(doc) {
-            let freed: usize = q.items.iter().map(Item::cost).sum::<usize>()
-                + q.awareness
-                    .iter()
-                    .map(|(f, u)| f.len() + u.len())
-                    .sum::<usize>();
-            s.bytes = s.bytes.saturating_sub(freed);
+            s.bytes = s.bytes.saturating_sub(q.cost());
         }
         s.ready.retain(|d| d != doc);
+        drop(s);
+        self.room.notify_waiters();
     }
 
     /// Marks the outbox closed: later pushes are dropped (the connection is gone).
@@ -240,6 +333,8 @@ impl Outbox {
         s.ready.clear();
         s.control.clear();
         s.bytes = 0;
+        drop(s);
+        self.room.notify_waiters();
     }
 
     /// Asks the writer to close the socket with `code` after what is already queued.
@@ -251,13 +346,26 @@ impl Outbox {
     /// Queues a connection-level frame (an error). Returns false if too many are waiting.
     pub fn push_control(&self, frame: Bytes) -> bool {
         let mut s = self.lock();
+        if s.closed {
+            return true;
+        }
         if s.control.len() >= MAX_CONTROL {
             return false;
         }
+        s.bytes += frame.len();
         s.control.push_back(frame);
         drop(s);
         self.notify.notify_one();
         true
+    }
+
+    /// Wakes the writer once per drain, however many pushes arrive meanwhile.
+    fn tell(&self, mut s: std::sync::MutexGuard<'_, State>) {
+        let tell = !std::mem::replace(&mut s.told, true);
+        drop(s);
+        if tell {
+            self.notify.notify_one();
+        }
     }
 
     fn push(&self, doc: &DocId, item: Item) {
@@ -274,49 +382,63 @@ impl Outbox {
             // Covered by the catch-up on its way; only remember acks owed.
             if let Item::Own { seq, .. } = item {
                 q.owed_acks.push(seq);
+                *bytes += ACK_COST;
             }
             return;
         }
-        if q.items.is_empty() && q.awareness.is_empty() {
+        if q.is_idle() {
             ready.push_back(doc.clone());
         }
         q.items.push_back(item);
         *bytes += cost;
-        if *bytes > self.limits.budget {
+        if s.bytes > self.limits.budget {
             self.shed(&mut s);
         }
-        let tell = !std::mem::replace(&mut s.told, true);
-        drop(s);
-        if tell {
-            self.notify.notify_one();
-        }
+        self.tell(s);
     }
 
-    /// Over budget: drop every pending update and owe each document a catch-up instead.
+    /// Over budget: drop every pending update and owe each document a catch-up instead; if
+    /// that is not enough, drop pending awareness too and owe a snapshot of it. Answers and
+    /// error frames stay (see the module docs).
     fn shed(&self, s: &mut State) {
         let mut freed = 0;
+        let mut owed = Vec::new();
         for (doc, q) in s.docs.iter_mut() {
-            let had_updates = q
-                .items
-                .iter()
-                .any(|i| matches!(i, Item::Update { .. } | Item::Own { .. }));
-            if !had_updates {
+            if !q.items.iter().any(Item::is_update) {
                 continue;
             }
-            // The catch-up starts from what the socket really got; a queued `synced` that is
-            // dropped here is simply re-done by the catch-up.
+            let mut kept = VecDeque::with_capacity(q.items.len());
             for item in q.items.drain(..) {
-                freed += item.cost();
-                if let Item::Own { seq, .. } = item {
-                    q.owed_acks.push(seq);
+                match item {
+                    Item::Own { seq, .. } => {
+                        // Still owed, and still counted (as an owed ack).
+                        q.owed_acks.push(seq);
+                    }
+                    Item::Update { .. } => freed += item.cost(),
+                    other => kept.push_back(other),
                 }
             }
+            q.items = kept;
             q.resync = Resync::Needed;
-            if !s.ready.contains(doc) {
-                s.ready.push_back(doc.clone());
-            }
+            owed.push(doc.clone());
         }
         s.bytes = s.bytes.saturating_sub(freed);
+        if s.bytes > self.limits.budget {
+            for (doc, q) in s.docs.iter_mut() {
+                if q.awareness.is_empty() {
+                    continue;
+                }
+                freed += q.awareness_bytes;
+                s.bytes = s.bytes.saturating_sub(q.awareness_bytes);
+                q.awareness.clear();
+                q.awareness_bytes = 0;
+                q.awareness_owed = true;
+                owed.push(doc.clone());
+            }
+        }
+        for doc in owed {
+            s.mark_ready(&doc);
+        }
         self.stats.sheds.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             conn = self.conn,
@@ -325,25 +447,51 @@ impl Outbox {
         );
     }
 
-    /// A catch-up or initial sync: the client is at `position` once it has `frame`.
+    /// A sync answer or catch-up: the client is at `position` once it has `frame`. Replaces an
+    /// answer still waiting for this document, and every update queued before it: the answer
+    /// comes from a document that already holds them.
     pub fn push_synced(&self, doc: &DocId, frame: Bytes, position: Position) {
-        let acks = {
-            let mut s = self.lock();
-            if s.closed {
-                return;
-            }
-            let q = s.docs.entry(doc.clone()).or_default();
-            q.resync = Resync::No;
-            std::mem::take(&mut q.owed_acks)
-        };
-        self.push(doc, Item::Frame(frame, Some(position)));
-        for seq in acks {
-            self.push(doc, Item::Own { seq, position });
+        let mut s = self.lock();
+        if s.closed {
+            return;
         }
+        let q = s.docs.entry(doc.clone()).or_default();
+        q.resync = Resync::No;
+        let mut acks = std::mem::take(&mut q.owed_acks);
+        let mut freed = acks.len() * ACK_COST;
+        let mut replaced = 0;
+        let mut kept = VecDeque::with_capacity(q.items.len() + 1);
+        for item in q.items.drain(..) {
+            match item {
+                Item::Frame(_) => kept.push_back(item),
+                Item::Own { seq, .. } => {
+                    freed += item.cost();
+                    acks.push(seq);
+                }
+                Item::Answer(..) => {
+                    replaced += 1;
+                    freed += item.cost();
+                }
+                Item::Update { .. } => freed += item.cost(),
+            }
+        }
+        let added = frame.len() + acks.len() * ACK_COST;
+        kept.push_back(Item::Answer(frame, position));
+        kept.extend(acks.into_iter().map(|seq| Item::Own { seq, position }));
+        q.items = kept;
+        s.mark_ready(doc);
+        if replaced > 0 {
+            self.stats
+                .replaced_answers
+                .fetch_add(replaced, Ordering::Relaxed);
+        }
+        s.bytes = s.bytes.saturating_sub(freed) + added;
+        self.tell(s);
     }
 
+    /// A frame without document content (y-websocket's sync step 1).
     pub fn push_frame(&self, doc: &DocId, frame: Bytes) {
-        self.push(doc, Item::Frame(frame, None));
+        self.push(doc, Item::Frame(frame));
     }
 
     pub fn push_update(&self, doc: &DocId, frame: Bytes, update: Bytes, position: Position) {
@@ -373,24 +521,24 @@ impl Outbox {
             docs, ready, bytes, ..
         } = &mut *s;
         let q = docs.entry(doc.clone()).or_default();
-        if q.items.is_empty() && q.awareness.is_empty() {
+        if q.is_idle() {
             ready.push_back(doc.clone());
         }
         q.awareness.push((frame, update));
+        q.awareness_bytes += cost;
         *bytes += cost;
-        if q.awareness.len() > 64 {
-            // Keep awareness bounded by client count, not by message count.
+        if q.awareness.len() > AWARENESS_MERGE_FROM {
             let merged = merge_awareness(q.awareness.iter().map(|(_, u)| u));
-            let freed: usize = q.awareness.iter().map(|(f, u)| f.len() + u.len()).sum();
             let frame = awareness_frame(self.proto, doc, &merged);
-            *bytes = bytes.saturating_sub(freed) + frame.len() + merged.len();
+            let merged_cost = frame.len() + merged.len();
+            *bytes = bytes.saturating_sub(q.awareness_bytes) + merged_cost;
             q.awareness = vec![(frame, Bytes::from(merged))];
+            q.awareness_bytes = merged_cost;
         }
-        let tell = !std::mem::replace(&mut s.told, true);
-        drop(s);
-        if tell {
-            self.notify.notify_one();
+        if s.bytes > self.limits.budget {
+            self.shed(&mut s);
         }
+        self.tell(s);
     }
 
     /// Takes everything waiting, merging per document. Merging runs here, in the connection's
@@ -398,11 +546,13 @@ impl Outbox {
     pub fn drain(&self) -> Drained {
         let mut taken = Vec::new();
         let mut resync = Vec::new();
+        let mut awareness_owed = Vec::new();
         let mut wake_at: Option<Instant> = None;
         let now = Instant::now();
-        let (control, close) = {
+        let (control, close, was_over) = {
             let mut s = self.lock();
             s.told = false;
+            let was_over = s.bytes > self.limits.budget;
             let ready = std::mem::take(&mut s.ready);
             let mut freed = 0;
             let mut deferred = Vec::new();
@@ -410,13 +560,28 @@ impl Outbox {
                 let Some(q) = s.docs.get_mut(&doc) else {
                     continue;
                 };
+                let items = std::mem::take(&mut q.items);
                 if q.resync == Resync::Needed {
                     q.resync = Resync::Requested;
+                    // From what the socket really gets: an answer kept through the shed goes
+                    // out in this very drain.
+                    let from = items
+                        .iter()
+                        .rev()
+                        .find_map(|i| match i {
+                            Item::Answer(_, p) => Some(*p),
+                            _ => None,
+                        })
+                        .or(q.sent);
                     if let Some(h) = &q.handle {
-                        resync.push((h.clone(), q.sent));
+                        resync.push((h.clone(), from));
                     }
                 }
-                let items = std::mem::take(&mut q.items);
+                if std::mem::take(&mut q.awareness_owed)
+                    && let Some(h) = &q.handle
+                {
+                    awareness_owed.push(h.clone());
+                }
                 freed += items.iter().map(Item::cost).sum::<usize>();
                 let awareness = if q.awareness.is_empty() {
                     Vec::new()
@@ -428,22 +593,26 @@ impl Outbox {
                     Vec::new()
                 } else {
                     q.next_awareness = Some(now + self.limits.awareness_interval);
-                    let a = std::mem::take(&mut q.awareness);
-                    freed += a.iter().map(|(f, u)| f.len() + u.len()).sum::<usize>();
-                    a
+                    freed += std::mem::take(&mut q.awareness_bytes);
+                    std::mem::take(&mut q.awareness)
                 };
                 taken.push((doc, items, awareness));
             }
             s.ready.extend(deferred);
+            let control = std::mem::take(&mut s.control);
+            freed += control.iter().map(Bytes::len).sum::<usize>();
             s.bytes = s.bytes.saturating_sub(freed);
-            (std::mem::take(&mut s.control), s.close)
+            (control, s.close, was_over)
         };
+        if was_over {
+            self.room.notify_waiters();
+        }
         let mut frames: Vec<Bytes> = control.into_iter().collect();
-        let mut sent_updates = Vec::new();
+        let mut sent = Vec::new();
         for (doc, items, awareness) in taken {
             let last = self.encode_items(&doc, items, &mut frames);
             if let Some(p) = last {
-                sent_updates.push((doc.clone(), p));
+                sent.push((doc.clone(), p));
             }
             match awareness.len() {
                 0 => {}
@@ -454,9 +623,9 @@ impl Outbox {
                 }
             }
         }
-        if !sent_updates.is_empty() {
+        if !sent.is_empty() {
             let mut s = self.lock();
-            for (doc, p) in sent_updates {
+            for (doc, p) in sent {
                 if let Some(q) = s.docs.get_mut(&doc) {
                     q.sent = Some(p);
                 }
@@ -465,6 +634,7 @@ impl Outbox {
         Drained {
             frames,
             resync,
+            awareness: awareness_owed,
             close,
             wake_at,
         }
@@ -481,12 +651,14 @@ impl Outbox {
         let mut run: Vec<Item> = Vec::new();
         for item in items {
             match item {
-                Item::Frame(frame, position) => {
+                Item::Frame(frame) => {
                     self.flush_run(doc, &mut run, out, &mut last);
                     out.push(frame);
-                    if position.is_some() {
-                        last = position;
-                    }
+                }
+                Item::Answer(frame, position) => {
+                    self.flush_run(doc, &mut run, out, &mut last);
+                    out.push(frame);
+                    last = Some(position);
                 }
                 other => run.push(other),
             }
@@ -522,7 +694,7 @@ impl Outbox {
                     run_last = Some(position);
                     acks.push(seq);
                 }
-                Item::Frame(..) => {}
+                Item::Frame(..) | Item::Answer(..) => {}
             }
         }
         match updates.len() {
@@ -768,6 +940,126 @@ mod tests {
         let d = o.drain();
         assert_eq!(d.frames.len(), 2);
         assert_eq!(d.frames[0], Bytes::from_static(b"synced"));
+    }
+
+    fn push_updates(o: &Outbox, doc: &DocId, us: &[Bytes], first_seq: u64) {
+        for (i, u) in us.iter().enumerate() {
+            let p = pos(first_seq + i as u64);
+            o.push_update(doc, update_frame(Proto::Native, doc, u, p), u.clone(), p);
+        }
+    }
+
+    #[test]
+    fn a_newer_sync_answer_replaces_the_waiting_one_and_every_update_before_it() {
+        let o = outbox(1 << 20);
+        let doc = DocId::parse("d").expect("id");
+        push_updates(&o, &doc, &updates(3, 10), 1);
+        o.push_own(&doc, Some(4), pos(4));
+        o.push_synced(&doc, Bytes::from(vec![1u8; 1000]), pos(4));
+        push_updates(&o, &doc, &updates(2, 10), 5);
+        o.push_synced(&doc, Bytes::from(vec![2u8; 1000]), pos(6));
+        // One answer and the ack owed for the connection's own entry, at the answer's position.
+        assert_eq!(o.pending_bytes(), 1000 + ACK_COST);
+        assert_eq!(o.stats.replaced_answers.load(Ordering::Relaxed), 1);
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 2, "{:?}", d.frames.len());
+        assert_eq!(d.frames[0], Bytes::from(vec![2u8; 1000]));
+        assert!(matches!(
+            chorus_protocol::ServerFrame::decode(&d.frames[1]),
+            Ok(chorus_protocol::ServerFrame::Ack { seq: Some(4), position, .. }) if position == pos(6)
+        ));
+        assert_eq!(o.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_thousand_sync_requests_cost_one_answer() {
+        let o = outbox(16 * 1024);
+        let doc = DocId::parse("d").expect("id");
+        let answer = Bytes::from(vec![7u8; 100 * 1024]);
+        for i in 0..1000 {
+            o.push_synced(&doc, answer.clone(), pos(i));
+            assert!(
+                o.pending_bytes() <= answer.len(),
+                "one answer waits at most"
+            );
+        }
+        assert!(
+            o.over_budget(),
+            "an answer larger than the budget stops reading"
+        );
+        let d = o.drain();
+        assert_eq!(d.frames, vec![answer]);
+        assert!(!o.over_budget());
+    }
+
+    #[test]
+    fn the_reader_waits_for_room_until_a_drain_brings_the_outbox_under_budget() {
+        use futures_util::FutureExt;
+        let o = Arc::new(outbox(1024));
+        let doc = DocId::parse("d").expect("id");
+        o.push_synced(&doc, Bytes::from(vec![0u8; 4096]), pos(1));
+        let room = o.clone();
+        let mut waiting = Box::pin(async move { room.room().await });
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "over budget: no room"
+        );
+        let _ = o.drain();
+        assert!(waiting.now_or_never().is_some(), "the drain made room");
+    }
+
+    #[test]
+    fn over_budget_updates_go_but_a_waiting_answer_stays_and_the_catch_up_starts_after_it() {
+        let o = outbox(8 * 1024);
+        let doc = DocId::parse("d").expect("id");
+        let (handle, _commands) = DocHandle::for_tests(&doc);
+        o.attach(&doc, handle);
+        let answer = Bytes::from(vec![3u8; 6 * 1024]);
+        o.push_synced(&doc, answer.clone(), pos(10));
+        push_updates(&o, &doc, &updates(10, 512), 11);
+        assert_eq!(o.stats.sheds.load(Ordering::Relaxed), 1);
+        let d = o.drain();
+        assert_eq!(
+            d.frames,
+            vec![answer],
+            "the answer is never dropped for the budget"
+        );
+        assert_eq!(d.resync.len(), 1);
+        assert_eq!(
+            d.resync[0].1,
+            Some(pos(10)),
+            "the catch-up follows what the socket got"
+        );
+    }
+
+    #[test]
+    fn error_frames_and_awareness_count_toward_the_budget() {
+        let o = outbox(4 * 1024);
+        let doc = DocId::parse("d").expect("id");
+        let (handle, _commands) = DocHandle::for_tests(&doc);
+        o.attach(&doc, handle);
+        assert!(o.push_control(Bytes::from(vec![0u8; 100])));
+        assert_eq!(o.pending_bytes(), 100);
+        // Many clients' presence, each state large: past the budget it is dropped and a
+        // snapshot of it is owed instead.
+        for id in 0..40u64 {
+            let mut aw = yrs::sync::Awareness::new(yrs::Doc::with_client_id(id + 1));
+            aw.set_local_state_raw(format!("{{\"pad\":\"{}\"}}", "x".repeat(200)));
+            let raw = aw.update().expect("update").encode_v1();
+            o.push_awareness(
+                &doc,
+                awareness_frame(Proto::Native, &doc, &raw),
+                Bytes::from(raw),
+            );
+            assert!(
+                o.pending_bytes() <= 4 * 1024 + 1024,
+                "{}",
+                o.pending_bytes()
+            );
+        }
+        let d = o.drain();
+        assert_eq!(d.awareness.len(), 1, "an awareness snapshot is owed");
+        assert_eq!(o.pending_bytes(), 0);
     }
 
     #[test]
