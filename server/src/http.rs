@@ -630,6 +630,7 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
             "largest_pending_bytes": largest,
             "budget_bytes": ctx.config.outbox_bytes,
             "sheds": s.sheds.load(Ordering::Relaxed),
+            "replaced_answers": s.replaced_answers.load(Ordering::Relaxed),
             "merged_frames": s.merged_frames.load(Ordering::Relaxed),
             "merged_updates": s.merged_updates.load(Ordering::Relaxed),
             "stalled": s.stalled.load(Ordering::Relaxed),
