@@ -565,3 +565,106 @@ async fn ten_thousand_writes_from_a_read_grant_change_nothing() {
     let _ = writer.drain_for(Duration::from_millis(50)).await;
     assert_eq!(writer.text("ro"), "original");
 }
+
+/// Issue 16's flood: sockets that never read ask for a 1 MB document again and again (a
+/// y-websocket sync step 1 with an empty state vector, a native re-subscribe). One answer
+/// waits per document and a socket over its budget is not read further, so the node holds
+/// about one copy per flooder instead of one per request, and serves everyone else.
+#[tokio::test]
+async fn sockets_that_ask_for_a_large_document_again_and_again_without_reading_cost_one_copy() {
+    use chorus_tests::{ServerProcess, process_rss_kb};
+    const DOC_BYTES: usize = 1 << 20;
+    const REQUESTS: usize = 2000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::spawn(tmp.path(), &[]).await;
+    let mut writer = NativeClient::connect(&server.ws_url()).await;
+    writer.subscribe_synced("big").await;
+    let seq = writer.insert("big", 0, &"x".repeat(DOC_BYTES)).await;
+    writer.wait_acked(seq).await;
+    let before = process_rss_kb(server.pid());
+
+    let yjs = format!("ws://{}/y/big", server.addr);
+    let mut y = NativeClient::connect_small_window(&yjs, 4096)
+        .await
+        .into_silent();
+    let mut n = NativeClient::connect_small_window(&server.ws_url(), 4096)
+        .await
+        .into_silent();
+    let step1 = Message::Binary(vec![0u8, 0, 1, 0].into());
+    let subscribe = ClientFrame::Subscribe {
+        doc: "big".into(),
+        position: None,
+        state_vector: None,
+    }
+    .encode()
+    .expect("encode");
+    let subscribe = Message::Binary(subscribe.into());
+    let short = Duration::from_millis(200);
+    let (mut y_open, mut n_open) = (true, true);
+    for _ in 0..REQUESTS {
+        // A send that cannot complete means the node stopped reading that socket.
+        y_open = y_open
+            && matches!(
+                tokio::time::timeout(short, y.send(step1.clone())).await,
+                Ok(Ok(()))
+            );
+        n_open = n_open
+            && matches!(
+                tokio::time::timeout(short, n.send(subscribe.clone())).await,
+                Ok(Ok(()))
+            );
+    }
+
+    // The node keeps serving: a new reader gets the whole document.
+    let mut bystander = NativeClient::connect(&server.ws_url()).await;
+    bystander.subscribe_synced("big").await;
+    assert_eq!(bystander.text("big").len(), DOC_BYTES);
+    // Whatever the node went on to read of the floods, it stays within one copy or two each.
+    let mut most_outbox = 0;
+    let mut most_rss = 0;
+    for _ in 0..40 {
+        let stats = http::get(server.addr, "/v1/stats")
+            .await
+            .expect("stats")
+            .json();
+        most_outbox = most_outbox.max(
+            stats["outbox"]["largest_pending_bytes"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        most_rss = most_rss.max(process_rss_kb(server.pid()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let growth_mb = most_rss.saturating_sub(before) / 1024;
+    eprintln!(
+        "flood: {REQUESTS} requests per socket; server RSS +{growth_mb} MB, largest outbox {most_outbox} B"
+    );
+    assert!(growth_mb <= 64, "server RSS grew by {growth_mb} MB");
+    assert!(
+        most_outbox <= 3 * DOC_BYTES as u64,
+        "an outbox held {most_outbox} bytes"
+    );
+    drop((y, n));
+    server.kill9().await;
+}
+
+/// Our own client re-subscribes a document on the same socket (after a reconnect of its
+/// document API): its presence stays its own, and its leave still clears it.
+#[tokio::test]
+async fn re_subscribing_on_the_same_socket_keeps_its_presence_and_its_leave_clears_it() {
+    let server = TestServer::start(|_| {}).await;
+    let mut a = NativeClient::connect(&server.ws_url()).await;
+    let mut watcher = NativeClient::connect(&server.ws_url()).await;
+    a.subscribe_synced("again").await;
+    watcher.subscribe_synced("again").await;
+    let mut seen = Presence::default();
+    send_awareness(&mut a, "again", &[(77, 1, r#"{"n":1}"#)]).await;
+    seen.wait(&mut watcher, 77, r#"{"n":1}"#).await;
+    a.subscribe_synced("again").await;
+    send_awareness(&mut a, "again", &[(77, 2, r#"{"n":2}"#)]).await;
+    seen.wait(&mut watcher, 77, r#"{"n":2}"#).await;
+    a.drain_for(Duration::from_millis(50)).await;
+    assert!(a.errors.is_empty(), "{:?}", a.errors);
+    a.close().await;
+    seen.wait(&mut watcher, 77, "null").await;
+}

@@ -438,3 +438,45 @@ async fn readers_that_vanish_release_their_subscription_so_the_document_can_unlo
         .await;
     }
 }
+
+/// Long-polls from a position that cannot exist yet (far in the future of the document's
+/// epoch) are answered at once, without waiting for it, and leave nothing behind that keeps
+/// the document loaded.
+#[tokio::test]
+async fn far_future_long_polls_are_answered_at_once_and_do_not_pin_the_document() {
+    let server = TestServer::start(|c| {
+        c.evict_after = Duration::from_millis(200);
+        c.max_connections_per_second = 100_000;
+    })
+    .await;
+    let head = http::get(server.addr, "/v1/docs/future")
+        .await
+        .expect("GET");
+    let at: Position = head
+        .header("x-chorus-position")
+        .expect("position")
+        .parse()
+        .expect("position parses");
+    let far = format!("{}.18446744073709551615-0", at.epoch);
+    for _ in 0..20 {
+        let polls = (0..50).map(|_| {
+            let path = format!("/v1/docs/future/updates?after={far}&wait=0");
+            async move { http::get(server.addr, &path).await.expect("poll") }
+        });
+        for r in futures_util::future::join_all(polls).await {
+            assert_eq!(r.status, 200);
+        }
+    }
+    chorus_tests::eventually(
+        "the document unloads after its last reader",
+        DEADLINE,
+        || async {
+            let h = http::get(server.addr, "/healthz")
+                .await
+                .expect("healthz")
+                .json();
+            (h["hot_documents"] == 0).then_some(())
+        },
+    )
+    .await;
+}
