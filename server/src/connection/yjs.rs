@@ -230,7 +230,9 @@ impl YjsSession {
                 ));
                 Step::Continue
             }
-            Err(validate::Rejected::TooLarge(..)) => Step::Close(CloseCode::MessageTooBig),
+            Err(validate::Rejected::TooLarge(..) | validate::Rejected::TooManyClients(..)) => {
+                Step::Close(CloseCode::MessageTooBig)
+            }
             Err(_) => self.bad("invalid update"),
         }
     }
