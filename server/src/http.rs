@@ -438,7 +438,7 @@ async fn post_update(
     }
     let checked =
         validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
-            Rejected::TooLarge(..) => ApiError::TooLarge(e),
+            Rejected::TooLarge(..) | Rejected::TooManyClients(..) => ApiError::TooLarge(e),
             e => ApiError::BadUpdate(e),
         })?;
     // The document is made hot (and loaded) first: its size and state are known, and the

@@ -19,6 +19,15 @@ use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 /// below the ~6,000 levels that overflow a 2 MiB stack.
 pub const MAX_ANY_DEPTH: usize = 64;
 
+/// Most yrs clients one update may carry blocks of (and, separately, deleted ranges of).
+/// Every Yjs session that edits is one client, so a document accumulates clients over its
+/// life and a full-state update (an offline client's first sync, an HTTP import) carries them
+/// all: the limit sits far above what real documents reach. It bounds the per-client work and
+/// state one message can cost (the dependency check is linear, but each client also grows
+/// every node's state vector of the document for good); without it a 2 MiB update could
+/// carry ~170k one-block clients.
+pub const MAX_UPDATE_CLIENTS: usize = 1 << 16;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
     #[error("{0} bytes is over the limit of {1}")]
@@ -31,6 +40,9 @@ pub enum Rejected {
     Unapplicable(String),
     #[error("awareness state is not valid JSON")]
     BadJson,
+    /// More clients with blocks, or with deleted ranges, than [`MAX_UPDATE_CLIENTS`].
+    #[error("{0} clients in one update is over the limit of {MAX_UPDATE_CLIENTS}")]
+    TooManyClients(usize),
 }
 
 /// A bounds-checked reader over lib0 encoding. Never allocates, never panics.
@@ -144,79 +156,152 @@ impl<'a> Lib0Reader<'a> {
 /// (found by the `apply` fuzz target), so [`Deps::met_by`] plays the integration through.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Deps {
-    /// Per client, sorted: (clock the document must have reached, clock the blocks end at).
-    runs: Vec<(u64, u64, u64)>,
+    /// Per client with blocks, sorted by client.
+    runs: Vec<Run>,
     /// Per client, sorted: one past the highest id a deletion refers to.
     refs: Vec<(u64, u64)>,
-    /// Every block in update order, each client's blocks together: (client, end clock, range
-    /// of its references in `block_refs`).
-    blocks: Vec<(u64, u64, std::ops::Range<usize>)>,
+    /// Every block in update order, each client's blocks together (a [`Run`] names its range).
+    blocks: Vec<Block>,
     /// Ids (client, clock) that block origins and parents refer to.
     block_refs: Vec<(u64, u64)>,
+}
+
+/// One client's blocks in an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    client: u64,
+    /// The clock the document must have reached: where the first block starts.
+    need: u64,
+    /// The clock the last block ends at.
+    end: u64,
+    /// Its blocks, in `Deps::blocks`.
+    blocks: std::ops::Range<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Block {
+    /// The clock one past the block's last unit: a block's end never falls below the one
+    /// before it in its run.
+    end: u64,
+    /// Its references, in `Deps::block_refs`.
+    refs: std::ops::Range<usize>,
+}
+
+/// How many blocks made it in when yrs's integration is played through, and the work it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Integration {
+    integrated: usize,
+    /// Blocks visited plus references followed: linear in the update's size.
+    steps: usize,
 }
 
 impl Deps {
     /// Whether everything the update builds on is known, `known(client)` being the next clock
     /// expected from that client (a state vector lookup), so that yrs integrates all of it.
     pub fn met_by(&self, known: impl Fn(u64) -> u64) -> bool {
-        if self.runs.iter().any(|&(c, need, _)| known(c) < need) {
+        if self.runs.iter().any(|r| known(r.client) < r.need) {
             return false;
         }
-        // The usual case (an edit building only on what the document has): no need to play
-        // the integration through, and nothing to allocate.
-        if self.block_refs.iter().all(|&(c, k)| k < known(c)) {
-            return self.refs.iter().all(|&(c, upto)| {
-                let own = self
-                    .runs
-                    .binary_search_by_key(&c, |r| r.0)
-                    .map_or(0, |i| self.runs[i].2);
-                known(c).max(own) >= upto
-            });
+        // The usual case (an edit building only on what the document has) needs no playing
+        // through, and nothing allocated.
+        let all_known = self.block_refs.iter().all(|&(c, k)| k < known(c));
+        if !all_known && self.integrate(&known).integrated < self.blocks.len() {
+            return false;
         }
-        // Play yrs's integration: a block goes in once every id it refers to is known or was
-        // put in by an earlier block; each client's blocks go in order. No progress in a
-        // whole pass over the clients means the rest would stay pending.
-        let mut reached: std::collections::HashMap<u64, u64> =
-            self.runs.iter().map(|&(c, _, _)| (c, known(c))).collect();
-        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, b) in self.blocks.iter().enumerate() {
-            match groups.last_mut() {
-                Some(g) if self.blocks[g.start].0 == b.0 => g.end = i + 1,
-                _ => groups.push(i..i + 1),
-            }
-        }
-        let mut cursors: Vec<usize> = groups.iter().map(|g| g.start).collect();
-        loop {
-            let mut progress = false;
-            let mut done = true;
-            for (g, cursor) in groups.iter().zip(cursors.iter_mut()) {
-                while *cursor < g.end {
-                    let (client, end, refs) = &self.blocks[*cursor];
-                    let ready = self.block_refs[refs.clone()]
-                        .iter()
-                        .all(|&(c, k)| k < reached.get(&c).copied().unwrap_or_else(|| known(c)));
-                    if !ready {
-                        break;
-                    }
-                    let at = reached.entry(*client).or_insert(0);
-                    *at = (*at).max(*end);
-                    *cursor += 1;
-                    progress = true;
-                }
-                done &= *cursor == g.end;
-            }
-            if done {
-                break;
-            }
-            if !progress {
-                return false;
-            }
-        }
-        self.refs
-            .iter()
-            .all(|&(c, upto)| reached.get(&c).copied().unwrap_or_else(|| known(c)) >= upto)
+        // Every block is in: each client reaches its own end, or what the document has.
+        self.refs.iter().all(|&(c, upto)| {
+            let own = self
+                .runs
+                .binary_search_by_key(&c, |r| r.client)
+                .map_or(0, |i| self.runs[i].end);
+            known(c).max(own) >= upto
+        })
     }
 
+    /// Plays yrs's integration through: a block goes in once every id it refers to is known
+    /// or was put in by a block before it, and each client's blocks go in order. A block that
+    /// refers to itself, to a later block of its own run, or to a cycle never goes in.
+    ///
+    /// One topological pass (Kahn's algorithm) over the blocks and their references. The
+    /// repeated passes over all clients this replaced took one pass per link of a chain of
+    /// origins across clients: ~10^10 steps for the ~170k one-block clients a 2 MiB update
+    /// can carry (issue 16).
+    fn integrate(&self, known: &impl Fn(u64) -> u64) -> Integration {
+        let n = self.blocks.len();
+        let mut steps = 0usize;
+        // Per block: how many of the blocks it waits for are not in yet (the one before it in
+        // its run, and the one each reference not yet known lies in); edges (waited-for block,
+        // waiting block).
+        let mut waiting = vec![0u32; n];
+        let mut edges: Vec<(usize, usize)> = Vec::with_capacity(n + self.block_refs.len());
+        for run in &self.runs {
+            for i in run.blocks.clone() {
+                if i > run.blocks.start {
+                    waiting[i] += 1;
+                    edges.push((i - 1, i));
+                }
+                for &(c, k) in &self.block_refs[self.blocks[i].refs.clone()] {
+                    steps += 1;
+                    if k < known(c) {
+                        continue;
+                    }
+                    waiting[i] += 1;
+                    // Nothing in the update reaches the id either: the block (and so the rest
+                    // of its run) stays out, with no edge that could ever let it in.
+                    if let Some(target) = self.block_reaching(c, k) {
+                        edges.push((target, i));
+                    }
+                }
+            }
+        }
+        // The waiting blocks of each block, grouped (a counting sort by waited-for block).
+        let mut first = vec![0usize; n + 1];
+        for &(t, _) in &edges {
+            first[t + 1] += 1;
+        }
+        for t in 0..n {
+            first[t + 1] += first[t];
+        }
+        let mut dependents = vec![0usize; edges.len()];
+        let mut fill = first.clone();
+        for &(t, d) in &edges {
+            dependents[fill[t]] = d;
+            fill[t] += 1;
+        }
+        let mut ready: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+        let mut integrated = 0;
+        while let Some(i) = ready.pop() {
+            steps += 1;
+            integrated += 1;
+            for &d in &dependents[first[i]..first[i + 1]] {
+                steps += 1;
+                waiting[d] -= 1;
+                if waiting[d] == 0 {
+                    ready.push(d);
+                }
+            }
+        }
+        Integration { integrated, steps }
+    }
+
+    /// The block of this update that holds id (`client`, `clock`), if any.
+    fn block_reaching(&self, client: u64, clock: u64) -> Option<usize> {
+        let run = &self.runs[self.runs.binary_search_by_key(&client, |r| r.client).ok()?];
+        let blocks = &self.blocks[run.blocks.clone()];
+        let at = blocks.partition_point(|b| b.end <= clock);
+        (at < blocks.len()).then_some(run.blocks.start + at)
+    }
+
+    /// Every client whose clock [`met_by`](Self::met_by) may ask for, sorted, each once.
+    pub fn clients(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = (self.runs.iter().map(|r| r.client))
+            .chain(self.refs.iter().map(|&(c, _)| c))
+            .chain(self.block_refs.iter().map(|&(c, _)| c))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
     /// Clients whose blocks need more than `known` has: the writers of what is missing.
     pub fn short_of<'a>(
         &'a self,
@@ -224,22 +309,22 @@ impl Deps {
     ) -> impl Iterator<Item = u64> + 'a {
         self.runs
             .iter()
-            .filter(move |&&(c, need, _)| known(c) < need)
-            .map(|&(c, _, _)| c)
+            .filter(move |r| known(r.client) < r.need)
+            .map(|r| r.client)
     }
 
     /// Per client, the clock this update's blocks reach: what a later update from the same
     /// writer may build on before this one is applied.
     pub fn ends(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.runs.iter().map(|&(c, _, end)| (c, end))
+        self.runs.iter().map(|r| (r.client, r.end))
     }
 
     /// Sorts by client. A client listed twice is refused: yrs appends the second list to the
     /// first, out of clock order, and its skip bookkeeping then underflows (found by the
     /// `yjs_message` fuzz target); Yjs and yrs encoders never write one.
     fn finish(mut self) -> Scan<Self> {
-        self.runs.sort_unstable_by_key(|r| r.0);
-        if self.runs.windows(2).any(|w| w[0].0 == w[1].0) {
+        self.runs.sort_unstable_by_key(|r| r.client);
+        if self.runs.windows(2).any(|w| w[0].client == w[1].client) {
             return Err(Rejected::Malformed("a client is listed twice"));
         }
         self.refs.sort_unstable();
@@ -284,27 +369,39 @@ pub fn scan_update(update: &[u8]) -> Scan<Deps> {
     let mut r = Lib0Reader::new(update);
     let mut deps = Deps::default();
     let clients = r.count(3)?;
+    if clients > MAX_UPDATE_CLIENTS {
+        return Err(Rejected::TooManyClients(clients));
+    }
     for _ in 0..clients {
         let blocks = r.count(2)?;
         let client = read_client(&mut r)?;
         let mut clock = r.var_u64()?;
         let need = clock;
+        let first = deps.blocks.len();
         for _ in 0..blocks {
             let refs_from = deps.block_refs.len();
             let len = scan_block(&mut r, &mut deps)?;
             clock = clock.saturating_add(len);
             let refs = refs_from..deps.block_refs.len();
-            deps.blocks.push((client, clock, refs));
+            deps.blocks.push(Block { end: clock, refs });
         }
         // yrs keeps clocks in u32 and adds block lengths unchecked: past 2^32 the clock wraps
         // and its block lookups index out of bounds (found by the `yjs_message` fuzz target).
         if clock > MAX_CLOCK {
             return Err(Rejected::Malformed("clock beyond 2^32"));
         }
-        deps.runs.push((client, need, clock));
+        deps.runs.push(Run {
+            client,
+            need,
+            end: clock,
+            blocks: first..deps.blocks.len(),
+        });
     }
     // delete set: clients × (client, ranges × (clock, len))
     let clients = r.count(2)?;
+    if clients > MAX_UPDATE_CLIENTS {
+        return Err(Rejected::TooManyClients(clients));
+    }
     for _ in 0..clients {
         let client = read_client(&mut r)?;
         let ranges = r.count(2)?;
@@ -700,6 +797,250 @@ mod tests {
             !last.met_by(|_| 0),
             "the last update builds on the ones before it"
         );
+    }
+
+    fn var(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    /// One character typed by each of `clients` clients (ids 1..=clients), each to the right of
+    /// the next client's: client i's block has its origin in client i + 1's, and only the last
+    /// client's hangs from the root. Listed from client 1 up, the worst order for a check that
+    /// passes over the clients until nothing moves: each pass lets one more client in.
+    /// `last_origin`: the client the last block's origin is in instead (closing a cycle).
+    fn chained_update(clients: u64, last_origin: Option<u64>) -> Vec<u8> {
+        let mut u = Vec::new();
+        var(&mut u, clients);
+        for c in 1..=clients {
+            u.push(1); // one block
+            var(&mut u, c);
+            u.push(0); // from clock 0
+            let origin = if c < clients {
+                Some(c + 1)
+            } else {
+                last_origin
+            };
+            if let Some(origin) = origin {
+                u.push(HAS_ORIGIN | 4);
+                var(&mut u, origin);
+                u.push(0);
+            } else {
+                u.extend([4, 1, 1, b't']); // string content in root "t"
+            }
+            u.extend([1, b'x']);
+        }
+        u.push(0); // empty delete set
+        u
+    }
+
+    /// `clients` clients with one block each in root "t", and deleted ranges of `deleters`
+    /// clients.
+    fn wide_update(clients: u64, deleters: u64) -> Vec<u8> {
+        let mut u = Vec::new();
+        var(&mut u, clients);
+        for c in 1..=clients {
+            u.push(1);
+            var(&mut u, c);
+            u.extend([0, 4, 1, 1, b't', 1, b'x']);
+        }
+        var(&mut u, deleters);
+        for c in 1..=deleters {
+            var(&mut u, c);
+            u.extend([1, 0, 1]); // one range: clock 0, length 1
+        }
+        u
+    }
+
+    /// What `met_by` answered before it became one pass (kept as the oracle): passes over the
+    /// clients, in update order, until one lets nothing in.
+    fn met_by_passes(deps: &Deps, known: impl Fn(u64) -> u64) -> bool {
+        if deps.runs.iter().any(|r| known(r.client) < r.need) {
+            return false;
+        }
+        let mut reached: HashMap<u64, u64> = deps
+            .runs
+            .iter()
+            .map(|r| (r.client, known(r.client)))
+            .collect();
+        let mut runs: Vec<&Run> = deps.runs.iter().collect();
+        runs.sort_by_key(|r| r.blocks.start);
+        let mut cursors: Vec<usize> = runs.iter().map(|r| r.blocks.start).collect();
+        loop {
+            let (mut progress, mut done) = (false, true);
+            for (run, cursor) in runs.iter().zip(cursors.iter_mut()) {
+                while *cursor < run.blocks.end {
+                    let b = &deps.blocks[*cursor];
+                    let ready = deps.block_refs[b.refs.clone()]
+                        .iter()
+                        .all(|&(c, k)| k < reached.get(&c).copied().unwrap_or_else(|| known(c)));
+                    if !ready {
+                        break;
+                    }
+                    let at = reached.entry(run.client).or_insert(0);
+                    *at = (*at).max(b.end);
+                    *cursor += 1;
+                    progress = true;
+                }
+                done &= *cursor == run.blocks.end;
+            }
+            if done {
+                break;
+            }
+            if !progress {
+                return false;
+            }
+        }
+        deps.refs
+            .iter()
+            .all(|&(c, upto)| reached.get(&c).copied().unwrap_or_else(|| known(c)) >= upto)
+    }
+
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_chain_of_origins_across_clients_is_checked_in_one_pass() {
+        let clients = MAX_UPDATE_CLIENTS as u64;
+        let u = chained_update(clients, None);
+        let deps = scan_update(&u).expect("a well-formed update");
+        assert_eq!(deps.blocks.len(), MAX_UPDATE_CLIENTS);
+        assert!(
+            deps.met_by(|_| 0),
+            "the chain is whole: every block goes in"
+        );
+        let run = deps.integrate(&|_| 0);
+        assert_eq!(run.integrated, deps.blocks.len());
+        // Each block is visited once and each reference followed at most twice (looked up,
+        // then released); the passes this replaced took ~clients^2 / 2 = 2 * 10^9 steps here.
+        let linear = deps.blocks.len() + 2 * deps.block_refs.len();
+        assert!(
+            run.steps <= linear,
+            "{} steps for {} blocks and {} references",
+            run.steps,
+            deps.blocks.len(),
+            deps.block_refs.len()
+        );
+        // The last block hanging from the first instead of the root: a cycle, nothing goes in.
+        let cyclic = scan_update(&chained_update(clients, Some(1))).expect("well-formed");
+        assert!(!cyclic.met_by(|_| 0), "a cycle of origins stays pending");
+        assert!(cyclic.integrate(&|_| 0).steps <= linear + 1);
+        // A document that has the whole chain already takes it again at once (every reference
+        // known) and one that has half of it takes the rest.
+        assert!(deps.met_by(|_| 1));
+        assert!(deps.met_by(|c| u64::from(c > clients / 2)));
+    }
+
+    #[test]
+    fn yrs_integrates_the_chained_update_the_check_lets_in() {
+        let u = chained_update(2_000, None);
+        let checked = check_update(&u, 1 << 20).expect("valid");
+        assert!(checked.deps.met_by(|_| 0));
+        let doc = Doc::new();
+        let mut txn = doc.transact_mut();
+        txn.apply_update(checked.update).expect("applies");
+        assert!(!txn.has_missing_updates());
+        drop(txn);
+        let text = doc.get_or_insert_text("t");
+        assert_eq!(text.len(&doc.transact()), 2_000);
+    }
+
+    #[test]
+    fn updates_over_the_client_limit_are_refused() {
+        let max = MAX_UPDATE_CLIENTS as u64;
+        scan_update(&wide_update(max, max)).expect("at the limit");
+        let over = wide_update(max + 1, 0);
+        assert_eq!(
+            scan_update(&over).err(),
+            Some(Rejected::TooManyClients(MAX_UPDATE_CLIENTS + 1))
+        );
+        assert_eq!(
+            check_update(&over, 4 << 20).err(),
+            Some(Rejected::TooManyClients(MAX_UPDATE_CLIENTS + 1)),
+            "the write door refuses it before yrs decodes it"
+        );
+        assert_eq!(
+            scan_update(&wide_update(1, max + 1)).err(),
+            Some(Rejected::TooManyClients(MAX_UPDATE_CLIENTS + 1)),
+            "deleted ranges count too"
+        );
+    }
+
+    /// Updates with references inside themselves across clients: merges of consecutive runs of
+    /// the two-writer trace.
+    fn merged_windows(trace: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for from in 0..trace.len() {
+            for to in from + 1..=trace.len() {
+                let parts: Vec<&[u8]> = trace[from..to].iter().map(Vec::as_slice).collect();
+                out.push(yrs::merge_updates_v1(parts).expect("merges"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn one_pass_answers_as_the_passes_did() {
+        let trace = two_writer_trace();
+        let updates: Vec<Vec<u8>> = trace
+            .iter()
+            .cloned()
+            .chain(merged_windows(&trace))
+            .collect();
+        let mut states: Vec<StateVector> = Vec::new();
+        for j in 0..=trace.len() {
+            let doc = Doc::new();
+            for u in &trace[..j] {
+                doc.transact_mut()
+                    .apply_update(Update::decode_v1(u).expect("decodes"))
+                    .expect("applies");
+            }
+            states.push(doc.transact().state_vector());
+        }
+        let (mut met, mut unmet, mut played) = (0, 0, 0);
+        for u in &updates {
+            let deps = scan_update(u).expect("valid");
+            for sv in &states {
+                let known = |c| u64::from(sv.get(&yrs::ClientID::new(c)));
+                let answer = deps.met_by(known);
+                assert_eq!(answer, met_by_passes(&deps, known), "update {u:?}");
+                if !deps.block_refs.iter().all(|&(c, k)| k < known(c)) {
+                    played += 1;
+                }
+                if answer { met += 1 } else { unmet += 1 }
+            }
+        }
+        assert!(
+            met > 0 && unmet > 0 && played > 0,
+            "every path exercised: {met} met, {unmet} unmet, {played} played through"
+        );
+    }
+
+    #[test]
+    fn short_of_names_the_writer_whose_earlier_update_is_missing() {
+        // The trace alternates writers 1 and 2; each update continues its writer's previous one.
+        let trace = two_writer_trace();
+        let doc = Doc::new();
+        let mut states = vec![doc.transact().state_vector()];
+        for u in &trace {
+            doc.transact_mut()
+                .apply_update(Update::decode_v1(u).expect("decodes"))
+                .expect("applies");
+            states.push(doc.transact().state_vector());
+        }
+        for k in 2..trace.len() {
+            let deps = scan_update(&trace[k]).expect("valid");
+            let short = |sv: &StateVector| -> Vec<u64> {
+                deps.short_of(|c| u64::from(sv.get(&yrs::ClientID::new(c))))
+                    .collect()
+            };
+            let writer = k as u64 % 2 + 1;
+            assert_eq!(short(&states[k - 2]), vec![writer], "update {k}");
+            assert_eq!(short(&states[k - 1]), Vec::<u64>::new(), "update {k}");
+            assert!(deps.met_by(|c| u64::from(states[k].get(&yrs::ClientID::new(c)))));
+        }
     }
 
     #[test]

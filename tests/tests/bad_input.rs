@@ -161,6 +161,86 @@ async fn y_websocket_endpoint_refuses_bad_doc_ids_and_garbage() {
     bystander_still_works(&server, "ok").await;
 }
 
+/// An update with one character from each of `clients` yrs clients, in root text "t".
+fn crowd_update(clients: u64) -> Vec<u8> {
+    fn var(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut u = Vec::new();
+    var(&mut u, clients);
+    for c in 1..=clients {
+        u.push(1);
+        var(&mut u, c);
+        u.extend([0, 4, 1, 1, b't', 1, b'x']);
+    }
+    u.push(0);
+    u
+}
+
+#[tokio::test]
+async fn an_update_of_too_many_clients_is_refused_as_too_large_on_every_protocol() {
+    let server = TestServer::start(|_| {}).await;
+    let over = crowd_update(chorus_server::validate::MAX_UPDATE_CLIENTS as u64 + 1);
+    assert!(over.len() < 1 << 20, "well within the byte limits");
+
+    let mut c = NativeClient::connect(&server.ws_url()).await;
+    c.subscribe_synced("crowd").await;
+    c.send(&ClientFrame::Update {
+        doc: "crowd".into(),
+        update: over.clone(),
+        seq: Some(1),
+    })
+    .await;
+    let e = expect_error(&mut c, ErrorCode::TooLarge).await;
+    assert!(matches!(e, ServerFrame::Error { seq: Some(1), .. }));
+
+    let resp = http::post(server.addr, "/v1/docs/crowd/updates", &over)
+        .await
+        .expect("POST");
+    assert_eq!(resp.status, 413);
+    assert_eq!(resp.json()["error"], "too_large");
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/crowd", server.yjs_base()))
+        .await
+        .expect("connect");
+    use futures_util::{SinkExt, StreamExt};
+    // y-protocols: sync message, update, then the update as a length-prefixed buffer.
+    let mut msg = vec![0, 2];
+    let mut len = over.len();
+    while len >= 0x80 {
+        msg.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    msg.push(len as u8);
+    msg.extend_from_slice(&over);
+    ws.send(Message::Binary(msg.into())).await.expect("send");
+    let mut code = None;
+    while let Some(Ok(m)) = tokio::time::timeout(chorus_tests::DEADLINE, ws.next())
+        .await
+        .expect("timely close")
+    {
+        if let Message::Close(c) = m {
+            code = c.map(|c| u16::from(c.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1009));
+
+    let state = http::get(server.addr, "/v1/docs/crowd").await.expect("GET");
+    assert_eq!(state.body, vec![0, 0], "none of them reached the log");
+    // One client fewer is an ordinary update.
+    let at_limit = crowd_update(chorus_server::validate::MAX_UPDATE_CLIENTS as u64);
+    let resp = http::post(server.addr, "/v1/docs/crowd/updates", &at_limit)
+        .await
+        .expect("POST");
+    assert_eq!(resp.status, 200);
+    bystander_still_works(&server, "after-crowd").await;
+}
+
 fn rmp_frame(v: serde_json::Value) -> Vec<u8> {
     // MessagePack of an arbitrary map, as a third-party client would send it.
     let mut out = Vec::new();

@@ -94,3 +94,44 @@ async fn sigterm_drains_and_exits_zero() {
         "saved"
     );
 }
+
+#[tokio::test]
+async fn a_damaged_write_ahead_segment_keeps_the_node_from_starting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Acknowledged entries on disk, then the node dies.
+    let server = ServerProcess::spawn(dir.path(), &[]).await;
+    let mut c = NativeClient::connect(&server.ws_url()).await;
+    c.subscribe_synced("damaged").await;
+    let s = c.insert("damaged", 0, "kept").await;
+    c.wait_acked(s).await;
+    server.kill9().await;
+    // A segment whose header was overwritten: whatever it held cannot be read back.
+    let segment = dir.path().join("log.redb.wal-9999999999");
+    std::fs::write(&segment, [0x5a; 256]).expect("write");
+
+    let out = tokio::time::timeout(
+        chorus_tests::DEADLINE,
+        tokio::process::Command::new(chorus_tests::chorus_bin())
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", chorus_tests::free_port()))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the node gives up instead of serving")
+    .expect("run chorus");
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&segment.display().to_string()) && stderr.contains("corrupt at byte 0"),
+        "the error names the file and the offset: {stderr}"
+    );
+    assert!(
+        segment.exists(),
+        "the damaged segment is left for the operator"
+    );
+}

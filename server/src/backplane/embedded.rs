@@ -125,6 +125,21 @@ struct Active {
     next_seq: u64,
     /// When the segment got its first record.
     dirty_since: Option<Instant>,
+    /// Where the acknowledged bytes of a segment a failed write left junk in end, until a new
+    /// segment's header carries it.
+    cut: Option<wal::Cut>,
+}
+
+impl Active {
+    /// Creates the next segment, carrying the pending cut. A number whose creation failed is
+    /// not used again (its file may exist, unfinished).
+    fn start_segment(&mut self, base: &Path, wal_id: u64) -> std::io::Result<Segment> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let segment = Segment::create(base, seq, wal_id, self.cut)?;
+        self.cut = None;
+        Ok(segment)
+    }
 }
 
 impl Shared {
@@ -161,9 +176,8 @@ impl Shared {
             // failed) have anything for redb.
             return Some(current.map_or(ended, |c| c - 1));
         }
-        match Segment::create(&self.base, a.next_seq, self.wal_id) {
+        match a.start_segment(&self.base, self.wal_id) {
             Ok(next) => {
-                a.next_seq += 1;
                 a.segment = Some(next);
                 a.dirty_since = None;
                 Some(ended)
@@ -235,7 +249,7 @@ impl EmbeddedBackplane {
         txn.commit().map_err(storage)?;
 
         let last_seq = replay(&db, path, wal_id)?;
-        let segment = Segment::create(path, last_seq + 1, wal_id).map_err(storage)?;
+        let segment = Segment::create(path, last_seq + 1, wal_id, None).map_err(storage)?;
 
         let shared = Arc::new(Shared {
             db,
@@ -244,6 +258,7 @@ impl EmbeddedBackplane {
                 segment: Some(segment),
                 next_seq: last_seq + 2,
                 dirty_since: None,
+                cut: None,
             }),
             base: path.to_path_buf(),
             wal_id,
@@ -552,10 +567,12 @@ fn merge_head(stored: Option<LogHead>, newer: LogHead) -> LogHead {
 }
 
 /// Applies the segments a previous run left beside `base` to redb in one transaction, then
-/// deletes them. Returns the highest segment number seen (0 if none).
+/// deletes them. Returns the highest segment number seen (0 if none). Fails, leaving every
+/// segment in place, if one is damaged where it held acknowledged entries
+/// ([`wal::plan_replay`]).
 fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult<u64> {
-    let segments = wal::list_segments(base).map_err(storage)?;
-    let Some(&(last_seq, _)) = segments.last() else {
+    let segments = wal::plan_replay(base, wal_id)?;
+    let Some(last_seq) = segments.last().map(|s| s.seq) else {
         return Ok(0);
     };
     let started = Instant::now();
@@ -565,42 +582,23 @@ fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult<u64> {
         let mut log = txn.open_table(LOG).map_err(storage)?;
         let mut meta = txn.open_table(META).map_err(storage)?;
         let mut heads: HashMap<DocId, LogHead> = HashMap::new();
-        for (seq, path) in &segments {
-            let read = wal::read_segment(path, wal_id).map_err(storage)?;
-            let Some(records) = read.records else {
-                tracing::warn!(segment = %path.display(), "skipping a write-ahead segment written for another log file");
-                continue;
-            };
-            if read.torn_bytes > 0 {
-                tracing::warn!(
-                    segment = seq,
-                    torn_bytes = read.torn_bytes,
-                    "a write-ahead segment ends in a group a crash cut short; it was never acknowledged"
-                );
-            }
-            for record in records {
-                let doc = record.doc().clone();
-                let stored = match heads.get(&doc) {
-                    Some(h) => Some(*h),
-                    None => meta
-                        .get(doc.as_str())
-                        .map_err(storage)?
-                        .map(|v| head_from(v.value())),
-                };
-                let head = merge_head(stored, record.head());
-                match &record {
-                    Record::Append {
-                        head: at, value, ..
-                    } => {
-                        log.insert((doc.as_str(), at.last.ms, at.last.seq), &value[..])
-                            .map_err(storage)?;
-                    }
-                    Record::Trim { before, .. } => {
-                        trim(&mut log, &doc, *before)?;
-                    }
-                    Record::Head { .. } => {}
+        for segment in &segments {
+            match &segment.what {
+                wal::Holds::Nothing(wal::Skipped::OtherDatabase) => {
+                    tracing::warn!(segment = %segment.path.display(), "skipping a write-ahead segment written for another log file");
                 }
-                heads.insert(doc, head);
+                wal::Holds::Nothing(wal::Skipped::UnfinishedHeader) => {}
+                wal::Holds::Records { torn_bytes, .. } if *torn_bytes > 0 => {
+                    tracing::warn!(
+                        segment = segment.seq,
+                        torn_bytes,
+                        "a write-ahead segment ends in a group a crash cut short; it was never acknowledged"
+                    );
+                }
+                wal::Holds::Records { .. } => {}
+            }
+            for record in wal::read_planned(segment)? {
+                replay_record(&mut log, &mut meta, &mut heads, record)?;
                 applied += 1;
             }
         }
@@ -613,8 +611,8 @@ fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult<u64> {
         }
     }
     txn.commit().map_err(storage)?;
-    for (_, path) in &segments {
-        std::fs::remove_file(path).map_err(storage)?;
+    for segment in &segments {
+        std::fs::remove_file(&segment.path).map_err(storage)?;
     }
     wal::sync_dir(base).map_err(storage)?;
     tracing::info!(
@@ -624,6 +622,38 @@ fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult<u64> {
         "replayed the embedded log's write-ahead segments"
     );
     Ok(last_seq)
+}
+
+/// Applies one replayed record to the log table, tracking each document's head in `heads`.
+fn replay_record(
+    log: &mut redb::Table<'_, (&'static str, u64, u64), &'static [u8]>,
+    meta: &mut redb::Table<'_, &'static str, (u64, u64, u64, u64, u64)>,
+    heads: &mut HashMap<DocId, LogHead>,
+    record: Record,
+) -> BackplaneResult<()> {
+    let doc = record.doc().clone();
+    let stored = match heads.get(&doc) {
+        Some(h) => Some(*h),
+        None => meta
+            .get(doc.as_str())
+            .map_err(storage)?
+            .map(|v| head_from(v.value())),
+    };
+    let head = merge_head(stored, record.head());
+    match &record {
+        Record::Append {
+            head: at, value, ..
+        } => {
+            log.insert((doc.as_str(), at.last.ms, at.last.seq), &value[..])
+                .map_err(storage)?;
+        }
+        Record::Trim { before, .. } => {
+            trim(log, &doc, *before)?;
+        }
+        Record::Head { .. } => {}
+    }
+    heads.insert(doc, head);
+    Ok(())
 }
 
 /// How long a group waits for more appends when the log is busy.
@@ -985,7 +1015,7 @@ impl Writer {
             behind.then(|| BackplaneError::Storage("the log's database is not keeping up".into()));
         let mut heads: HashMap<DocId, Option<LogHead>> = HashMap::new();
         let mut changes: Vec<Change> = Vec::with_capacity(group.len());
-        let mut buf = BytesMut::new();
+        let mut records = wal::Group::default();
         let now = now_ms();
         for op in group {
             let doc = op.doc().clone();
@@ -1014,11 +1044,10 @@ impl Writer {
                 WriteOp::Open { reply, .. } => {
                     let head = head.unwrap_or_else(|| {
                         let h = fresh();
-                        Record::Head {
+                        records.push(&Record::Head {
                             doc: doc.clone(),
                             head: h,
-                        }
-                        .encode_into(&mut buf);
+                        });
                         changes.push(Change::Head(doc.clone(), h));
                         h
                     });
@@ -1034,12 +1063,11 @@ impl Writer {
                     let mut head = head.unwrap_or_else(fresh);
                     let id = next_id(head.last, now);
                     head.last = id;
-                    Record::Append {
+                    records.push(&Record::Append {
                         doc: doc.clone(),
                         head,
                         value: encode_value(origin, &update).freeze(),
-                    }
-                    .encode_into(&mut buf);
+                    });
                     done.push(Done::Append(reply, Position::new(head.epoch, id)));
                     let entry = Entry { id, update, origin };
                     match delivered.last_mut() {
@@ -1058,12 +1086,11 @@ impl Writer {
                             if let Some(id) = newest {
                                 head.floor = head.floor.max(id);
                             }
-                            Record::Trim {
+                            records.push(&Record::Trim {
                                 doc: doc.clone(),
                                 head,
                                 before,
-                            }
-                            .encode_into(&mut buf);
+                            });
                             changes.push(Change::Trim(doc.clone(), head, before));
                             heads.insert(doc, Some(head));
                         }
@@ -1084,17 +1111,17 @@ impl Writer {
         let mut active = lock(&self.shared.active);
         let a = &mut *active;
         if a.segment.is_none() {
-            let next = Segment::create(&self.shared.base, a.next_seq, self.shared.wal_id);
-            a.next_seq += 1;
+            let next = a.start_segment(&self.shared.base, self.shared.wal_id);
             a.segment = Some(next.map_err(storage)?);
         }
         let Some(segment) = a.segment.as_mut() else {
             return Err(BackplaneError::Storage("no write-ahead segment".into()));
         };
-        if !buf.is_empty() {
-            if let Err(e) = segment.append(&buf) {
-                if e.poisoned {
+        if !records.is_empty() {
+            if let Err(e) = segment.append(&mut records) {
+                if e.poisoned.is_some() {
                     a.segment = None;
+                    a.cut = e.poisoned;
                 }
                 return Err(storage(e.error));
             }
@@ -1354,6 +1381,99 @@ mod tests {
         let (head, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
         expect(head, &entries);
         bp.close().await;
+    }
+
+    #[tokio::test]
+    async fn replay_cuts_a_torn_tail_and_refuses_a_damaged_middle() {
+        const NEVER: Duration = Duration::from_secs(3600);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        let tracker = TaskTracker::new();
+        let doc = DocId::parse("d").expect("doc id");
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
+        let ids = append_n(&bp, &doc, 3).await;
+        let crashed = tempfile::tempdir().expect("tempdir");
+        crash_image(dir.path(), crashed.path());
+        bp.close().await;
+        let log = crashed.path().join("log.redb");
+        let segment = |log: &Path| {
+            let all = wal::list_segments(log).expect("list");
+            assert_eq!(all.len(), 1);
+            all[0].1.clone()
+        };
+        let starts = wal::group_starts(&segment(&log));
+        assert_eq!(starts.len(), 3, "one group per append, each awaited");
+
+        // The crash hit the last group half way: the two before it are all there.
+        let torn = tempfile::tempdir().expect("tempdir");
+        crash_image(crashed.path(), torn.path());
+        let torn_log = torn.path().join("log.redb");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment(&torn_log))
+            .and_then(|f| f.set_len(starts[2] + 10))
+            .expect("tear");
+        let bp = EmbeddedBackplane::open_with(&torn_log, 1 << 20, &tracker, NEVER).expect("open");
+        let (head, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        assert_eq!(entry_ids(&entries), ids[..2].to_vec());
+        assert_eq!(head.last, ids[1]);
+        bp.close().await;
+
+        // A flipped byte in the middle one: the log does not open, and says where.
+        let damaged = segment(&log);
+        let mut bytes = std::fs::read(&damaged).expect("read");
+        bytes[starts[1] as usize + 12] ^= 0x01;
+        std::fs::write(&damaged, bytes).expect("write");
+        match EmbeddedBackplane::open_with(&log, 1 << 20, &tracker, NEVER) {
+            Err(BackplaneError::Wal(wal::WalError::Corrupt { path, offset, .. })) => {
+                assert_eq!((path, offset), (damaged.clone(), starts[1]));
+            }
+            Err(other) => panic!("expected corruption, got {other}"),
+            Ok(_) => panic!("a log with a damaged acknowledged entry opened"),
+        }
+        assert!(damaged.exists(), "nothing is deleted: the operator decides");
+    }
+
+    #[test]
+    fn the_segment_after_a_poisoned_one_carries_its_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("log.redb");
+        let doc = DocId::parse("d").expect("doc id");
+        let head = LogHead {
+            epoch: 1,
+            last: StreamId::new(1, 0),
+            floor: StreamId::ZERO,
+        };
+        let mut seg = Segment::create(&base, 1, 7, None).expect("create");
+        let mut records = wal::Group::default();
+        records.push(&Record::Head { doc, head });
+        seg.append(&mut records).expect("append");
+        // What a write that failed and could not be cut back left behind it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(wal::segment_path(&base, 1))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"half a group"))
+            .expect("junk");
+        let mut active = Active {
+            segment: None,
+            next_seq: 2,
+            dirty_since: None,
+            cut: Some(wal::Cut {
+                seq: 1,
+                len: seg.len,
+            }),
+        };
+        let next = active.start_segment(&base, 7).expect("next segment");
+        assert_eq!((next.seq, active.next_seq, active.cut), (2, 3, None));
+        let mut more = wal::Group::default();
+        more.push(&Record::Head {
+            doc: DocId::parse("e").expect("doc id"),
+            head,
+        });
+        let mut next = next;
+        next.append(&mut more).expect("append");
+        let planned = wal::plan_replay(&base, 7).expect("the junk is known not to be damage");
+        assert_eq!(planned.len(), 2);
     }
 
     #[tokio::test]

@@ -10,6 +10,8 @@ pub mod embedded;
 pub mod redis;
 mod wal;
 
+pub use wal::{Damage, WalError};
+
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use futures_util::future::BoxFuture;
@@ -75,6 +77,10 @@ pub enum BackplaneError {
     Overloaded,
     #[error("the backplane is shut down")]
     Closed,
+    /// The embedded log's write-ahead segments cannot be replayed without losing
+    /// acknowledged entries.
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
 }
 
 pub type BackplaneResult<T> = Result<T, BackplaneError>;

@@ -286,7 +286,7 @@ impl NativeSession {
             Ok(checked) => checked.deps,
             Err(e) => {
                 let code = match e {
-                    Rejected::TooLarge(..) => ErrorCode::TooLarge,
+                    Rejected::TooLarge(..) | Rejected::TooManyClients(..) => ErrorCode::TooLarge,
                     _ => ErrorCode::BadUpdate,
                 };
                 return self.error(code, e.to_string(), Some(&doc), seq);

@@ -198,7 +198,9 @@ impl YjsSession {
             // to log.
             Ok(checked) if checked.update.is_empty() => return Step::Continue,
             Ok(checked) => checked,
-            Err(validate::Rejected::TooLarge(..)) => return Step::Close(CloseCode::MessageTooBig),
+            Err(validate::Rejected::TooLarge(..) | validate::Rejected::TooManyClients(..)) => {
+                return Step::Close(CloseCode::MessageTooBig);
+            }
             Err(_) => return self.bad("invalid update"),
         };
         let Some(handle) = self.handle.clone() else {

@@ -159,6 +159,9 @@ struct HandleInner {
     known_version: watch::Sender<u64>,
 }
 
+/// Clients whose clocks are copied out of `known` per read lock (see [`DocHandle::clocks_of`]).
+const KNOWN_STRETCH: usize = 1024;
+
 /// Commands waiting for one document's owner; senders wait when it is full.
 const COMMAND_QUEUE: usize = 1024;
 /// Entry batches waiting for one document's owner; past this the owner catches up from the log.
@@ -187,11 +190,12 @@ impl DocHandle {
         lost: Option<&std::collections::HashSet<u64>>,
         wait: Duration,
     ) -> Readiness {
+        let clients = deps.clients();
         let met = || {
-            let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
+            let clocks = self.clocks_of(&clients);
             let at = |c| {
-                let mine = own.and_then(|o| o.get(&c)).copied().unwrap_or(0);
-                u64::from(known.get(&ClientID::new(c))).max(mine)
+                let held = clients.binary_search(&c).map_or(0, |i| clocks[i]);
+                held.max(own.and_then(|o| o.get(&c)).copied().unwrap_or(0))
             };
             if deps.met_by(at) {
                 Some(Readiness::Met)
@@ -235,10 +239,11 @@ impl DocHandle {
         if !self.is_loaded() {
             return None;
         }
-        let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
+        let clients = deps.clients();
+        let clocks = self.clocks_of(&clients);
         let at = |c| {
-            let mine = own.get(&c).copied().unwrap_or(0);
-            u64::from(known.get(&ClientID::new(c))).max(mine)
+            let held = clients.binary_search(&c).map_or(0, |i| clocks[i]);
+            held.max(own.get(&c).copied().unwrap_or(0))
         };
         deps.met_by(at).then_some(Readiness::Met)
     }
@@ -256,8 +261,36 @@ impl DocHandle {
 
     /// Drops entries of `own` the document has caught up with.
     pub fn forget_known(&self, own: &mut HashMap<u64, u64>) {
-        let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
-        own.retain(|c, end| u64::from(known.get(&ClientID::new(*c))) < *end);
+        let mut clients: Vec<u64> = own.keys().copied().collect();
+        clients.sort_unstable();
+        let clocks = self.clocks_of(&clients);
+        for (c, clock) in clients.iter().zip(clocks) {
+            if own.get(c).is_some_and(|end| clock >= *end) {
+                own.remove(c);
+            }
+        }
+    }
+
+    /// The document's clock for each of `clients`, copied out a stretch at a time, so the
+    /// owner's [`publish_known`](Self::publish_known) never waits behind more than one stretch
+    /// of lookups (a hostile update can name hundreds of thousands of clients) and nothing is
+    /// computed under the lock.
+    ///
+    /// The stretches may see different versions, but `known` only grows, so each clock is one
+    /// the document had at some moment of the call: a dependency check on them answers `Met`
+    /// only if it would on the state at the end of the call, and `Missing` only if it would on
+    /// the state at its start (the wait re-checks on every publish).
+    fn clocks_of(&self, clients: &[u64]) -> Vec<u64> {
+        let mut clocks = Vec::with_capacity(clients.len());
+        for stretch in clients.chunks(KNOWN_STRETCH) {
+            let known = self.inner.known.read().unwrap_or_else(|p| p.into_inner());
+            clocks.extend(
+                stretch
+                    .iter()
+                    .map(|&c| u64::from(known.get(&ClientID::new(c)))),
+            );
+        }
+        clocks
     }
 
     /// Called by the owner after applying entries: `grown` holds the clocks the applied
