@@ -86,6 +86,7 @@ pub async fn run(
             compact_bytes: config.compact_bytes,
             replay_window: config.replay_window,
             replay_memory_bytes: config.replay_memory_bytes,
+            max_hot_documents: config.max_hot_documents,
         },
         node,
         tracker.clone(),

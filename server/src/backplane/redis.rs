@@ -13,10 +13,12 @@
 //! - `chorus:ctl:NODE`   — per-node control stream that wakes its blocking XREAD (standalone)
 //! - `chorus:{TAG}:wake` — per-shard wake stream (cluster), TAG hashes into that shard
 //!
-//! Meta and stream are created together in one Lua script, and every script that writes
-//! checks both exist: if either vanished (FLUSHALL, eviction, a deleted key) the log starts a
-//! new epoch, so clients holding positions of the old one resync instead of replaying across
-//! a gap. Every entry carries its epoch, so readers deliver it without another round trip.
+//! Meta and stream are created together by a document's first append (reads never create
+//! keys: a reader of a document nobody wrote costs Redis nothing), and every script that
+//! writes checks both exist: if either vanished (FLUSHALL, eviction, a deleted key) the log
+//! starts a new epoch, so clients holding positions of the old one resync instead of
+//! replaying across a gap. Every entry carries its epoch, so readers deliver it without
+//! another round trip.
 //!
 //! Writes: `append` admits into a bounded queue in call order; one writer task takes whatever
 //! is waiting, sends one `EVAL` per document (all that document's updates in one call), all
@@ -129,13 +131,6 @@ local function last_id()
   end
   return '0-0'
 end
-"#;
-
-/// KEYS: meta, log. ARGV: new epoch. Returns {epoch, floor, last}.
-const OPEN_LUA: &str = r#"
-local epoch = ensure()
-local floor = redis.call('HGET', KEYS[1], 'floor') or '0-0'
-return {epoch, floor, last_id()}
 "#;
 
 /// KEYS: meta, log. ARGV: new epoch, then (update, origin) pairs. Returns {epoch, id...}.
@@ -495,23 +490,6 @@ impl Backplane for RedisBackplane {
             Client::Single(_) => "redis",
             Client::Cluster(_) => "redis-cluster",
         }
-    }
-
-    fn open(&self, doc: &DocId) -> BoxFuture<'static, BackplaneResult<LogHead>> {
-        let mut conn = self.inner.conn.clone();
-        let timeout = self.inner.settings.timeout;
-        let mut cmd = eval(&script(OPEN_LUA), doc);
-        cmd.arg(new_epoch());
-        async move {
-            let v = query(&mut conn, &cmd, timeout).await?;
-            let parts = as_array(v)?;
-            Ok(LogHead {
-                epoch: parse_u64(parts.first())?,
-                floor: parse_id(parts.get(1))?,
-                last: parse_id(parts.get(2))?,
-            })
-        }
-        .boxed()
     }
 
     fn append(

@@ -44,6 +44,8 @@ pub struct ConnContext {
     pub open: Arc<AtomicUsize>,
     /// Open TCP connections per client address (see `crate::serve`).
     pub per_ip: Arc<crate::serve::PerIp>,
+    /// Document-API requests per client address (`--max-api-requests-per-second`).
+    pub api_rate: crate::limits::PerIpRate,
     /// The node's flush tick (`--flush-interval`), which releases held writers.
     flush_clock: Option<Arc<FlushClock>>,
     /// Who holds each open connection, so revocations can find their sockets.
@@ -74,6 +76,10 @@ impl ConnContext {
     ) -> Self {
         let rate = config.max_connections_per_second;
         let per_ip = config.max_connections_per_ip;
+        let api_rate = crate::limits::PerIpRate::new(
+            config.max_api_requests_per_second,
+            config.max_api_requests_per_second.saturating_mul(2),
+        );
         let flush_clock = (!config.flush_interval.is_zero())
             .then(|| FlushClock::spawn(config.flush_interval, shutdown.clone(), &tracker));
         ConnContext {
@@ -89,6 +95,7 @@ impl ConnContext {
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
             per_ip: Arc::new(crate::serve::PerIp::new(per_ip)),
+            api_rate,
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
             outboxes: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -127,7 +134,7 @@ impl ConnContext {
         outbox
     }
 
-    fn forget_outbox(&self, conn: ConnId) {
+    pub(crate) fn forget_outbox(&self, conn: ConnId) {
         self.outboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
