@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chorus_protocol::{DocId, DocIdError, Position, PositionParseError, StreamId};
+use chorus_protocol::{CloseCode, DocId, DocIdError, Position, PositionParseError, StreamId};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -478,10 +478,13 @@ async fn post_update(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
-    if let Err(e) = authorize(&ctx, &headers, &query, Some((&doc, Access::Write))) {
-        ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
-        return Err(e);
-    }
+    let principal = match authorize(&ctx, &headers, &query, Some((&doc, Access::Write))) {
+        Ok((principal, _)) => principal,
+        Err(e) => {
+            ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
     let checked =
         validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
             Rejected::TooLarge(..) => ApiError::TooLarge(e),
@@ -507,6 +510,8 @@ async fn post_update(
         ctx.refused_missing_deps.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::MissingDependencies);
     }
+    // Checked after the waits: the token may have been revoked (or expired) meanwhile.
+    ctx.admit_write(&principal)?;
     let position = ctx.registry.backplane().append(&doc, body, None).await?;
     ctx.registry
         .with_owner(&doc, |h| async move { h.wait_applied(position.id).await })
@@ -615,7 +620,13 @@ async fn poll_updates(
         Ok(slot) => slot,
         Err(r) => return Ok(refused(r)),
     };
-    let answer = sse::long_poll(ctx, slot, doc, after, wait).await?;
+    let answer = sse::long_poll(ctx, slot, doc, principal, after, wait).await?;
+    match answer.ended {
+        None => {}
+        Some(CloseCode::Revoked) => return Err(ApiError::Auth(AuthError::Revoked)),
+        Some(CloseCode::TokenExpired) => return Err(ApiError::Auth(AuthError::Expired)),
+        Some(_) => return Err(ApiError::Unavailable),
+    }
     let position = answer
         .position
         .map(|p| p.to_string())

@@ -159,8 +159,12 @@ pub trait Backplane: Send + Sync + 'static {
     }
 
     /// From now on, calls `apply` with every revocation any node publishes, starting with the
-    /// ones already recorded (so a node that starts later refuses those tokens too).
-    fn watch_revocations(&self, _apply: RevocationSink) {}
+    /// ones already recorded (so a node that starts later refuses those tokens too). The
+    /// future resolves once those already recorded have been applied: a node must not serve
+    /// before, or it would let in tokens revoked before it started.
+    fn watch_revocations(&self, _apply: RevocationSink) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 
     /// Takes the document's compaction lock for `ttl` (one node at a time writes snapshots
     /// and trims). A single-node backplane has no competitor, so it always grants it.

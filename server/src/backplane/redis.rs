@@ -657,13 +657,20 @@ impl Backplane for RedisBackplane {
         .boxed()
     }
 
-    fn watch_revocations(&self, apply: RevocationSink) {
+    fn watch_revocations(&self, apply: RevocationSink) -> BoxFuture<'static, ()> {
         let reader = Reader {
             inner: self.inner.clone(),
             client: self.client.clone(),
             shard: 0,
         };
-        self.tracker.spawn(run_revocations(reader, apply));
+        let (caught_up, rx) = oneshot::channel();
+        self.tracker
+            .spawn(run_revocations(reader, apply, caught_up));
+        // Resolves when the reader stops, too (the node is shutting down).
+        async move {
+            let _ = rx.await;
+        }
+        .boxed()
     }
 
     fn ping(&self) -> BoxFuture<'static, BackplaneResult<()>> {
@@ -956,8 +963,11 @@ async fn run_waker(inner: Arc<Inner>) {
 const REVOCATIONS_KEY: &str = "chorus:revocations";
 
 /// Follows the revocation stream from its start for as long as the node runs, reconnecting
-/// after Redis failures and continuing after the last entry applied.
-async fn run_revocations(reader: Reader, apply: RevocationSink) {
+/// after Redis failures and continuing after the last entry applied. Until it has read to the
+/// end of the stream once, it reads without blocking; then it says so on `caught_up` (the node
+/// serves nobody before that) and blocks for new entries from then on.
+async fn run_revocations(reader: Reader, apply: RevocationSink, caught_up: oneshot::Sender<()>) {
+    let mut caught_up = Some(caught_up);
     let mut last = "0-0".to_string();
     let mut backoff = Duration::from_millis(50);
     while !reader.inner.cancel.is_cancelled() {
@@ -981,13 +991,11 @@ async fn run_revocations(reader: Reader, apply: RevocationSink) {
         backoff = Duration::from_millis(50);
         loop {
             let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(1000)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(REVOCATIONS_KEY)
-                .arg(&last);
+            cmd.arg("COUNT").arg(1000);
+            if caught_up.is_none() {
+                cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
+            }
+            cmd.arg("STREAMS").arg(REVOCATIONS_KEY).arg(&last);
             let reply = tokio::select! {
                 _ = reader.inner.cancel.cancelled() => return,
                 r = query(&mut conn, &cmd, BLOCK + reader.inner.settings.timeout) => r,
@@ -999,13 +1007,21 @@ async fn run_revocations(reader: Reader, apply: RevocationSink) {
                     break;
                 }
             };
+            let mut read = 0;
             for (_, entries) in batches {
                 for (id, fields) in entries {
+                    read += 1;
                     if let Some(rev) = revocation_from(&fields) {
                         apply(rev);
                     }
                     last = id;
                 }
+            }
+            if read == 0
+                && let Some(done) = caught_up.take()
+            {
+                tracing::debug!(last = %last, "revocations caught up");
+                let _ = done.send(());
             }
         }
     }

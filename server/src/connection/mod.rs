@@ -145,12 +145,27 @@ impl ConnContext {
             .remove(&conn);
     }
 
-    /// Records (or, after a refresh, replaces) who holds a connection.
+    /// Records (or, after a refresh, replaces) who holds a connection. A revocation applied
+    /// after the token was verified but before this registration found nothing to close, so
+    /// the token is checked again once registered (`revoke` records before it looks here):
+    /// every revocation is seen by one of the two.
     pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal) {
+        let check = principal.clone();
         self.holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(outbox.conn, (principal, Arc::downgrade(outbox)));
+        if let Err(e) = self.auth.still_valid(&check) {
+            outbox.request_close(e.close_code());
+        }
+    }
+
+    /// The write door's last check, made right before an append (after any wait): the
+    /// principal must still be valid now, not only when the socket or request began.
+    pub fn admit_write(&self, principal: &Principal) -> Result<(), crate::auth::AuthError> {
+        self.auth.still_valid(principal).inspect_err(|_| {
+            self.refused_writes.fetch_add(1, Ordering::Relaxed);
+        })
     }
 
     /// Applies a revocation (made here or published by another node) and closes every socket
@@ -284,7 +299,9 @@ async fn run_split<S: Session>(
                     outbox.request_close(code);
                 }
             }
-            msg = stream.next(), if !inflight_full => {
+            // Once a close is asked for (revoked, expired, misbehaving) nothing more the
+            // client sends is acted on, even while the writer is still stuck on a slow peer.
+            msg = stream.next(), if !inflight_full && !outbox.close_requested() => {
                 last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 match msg {
                     None => break "client went away",

@@ -340,6 +340,12 @@ impl NativeSession {
                 seq,
             );
         }
+        // Checked after the wait: the token may have been revoked (or expired) meanwhile.
+        if let Err(e) = self.ctx.admit_write(&self.principal) {
+            self.own.insert(id, own);
+            let _ = self.error(ErrorCode::Forbidden, e.to_string(), Some(&doc), seq);
+            return Step::Close(e.close_code());
+        }
         for (client, end) in deps.ends() {
             let reach = own.entry(client).or_default();
             *reach = (*reach).max(end);

@@ -213,6 +213,10 @@ impl YjsSession {
                     }
                     return self.bad("update with missing dependencies");
                 }
+                // Checked after the wait: the token may have been revoked (or expired) meanwhile.
+                if let Err(e) = self.ctx.admit_write(&self.principal) {
+                    return Step::Close(e.close_code());
+                }
                 for (client, end) in checked.deps.ends() {
                     let reach = self.own.entry(client).or_default();
                     *reach = (*reach).max(end);
