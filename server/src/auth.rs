@@ -6,7 +6,7 @@
 //! token's id) and `iat`, and `docs`: a list of grants `{"doc": "notes-1" | "team-*", "access":
 //! "read" | "write"}`. A pattern ending in `*` grants every document id with that prefix.
 
-use chorus_protocol::DocId;
+use chorus_protocol::{CloseCode, DocId};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -102,6 +102,16 @@ pub enum AuthError {
     Origin,
 }
 
+impl AuthError {
+    /// How a socket held under a token that stopped being valid is closed.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            AuthError::Expired => CloseCode::TokenExpired,
+            _ => CloseCode::Revoked,
+        }
+    }
+}
+
 /// What a node verifies tokens with. `None` keys: auth is off.
 pub struct Auth {
     key: Option<(DecodingKey, Validation)>,
@@ -186,6 +196,20 @@ impl Auth {
             return Err(AuthError::Revoked);
         }
         Ok(principal)
+    }
+
+    /// Whether a principal verified earlier may still act: not expired, not revoked since.
+    /// The write path asks before every append, so a revocation or an expiry stops writes at
+    /// once, whatever the socket's writer is busy with (it may be stuck on a slow peer for up
+    /// to twice `--slow-client-timeout` before its close goes out).
+    pub fn still_valid(&self, p: &Principal) -> Result<(), AuthError> {
+        if p.exp.is_some_and(|exp| now_secs() >= exp) {
+            return Err(AuthError::Expired);
+        }
+        if self.is_revoked(p) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(())
     }
 
     pub fn is_revoked(&self, p: &Principal) -> bool {
@@ -298,6 +322,25 @@ mod tests {
             auth.verify(Some(&later)).is_ok(),
             "a token issued after the revocation works"
         );
+    }
+
+    #[test]
+    fn a_verified_principal_stops_being_valid_when_revoked_or_expired() {
+        let auth = Auth::hs256(b"k");
+        let t = token(
+            b"k",
+            json!({"sub": "s", "exp": now_secs() + 60, "iat": now_secs() - 1}),
+        );
+        let p = auth.verify(Some(&t)).expect("valid");
+        assert_eq!(auth.still_valid(&p), Ok(()));
+        auth.revoke(Some("s"), None, None, now_secs());
+        assert_eq!(auth.still_valid(&p), Err(AuthError::Revoked));
+        let mut stale = p.clone();
+        stale.sub = "other".into();
+        stale.exp = Some(now_secs());
+        assert_eq!(auth.still_valid(&stale), Err(AuthError::Expired));
+        assert_eq!(AuthError::Expired.close_code(), CloseCode::TokenExpired);
+        assert_eq!(AuthError::Revoked.close_code(), CloseCode::Revoked);
     }
 
     #[test]

@@ -57,6 +57,28 @@ pub struct Config {
     #[arg(long, env = "CHORUS_MAX_DOCS_PER_CONNECTION", default_value_t = 256)]
     pub max_docs_per_connection: usize,
 
+    /// New documents one native socket may subscribe to per second (burst: as many as
+    /// `--max-docs-per-connection`), so a socket that subscribes and unsubscribes in a loop
+    /// cannot load document after document. More are refused with `rate_limited`.
+    #[arg(long, env = "CHORUS_MAX_SUBSCRIBES_PER_SECOND", default_value_t = 10)]
+    pub max_subscribes_per_second: u32,
+
+    /// Most documents loaded at once on this node. At the cap an idle document (no
+    /// subscribers) is unloaded early to make room; when none is idle, opening another one is
+    /// refused (native `unavailable`, HTTP 503 with Retry-After).
+    #[arg(long, env = "CHORUS_MAX_HOT_DOCUMENTS", default_value_t = 10_000)]
+    pub max_hot_documents: usize,
+
+    /// Requests per second one IP address may make to the document API (`/v1/docs/...`:
+    /// GET, POST, SSE and long-poll; token bucket, burst twice that). More get HTTP 429 with
+    /// Retry-After. 0: no limit (behind a proxy every client shares the proxy's address).
+    #[arg(
+        long,
+        env = "CHORUS_MAX_API_REQUESTS_PER_SECOND",
+        default_value_t = 200
+    )]
+    pub max_api_requests_per_second: u32,
+
     /// Interval between WebSocket pings the server sends.
     #[arg(long, env = "CHORUS_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
     pub ping_interval: Duration,

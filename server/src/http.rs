@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chorus_protocol::{DocId, DocIdError, Position, PositionParseError, StreamId};
+use chorus_protocol::{CloseCode, DocId, DocIdError, Position, PositionParseError, StreamId};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,6 +50,10 @@ pub enum ApiError {
     BadPosition(&'static str, PositionParseError),
     #[error("wait must be a number of seconds from 0 to {}", sse::MAX_WAIT.as_secs())]
     BadWait,
+    #[error("{}", DocError::Full)]
+    NodeFull,
+    #[error("more than --max-api-requests-per-second requests from this address; retry in {}s", .0.as_secs().max(1))]
+    RateLimited(std::time::Duration),
 }
 
 impl IntoResponse for ApiError {
@@ -71,31 +75,38 @@ impl IntoResponse for ApiError {
             ApiError::MissingDependencies => (StatusCode::CONFLICT, "missing_dependencies"),
             ApiError::BadPosition(..) => (StatusCode::BAD_REQUEST, "bad_position"),
             ApiError::BadWait => (StatusCode::BAD_REQUEST, "bad_wait"),
+            ApiError::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "node_full"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        };
+        let retry_after = match &self {
+            ApiError::RateLimited(wait) => Some(wait.as_secs().max(1)),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
         };
         let mut resp = (
             status,
             axum::Json(json!({"error": code, "message": self.to_string()})),
         )
             .into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(v) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }
 }
 
 impl From<DocError> for ApiError {
-    fn from(_: DocError) -> Self {
-        ApiError::Unavailable
+    fn from(e: DocError) -> Self {
+        match e {
+            DocError::Full => ApiError::NodeFull,
+            DocError::Gone | DocError::Unavailable => ApiError::Unavailable,
+        }
     }
 }
 
 pub fn router(ctx: Arc<ConnContext>) -> Router {
     let body_limit = ctx.config.max_update_bytes + 1;
-    let mut router = Router::new()
-        .route("/v1/ws", get(native_ws))
-        .route("/y/{doc}", get(yjs_ws))
+    let docs = Router::new()
         .route("/v1/docs/{doc}", get(get_doc))
         .route(
             "/v1/docs/{doc}/updates",
@@ -104,6 +115,14 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
                 .get(poll_updates),
         )
         .route("/v1/docs/{doc}/events", get(events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            limit_api_rate,
+        ));
+    let mut router = Router::new()
+        .route("/v1/ws", get(native_ws))
+        .route("/y/{doc}", get(yjs_ws))
+        .merge(docs)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -136,6 +155,25 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
         header::HeaderName::from_static("x-chorus-sync"),
     ]);
     router.layer(cors).with_state(ctx)
+}
+
+/// `--max-api-requests-per-second`: a token per request from the client's address, before
+/// the handler runs (a GET may load a document; a request refused here costs nothing).
+async fn limit_api_rate(
+    State(ctx): State<Arc<ConnContext>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = req
+        .extensions()
+        .get::<crate::serve::ConnSlot>()
+        .map(crate::serve::ConnSlot::ip);
+    if let Some(ip) = ip
+        && let Err(wait) = ctx.api_rate.check(ip)
+    {
+        return ApiError::RateLimited(wait).into_response();
+    }
+    next.run(req).await
 }
 
 #[derive(serde::Deserialize)]
@@ -356,6 +394,11 @@ async fn yjs_ws(
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
     let (principal, subprotocol) = authorize(&ctx, &headers, &query, Some((&doc, Access::Read)))?;
+    // Told before the upgrade when it is clear already (a race past this check ends in a
+    // close with 1011 after it, and the client reconnects).
+    if !ctx.registry.has_room_for(&doc) {
+        return Err(ApiError::NodeFull);
+    }
     let slot = match ctx.admit() {
         Ok(slot) => slot,
         Err(r) => return Ok(refused(r)),
@@ -380,9 +423,12 @@ async fn yjs_ws(
                     connection::run(*socket, ctx, slot, outbox, session).await;
                     return;
                 }
-                Err(DocError::Gone | DocError::Unavailable) => {}
+                Err(e @ (DocError::Gone | DocError::Unavailable | DocError::Full)) => {
+                    tracing::warn!(%doc, error = %e, "y-websocket client refused");
+                }
             }
-            tracing::warn!(%doc, "y-websocket client refused: document unavailable");
+            outbox.close();
+            ctx.forget_outbox(conn);
             let code = chorus_protocol::CloseCode::InternalError;
             let close = CloseFrame {
                 code: code.code(),
@@ -432,10 +478,13 @@ async fn post_update(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
-    if let Err(e) = authorize(&ctx, &headers, &query, Some((&doc, Access::Write))) {
-        ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
-        return Err(e);
-    }
+    let principal = match authorize(&ctx, &headers, &query, Some((&doc, Access::Write))) {
+        Ok((principal, _)) => principal,
+        Err(e) => {
+            ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
     let checked =
         validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
             Rejected::TooLarge(..) | Rejected::TooManyClients(..) => ApiError::TooLarge(e),
@@ -461,6 +510,8 @@ async fn post_update(
         ctx.refused_missing_deps.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::MissingDependencies);
     }
+    // Checked after the waits: the token may have been revoked (or expired) meanwhile.
+    ctx.admit_write(&principal)?;
     let position = ctx.registry.backplane().append(&doc, body, None).await?;
     ctx.registry
         .with_owner(&doc, |h| async move { h.wait_applied(position.id).await })
@@ -569,7 +620,13 @@ async fn poll_updates(
         Ok(slot) => slot,
         Err(r) => return Ok(refused(r)),
     };
-    let answer = sse::long_poll(ctx, slot, doc, after, wait).await?;
+    let answer = sse::long_poll(ctx, slot, doc, principal, after, wait).await?;
+    match answer.ended {
+        None => {}
+        Some(CloseCode::Revoked) => return Err(ApiError::Auth(AuthError::Revoked)),
+        Some(CloseCode::TokenExpired) => return Err(ApiError::Auth(AuthError::Expired)),
+        Some(_) => return Err(ApiError::Unavailable),
+    }
     let position = answer
         .position
         .map(|p| p.to_string())
@@ -624,6 +681,8 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
         "refused_missing_dependencies": ctx.refused_missing_deps.load(Ordering::Relaxed),
         "refused_awareness": ctx.registry.refused_awareness(),
         "refused_per_ip": ctx.per_ip.refused.load(Ordering::Relaxed),
+        "refused_api_requests": ctx.api_rate.refused.load(Ordering::Relaxed),
+        "refused_hot_documents": ctx.registry.refused_loads(),
         "hot_documents": ctx.registry.hot_documents(),
         "outbox": {
             "pending_bytes": total,

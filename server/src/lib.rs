@@ -86,6 +86,7 @@ pub async fn run(
             compact_bytes: config.compact_bytes,
             replay_window: config.replay_window,
             replay_memory_bytes: config.replay_memory_bytes,
+            max_hot_documents: config.max_hot_documents,
         },
         node,
         tracker.clone(),
@@ -113,7 +114,7 @@ pub async fn run(
     // Revocations from any node (with Redis; the embedded backplane has no others) close the
     // matching sockets here too. Weak: the backplane outlives nothing it is handed.
     let revoker = Arc::downgrade(&ctx);
-    backplane.watch_revocations(Arc::new(move |rev| {
+    let revocations_read = backplane.watch_revocations(Arc::new(move |rev| {
         if let Some(ctx) = revoker.upgrade() {
             let closed = ctx.revoke(&rev);
             tracing::info!(sub = ?rev.sub, jti = ?rev.jti, closed, "revocation applied");
@@ -132,6 +133,13 @@ pub async fn run(
         tracing::info!("shutting down: closing sockets with 1001, saving documents");
         stop_accepting.cancel();
     });
+    // Not one request is served before the revocations recorded so far are applied: a token
+    // revoked before this node started is refused from its first request on. (Connections
+    // wait in the listen backlog meanwhile.)
+    tokio::select! {
+        () = revocations_read => {}
+        () = stop.cancelled() => {}
+    }
     serve::serve(
         listener,
         http::router(ctx.clone()),

@@ -32,7 +32,14 @@ pub struct PerIp {
 /// Handlers find it in the request's extensions: an upgraded socket keeps a clone, so the
 /// address count covers WebSockets for as long as they are open.
 #[derive(Clone)]
-pub struct ConnSlot(#[allow(dead_code)] Arc<IpSlot>);
+pub struct ConnSlot(Arc<IpSlot>);
+
+impl ConnSlot {
+    /// The client's address (what per-address limits count by).
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip
+    }
+}
 
 pub struct IpSlot {
     ip: IpAddr,

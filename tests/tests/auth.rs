@@ -3,7 +3,7 @@
 
 use chorus_protocol::{ClientFrame, ErrorCode, ServerFrame};
 use chorus_tests::native::{Event, NativeClient};
-use chorus_tests::{DEADLINE, TestServer, http};
+use chorus_tests::{DEADLINE, TestServer, eventually, http};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -383,11 +383,234 @@ async fn revocation_reaches_every_node_through_redis_and_nodes_started_later() {
     // A node that starts after the revocation learns it from the stream.
     let late = chorus_tests::multinode::start_nodes(&redis.url(), snaps.path(), 1, tune).await;
     let url = format!("{}?token={t}", late[0].ws_url());
-    chorus_tests::eventually("the new node refuses the revoked token", DEADLINE, || {
+    eventually("the new node refuses the revoked token", DEADLINE, || {
         let url = url.clone();
         async move { (upgrade_status(&url).await == Some(401)).then_some(()) }
     })
     .await;
     let s = bystander.insert("d", 0, "unaffected").await;
     bystander.wait_acked(s).await;
+}
+
+async fn revoke_subject(addr: std::net::SocketAddr, sub: &str) {
+    let body = json!({ "sub": sub }).to_string();
+    let r = http::request(
+        addr,
+        "POST",
+        "/v1/admin/revoke",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {ADMIN}")),
+        ],
+        body.as_bytes(),
+    )
+    .await
+    .expect("POST revoke");
+    assert_eq!(r.status, 200, "revoke: {:?}", r.json());
+}
+
+async fn stats(addr: std::net::SocketAddr) -> Value {
+    http::get(addr, "/v1/stats").await.expect("stats").json()
+}
+
+/// Whether the document's state (as the server holds it) has `needle` in its text.
+async fn stored_text(addr: std::net::SocketAddr, doc: &str) -> String {
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, Transact};
+    let backend = writer_of_all();
+    // An empty update through the log first: it is applied after anything appended before it,
+    // so the state read next includes every earlier append.
+    let marker = http::post(
+        addr,
+        &format!("/v1/docs/{doc}/updates?token={backend}"),
+        &[0, 0],
+    )
+    .await
+    .expect("POST marker");
+    assert_eq!(marker.status, 200);
+    let state = http::get(addr, &format!("/v1/docs/{doc}?token={backend}"))
+        .await
+        .expect("GET");
+    let d = yrs::Doc::new();
+    let text = d.get_or_insert_text("t");
+    d.transact_mut()
+        .apply_update(yrs::Update::decode_v1(&state.body).expect("decode"))
+        .expect("apply");
+    text.get_string(&d.transact())
+}
+
+/// Revocation stops writes at once, not when the socket's writer gets unstuck: here the writer
+/// is blocked on a client that stopped reading while a large document is pushed to it, and the
+/// update the client sends after its revocation never reaches the document.
+#[tokio::test]
+async fn a_revoked_socket_whose_writer_is_stuck_gets_no_further_update_in() {
+    let server = TestServer::start(|c| {
+        c.auth_secret = Some(SECRET.into());
+        c.admin_key = Some(ADMIN.into());
+        c.max_messages_per_second = 1_000_000;
+        c.ping_interval = Duration::from_secs(120);
+        c.slow_client_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let t = token("eve", 600, json!([{"doc": "*", "access": "write"}]));
+    let mut eve =
+        NativeClient::connect_small_window(&format!("{}?token={t}", server.ws_url()), 16 * 1024)
+            .await;
+    eve.subscribe_synced("stuck").await;
+    // A backend pushes a growing document that eve does not read, until her writer is stuck
+    // (a few MB: what the socket buffers hold).
+    let url = format!("{}?token={}", server.ws_url(), writer_of_all());
+    let stuck = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let push = tokio::spawn({
+        let stuck = stuck.clone();
+        async move {
+            let mut w = NativeClient::connect(&url).await;
+            w.subscribe_synced("stuck").await;
+            let value = "v".repeat(100 * 1024);
+            let mut last = 0;
+            for i in 0..400 {
+                if stuck.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                last = w.set_map("stuck", &format!("k{i}"), &value).await;
+                let _ = w.drain_for(Duration::ZERO).await;
+            }
+            w.wait_acked(last).await;
+            w.close().await;
+        }
+    });
+    eventually("eve's writer is stuck", DEADLINE * 2, || async {
+        (stats(server.addr).await["outbox"]["stalled"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    stuck.store(true, std::sync::atomic::Ordering::Relaxed);
+    revoke_subject(server.addr, "eve").await;
+    eve.insert("stuck", 0, "after revocation").await;
+    push.await.expect("pusher");
+    // Everything eve's socket would ever append has been appended once the server let go of it.
+    eventually("the server released eve's socket", DEADLINE, || async {
+        (stats(server.addr).await["connections"].as_u64() == Some(0)).then_some(())
+    })
+    .await;
+    let text = stored_text(server.addr, "stuck").await;
+    assert!(
+        !text.contains("after revocation"),
+        "an update sent after the revocation was appended"
+    );
+}
+
+/// The write path checks the token again right before the append: an update that was waiting
+/// for its dependencies when the token was revoked is refused when they arrive.
+#[tokio::test]
+async fn an_update_waiting_when_its_token_is_revoked_is_refused() {
+    let server = TestServer::start(|c| {
+        c.auth_secret = Some(SECRET.into());
+        c.admin_key = Some(ADMIN.into());
+        c.missing_deps_wait = Duration::from_secs(10);
+    })
+    .await;
+    let t = token("eve", 600, json!([{"doc": "*", "access": "write"}]));
+    let mut eve = NativeClient::connect(&format!("{}?token={t}", server.ws_url())).await;
+    eve.subscribe_synced("deps").await;
+    let (base, tail) = {
+        use yrs::{ReadTxn, Text, Transact};
+        let d = yrs::Doc::with_client_id(4242);
+        let text = d.get_or_insert_text("t");
+        text.insert(&mut d.transact_mut(), 0, "base");
+        let base = d.transact().encode_state_as_update_v1(&Default::default());
+        let sv = d.transact().state_vector();
+        text.insert(&mut d.transact_mut(), 4, "tail");
+        (base, d.transact().encode_state_as_update_v1(&sv))
+    };
+    // `tail` builds on `base`, which the document does not have yet: it waits.
+    eve.send_update("deps", tail).await;
+    revoke_subject(server.addr, "eve").await;
+    let r = http::post(
+        server.addr,
+        &format!("/v1/docs/deps/updates?token={}", writer_of_all()),
+        &base,
+    )
+    .await
+    .expect("POST base");
+    assert_eq!(r.status, 200);
+    assert_eq!(eve.wait_closed().await, Some(4103));
+    eventually("the server released eve's socket", DEADLINE, || async {
+        (stats(server.addr).await["connections"].as_u64() == Some(0)).then_some(())
+    })
+    .await;
+    assert_eq!(stored_text(server.addr, "deps").await, "base");
+}
+
+/// A long-poll is registered under its token like a socket: a revocation ends it at once with
+/// 401 `token_revoked`, instead of letting it wait out `wait=` and answer.
+#[tokio::test]
+async fn a_long_poll_is_ended_by_revocation() {
+    let server = server().await;
+    let backend = writer_of_all();
+    let update = {
+        use yrs::{ReadTxn, Text, Transact};
+        let d = yrs::Doc::new();
+        d.get_or_insert_text("t")
+            .insert(&mut d.transact_mut(), 0, "x");
+        d.transact().encode_state_as_update_v1(&Default::default())
+    };
+    let r = http::post(
+        server.addr,
+        &format!("/v1/docs/lp/updates?token={backend}"),
+        &update,
+    )
+    .await
+    .expect("POST");
+    let position = r.json()["position"].as_str().expect("position").to_owned();
+    let t = token("pat", 600, json!([{"doc": "lp", "access": "read"}]));
+    let addr = server.addr;
+    let poll = tokio::spawn(async move {
+        http::get(
+            addr,
+            &format!("/v1/docs/lp/updates?after={position}&wait=30&token={t}"),
+        )
+        .await
+        .expect("long-poll")
+    });
+    eventually("the long-poll is waiting", DEADLINE, || async {
+        (stats(addr).await["connections"].as_u64() == Some(1)).then_some(())
+    })
+    .await;
+    revoke_subject(addr, "pat").await;
+    let answer = tokio::time::timeout(DEADLINE, poll)
+        .await
+        .expect("the poll ended well before its 30 s wait")
+        .expect("poll task");
+    assert_eq!(answer.status, 401);
+    assert_eq!(answer.json()["error"], "token_revoked");
+}
+
+/// A node with Redis reads every revocation already recorded before it serves anyone: its very
+/// first answer to a token revoked earlier is 401, however long the revocation stream is.
+#[tokio::test]
+async fn a_fresh_node_refuses_a_token_revoked_before_it_started() {
+    let redis = chorus_tests::redis::RedisServer::start().await;
+    // Thousands of older revocations ahead of this one: several reads to get through.
+    let script = "for i = 1, 5000 do redis.call('XADD', KEYS[1], '*', 't', ARGV[1], 'j', 'old-' .. i, 'x', ARGV[2]) end \
+                  return redis.call('XADD', KEYS[1], '*', 't', ARGV[1], 's', 'mal')";
+    let at = now().to_string();
+    let until = (now() + 3600).to_string();
+    redis
+        .cli(&["EVAL", script, "1", "chorus:revocations", &at, &until])
+        .await;
+    let t = token("mal", 600, json!([{"doc": "*", "access": "write"}]));
+    let node = TestServer::start(|c| {
+        c.auth_secret = Some(SECRET.into());
+        c.redis_url = vec![redis.url()];
+    })
+    .await;
+    assert_eq!(
+        upgrade_status(&format!("{}?token={t}", node.ws_url())).await,
+        Some(401),
+        "the first request already knows the revocation"
+    );
+    let r = http::get(node.addr, &format!("/v1/docs/d?token={t}"))
+        .await
+        .expect("GET");
+    assert_eq!(r.json()["error"], "token_revoked");
 }

@@ -1,12 +1,13 @@
 //! One conformance suite, run against both backplanes: the embedded log and Redis streams.
-//! Append, read after, delivery in order with origins, wake-up on a newly watched document,
-//! trim, and a new epoch when the log is lost.
+//! Reads create nothing (a document's log is born with its first append), append, read after,
+//! delivery in order with origins, wake-up on a newly watched document, trim, and a new epoch
+//! when the log is lost.
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use chorus_server::backplane::embedded::EmbeddedBackplane;
 use chorus_server::backplane::redis::{RedisBackplane, RedisSettings};
-use chorus_server::backplane::{Backplane, Entry, EntrySink, Origin};
+use chorus_server::backplane::{Backplane, Entry, EntrySink, LogHead, Origin};
 use chorus_tests::redis::RedisServer;
 use chorus_tests::{DEADLINE, eventually};
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,32 @@ impl Fixture {
         }
     }
 
+    /// Closes and opens the backplane again on the same storage (Redis: nothing to do).
+    async fn reopen(&self, old: Arc<dyn Backplane>) -> Arc<dyn Backplane> {
+        match self {
+            Fixture::Embedded { .. } => {
+                old.close().await;
+                drop(old);
+                self.backplane().await
+            }
+            Fixture::Redis { .. } => old,
+        }
+    }
+
+    /// Redis keys of `doc` (the embedded log has no keys to list; `reopen` shows what it kept).
+    async fn redis_keys(&self, doc: &str) -> Vec<String> {
+        match self {
+            Fixture::Embedded { .. } => Vec::new(),
+            Fixture::Redis { server, .. } => server
+                .cli(&["KEYS", &format!("chorus:{{{doc}}}:*")])
+                .await
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+
     /// Loses every log (a new redb file; FLUSHALL) and returns the backplane to use after.
     async fn lose_logs(&self, old: Arc<dyn Backplane>) -> Arc<dyn Backplane> {
         match self {
@@ -105,25 +132,44 @@ async fn suite(fixture: Fixture) {
     let a = DocId::parse("conf-a").expect("doc");
     let b = DocId::parse("conf-b").expect("doc");
 
-    // Open: a new log, nothing in it.
-    let head = bp.open(&a).await.expect("open");
-    assert_ne!(head.epoch, 0);
-    assert!(head.epoch < 1 << 53);
-    assert_eq!(head.last, StreamId::ZERO);
-    let epoch = head.epoch;
-    bp.watch(&a, head.last);
+    // Reads create nothing: a document nobody wrote has no log (epoch 0), stores no key or
+    // row however often it is read and watched, and still has none after a restart. Epoch 0
+    // is never a position to replay from.
+    for _ in 0..3 {
+        let (head, entries) = bp.read_after(&a, StreamId::ZERO).await.expect("read");
+        assert_eq!(head, LogHead::NONE);
+        assert!(entries.is_empty());
+    }
+    bp.watch(&a, StreamId::ZERO);
+    bp.unwatch(&a);
+    assert_eq!(fixture.redis_keys("conf-a").await, Vec::<String>::new());
+    bp = fixture.reopen(bp).await;
+    bp.attach(Arc::downgrade(&sink));
+    let (head, _) = bp.read_after(&a, StreamId::ZERO).await.expect("read");
+    assert_eq!(head, LogHead::NONE, "a read left nothing behind");
+    assert!(!head.can_replay_after(Position::new(0, StreamId::ZERO)));
+    bp.watch(&a, StreamId::ZERO);
 
-    // Append: positions in call order, all in the log's epoch. Calls are issued before any is
-    // awaited: admission order is the log order.
+    // Append: the first one creates the log with a fresh epoch; positions in call order, all
+    // in that epoch. Calls are issued before any is awaited: admission order is the log order.
     let futs: Vec<_> = (0..5u64)
         .map(|i| bp.append(&a, Bytes::from(vec![i as u8; 3]), origin(i)))
         .collect();
     let mut ids = Vec::new();
+    let mut epochs = Vec::new();
     for f in futs {
         let p = f.await.expect("append");
-        assert_eq!(p.epoch, epoch);
+        epochs.push(p.epoch);
         ids.push(p.id);
     }
+    let epoch = epochs[0];
+    assert!(epoch != 0 && epoch < 1 << 53, "a fresh epoch: {epoch}");
+    assert!(epochs.iter().all(|e| *e == epoch), "one epoch: {epochs:?}");
+    let (head, _) = bp.read_after(&a, StreamId::ZERO).await.expect("read");
+    assert!(
+        !head.can_replay_after(Position::new(0, StreamId::ZERO)),
+        "a position from before the log existed gets a full sync"
+    );
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
 
     // Delivery: every entry, in log order, once, with its origin and epoch.
@@ -157,8 +203,7 @@ async fn suite(fixture: Fixture) {
 
     // Wake-up: a document watched while the reader is (probably) blocked is read promptly.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let head_b = bp.open(&b).await.expect("open b");
-    bp.watch(&b, head_b.last);
+    bp.watch(&b, StreamId::ZERO);
     let started = tokio::time::Instant::now();
     let pb = bp
         .append(&b, Bytes::from_static(b"b"), None)
@@ -193,11 +238,10 @@ async fn suite(fixture: Fixture) {
     assert!(head.can_replay_after(Position::new(epoch, ids[1])));
     assert!(!head.can_replay_after(Position::new(epoch, ids[0])));
     assert!(!head.can_replay_after(Position::new(epoch + 1, ids[3])));
-    let reopened = bp.open(&a).await.expect("open again");
     assert_eq!(
-        (reopened.epoch, reopened.last, reopened.floor),
+        (head.epoch, head.last, head.floor),
         (epoch, ids[4], ids[1]),
-        "open does not disturb an existing log"
+        "the log's head after the trim"
     );
 
     // Epoch change: the log is lost; the next append starts a new epoch, readers deliver it

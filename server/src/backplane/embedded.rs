@@ -60,10 +60,6 @@ const MAX_PENDING_BYTES: usize = 256 << 20;
 const ENTRY_OVERHEAD: usize = 96;
 
 enum WriteOp {
-    Open {
-        doc: DocId,
-        reply: oneshot::Sender<BackplaneResult<LogHead>>,
-    },
     Append {
         doc: DocId,
         update: Bytes,
@@ -80,9 +76,7 @@ enum WriteOp {
 impl WriteOp {
     fn doc(&self) -> &DocId {
         match self {
-            WriteOp::Open { doc, .. } | WriteOp::Append { doc, .. } | WriteOp::Trim { doc, .. } => {
-                doc
-            }
+            WriteOp::Append { doc, .. } | WriteOp::Trim { doc, .. } => doc,
         }
     }
 }
@@ -311,17 +305,6 @@ impl Backplane for EmbeddedBackplane {
         "embedded"
     }
 
-    fn open(&self, doc: &DocId) -> BoxFuture<'static, BackplaneResult<LogHead>> {
-        let (reply, rx) = oneshot::channel();
-        answer(
-            self.submit(WriteOp::Open {
-                doc: doc.clone(),
-                reply,
-            }),
-            rx,
-        )
-    }
-
     fn append(
         &self,
         doc: &DocId,
@@ -409,11 +392,7 @@ impl Backplane for EmbeddedBackplane {
     }
 }
 
-const NO_LOG: LogHead = LogHead {
-    epoch: 0,
-    last: StreamId::ZERO,
-    floor: StreamId::ZERO,
-};
+const NO_LOG: LogHead = LogHead::NONE;
 
 fn read_after(
     shared: &Shared,
@@ -893,14 +872,12 @@ struct Writer {
 
 /// What a written group hands out once the fsync returned.
 enum Done {
-    Open(oneshot::Sender<BackplaneResult<LogHead>>, LogHead),
     Append(oneshot::Sender<BackplaneResult<Position>>, Position),
     Trim(oneshot::Sender<BackplaneResult<()>>),
 }
 
 /// What a written group changes in the pending set.
 enum Change {
-    Head(DocId, LogHead),
     Append(DocId, LogHead, Entry),
     Trim(DocId, LogHead, StreamId),
 }
@@ -935,7 +912,6 @@ impl Writer {
             Ok(()) => {
                 for d in done {
                     match d {
-                        Done::Open(r, h) => drop(r.send(Ok(h))),
                         Done::Append(r, p) => drop(r.send(Ok(p))),
                         Done::Trim(r) => drop(r.send(Ok(()))),
                     }
@@ -952,7 +928,6 @@ impl Writer {
                 for d in done {
                     let err = || BackplaneError::Storage(msg.clone());
                     match d {
-                        Done::Open(r, _) => drop(r.send(Err(err()))),
                         Done::Append(r, _) => drop(r.send(Err(err()))),
                         Done::Trim(r) => drop(r.send(Err(err()))),
                     }
@@ -1035,25 +1010,14 @@ impl Writer {
                     continue;
                 }
             };
+            // A log comes into being with its first append, never with a read (a reader of a
+            // document nobody wrote stores nothing): its epoch is born here.
             let fresh = || LogHead {
                 epoch: new_epoch(),
                 last: StreamId::ZERO,
                 floor: StreamId::ZERO,
             };
             match op {
-                WriteOp::Open { reply, .. } => {
-                    let head = head.unwrap_or_else(|| {
-                        let h = fresh();
-                        records.push(&Record::Head {
-                            doc: doc.clone(),
-                            head: h,
-                        });
-                        changes.push(Change::Head(doc.clone(), h));
-                        h
-                    });
-                    done.push(Done::Open(reply, head));
-                    heads.insert(doc, Some(head));
-                }
                 WriteOp::Append {
                     update,
                     origin,
@@ -1133,9 +1097,7 @@ impl Writer {
         let p = &mut *pending;
         for change in changes {
             let (doc, head) = match &change {
-                Change::Head(d, h) | Change::Append(d, h, _) | Change::Trim(d, h, _) => {
-                    (d.clone(), *h)
-                }
+                Change::Append(d, h, _) | Change::Trim(d, h, _) => (d.clone(), *h),
             };
             let d = p.docs.entry(doc).or_insert_with(|| PendingDoc {
                 head,
@@ -1146,7 +1108,6 @@ impl Writer {
             d.head = head;
             d.head_seg = seg;
             match change {
-                Change::Head(..) => {}
                 Change::Append(_, _, entry) => {
                     p.bytes += entry.update.len() + ENTRY_OVERHEAD;
                     d.entries.push_back((seg, entry));
@@ -1172,7 +1133,6 @@ impl Writer {
 
 fn push_failed(op: WriteOp, done: &mut Vec<Done>) {
     match op {
-        WriteOp::Open { reply, .. } => done.push(Done::Open(reply, NO_LOG)),
         WriteOp::Append { reply, .. } => {
             done.push(Done::Append(reply, Position::new(0, StreamId::ZERO)))
         }
@@ -1225,9 +1185,13 @@ mod tests {
             let collect = Arc::new(Collect(Mutex::new(Vec::new())));
             let sink: Arc<dyn EntrySink> = collect.clone();
             bp.attach(Arc::downgrade(&sink));
-            let head = bp.open(&doc).await.expect("open doc");
-            epoch = head.epoch;
-            assert_eq!(head.last, StreamId::ZERO);
+            let (head, none) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+            assert_eq!(
+                (head, none.len()),
+                (NO_LOG, 0),
+                "no log before the first append"
+            );
+            let mut first = None;
             for i in 0..5u8 {
                 let origin = Origin {
                     node: 1,
@@ -1238,9 +1202,11 @@ mod tests {
                     .append(&doc, Bytes::from(vec![i]), Some(origin))
                     .await
                     .expect("append");
-                assert_eq!(p.epoch, epoch);
+                assert_eq!(*first.get_or_insert(p.epoch), p.epoch);
                 ids.push(p.id);
             }
+            epoch = first.unwrap_or_default();
+            assert_ne!(epoch, 0);
             assert!(ids.windows(2).all(|w| w[0] < w[1]));
             let (head, entries) = bp.read_after(&doc, ids[1]).await.expect("read");
             assert_eq!(head.last, ids[4]);
@@ -1263,7 +1229,7 @@ mod tests {
             assert_eq!(delivered, 5);
         }
         let bp = EmbeddedBackplane::open(&path, 1 << 20, &tracker).expect("reopen");
-        let head = bp.open(&doc).await.expect("open doc");
+        let (head, _) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
         assert_eq!(head.epoch, epoch, "epoch survives a restart");
         assert_eq!(head.last, ids[4]);
         let next = bp
@@ -1311,7 +1277,12 @@ mod tests {
         // Older entries reach redb at close.
         let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
         let older = append_n(&bp, &doc, 4).await;
-        let epoch = bp.open(&doc).await.expect("open doc").epoch;
+        let epoch = bp
+            .read_after(&doc, StreamId::ZERO)
+            .await
+            .expect("read")
+            .0
+            .epoch;
         bp.close().await;
         drop(bp);
         assert!(

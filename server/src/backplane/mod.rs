@@ -52,9 +52,18 @@ pub struct Revocation {
 pub type RevocationSink = std::sync::Arc<dyn Fn(Revocation) + Send + Sync>;
 
 /// Where a document's log stands.
+///
+/// A log exists only once something was appended: reading a document (subscribe, GET, SSE,
+/// long-poll, `/y`) stores nothing, so any id a client can name costs no durable state. A
+/// document without a log reads as epoch 0 ([`LogHead::NONE`]). Its first append creates the
+/// log with a fresh epoch, exactly as a lost log is recreated. So a position a reader got
+/// before the log existed (epoch 0) meets the epoch rule every other stale position meets: it
+/// never matches a log's epoch, and the reader gets a full state-vector sync, never a replay
+/// that could skip something. (Epoch 0 cannot be trusted even against another epoch-0 head:
+/// between the two reads a log may have been created, written, snapshotted and lost again.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogHead {
-    /// This incarnation of the log; a new one gets a new epoch.
+    /// This incarnation of the log; a new one gets a new epoch. 0: there is no log.
     pub epoch: u64,
     /// Id of the newest entry ever appended (`0-0` if none).
     pub last: StreamId,
@@ -63,9 +72,19 @@ pub struct LogHead {
 }
 
 impl LogHead {
+    /// The head of a document with no log.
+    pub const NONE: LogHead = LogHead {
+        epoch: 0,
+        last: StreamId::ZERO,
+        floor: StreamId::ZERO,
+    };
+
     /// Whether the log still holds every entry after `position` (so replay is exact).
     pub fn can_replay_after(&self, position: Position) -> bool {
-        position.epoch == self.epoch && position.id >= self.floor && position.id <= self.last
+        self.epoch != 0
+            && position.epoch == self.epoch
+            && position.id >= self.floor
+            && position.id <= self.last
     }
 }
 
@@ -102,12 +121,10 @@ pub trait Backplane: Send + Sync + 'static {
     /// Short name for logs and `/healthz`.
     fn name(&self) -> &'static str;
 
-    /// Where the document's log stands, creating it (with a fresh epoch) if it does not exist.
-    fn open(&self, doc: &DocId) -> BoxFuture<'static, BackplaneResult<LogHead>>;
-
-    /// Appends one update. Admission happens in this call, so entries from successive calls
-    /// are appended in call order; the future completes once the entry is durable. The entry
-    /// then reaches the [`EntrySink`] (with its origin) in log order.
+    /// Appends one update, creating the document's log (with a fresh epoch) if it has none.
+    /// Admission happens in this call, so entries from successive calls are appended in call
+    /// order; the future completes once the entry is durable. The entry then reaches the
+    /// [`EntrySink`] (with its origin) in log order.
     fn append(
         &self,
         doc: &DocId,
@@ -115,7 +132,8 @@ pub trait Backplane: Send + Sync + 'static {
         origin: Option<Origin>,
     ) -> BoxFuture<'static, BackplaneResult<Position>>;
 
-    /// Entries with ids greater than `after`, oldest first, and the log's head as of the read.
+    /// Entries with ids greater than `after`, oldest first, and the log's head as of the read
+    /// ([`LogHead::NONE`] if the document has no log). Never creates anything.
     fn read_after(
         &self,
         doc: &DocId,
@@ -157,8 +175,12 @@ pub trait Backplane: Send + Sync + 'static {
     }
 
     /// From now on, calls `apply` with every revocation any node publishes, starting with the
-    /// ones already recorded (so a node that starts later refuses those tokens too).
-    fn watch_revocations(&self, _apply: RevocationSink) {}
+    /// ones already recorded (so a node that starts later refuses those tokens too). The
+    /// future resolves once those already recorded have been applied: a node must not serve
+    /// before, or it would let in tokens revoked before it started.
+    fn watch_revocations(&self, _apply: RevocationSink) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 
     /// Takes the document's compaction lock for `ttl` (one node at a time writes snapshots
     /// and trims). A single-node backplane has no competitor, so it always grants it.

@@ -13,10 +13,12 @@
 //! - `chorus:ctl:NODE`   — per-node control stream that wakes its blocking XREAD (standalone)
 //! - `chorus:{TAG}:wake` — per-shard wake stream (cluster), TAG hashes into that shard
 //!
-//! Meta and stream are created together in one Lua script, and every script that writes
-//! checks both exist: if either vanished (FLUSHALL, eviction, a deleted key) the log starts a
-//! new epoch, so clients holding positions of the old one resync instead of replaying across
-//! a gap. Every entry carries its epoch, so readers deliver it without another round trip.
+//! Meta and stream are created together by a document's first append (reads never create
+//! keys: a reader of a document nobody wrote costs Redis nothing), and every script that
+//! writes checks both exist: if either vanished (FLUSHALL, eviction, a deleted key) the log
+//! starts a new epoch, so clients holding positions of the old one resync instead of
+//! replaying across a gap. Every entry carries its epoch, so readers deliver it without
+//! another round trip.
 //!
 //! Writes: `append` admits into a bounded queue in call order; one writer task takes whatever
 //! is waiting, sends one `EVAL` per document (all that document's updates in one call), all
@@ -129,13 +131,6 @@ local function last_id()
   end
   return '0-0'
 end
-"#;
-
-/// KEYS: meta, log. ARGV: new epoch. Returns {epoch, floor, last}.
-const OPEN_LUA: &str = r#"
-local epoch = ensure()
-local floor = redis.call('HGET', KEYS[1], 'floor') or '0-0'
-return {epoch, floor, last_id()}
 "#;
 
 /// KEYS: meta, log. ARGV: new epoch, then (update, origin) pairs. Returns {epoch, id...}.
@@ -497,23 +492,6 @@ impl Backplane for RedisBackplane {
         }
     }
 
-    fn open(&self, doc: &DocId) -> BoxFuture<'static, BackplaneResult<LogHead>> {
-        let mut conn = self.inner.conn.clone();
-        let timeout = self.inner.settings.timeout;
-        let mut cmd = eval(&script(OPEN_LUA), doc);
-        cmd.arg(new_epoch());
-        async move {
-            let v = query(&mut conn, &cmd, timeout).await?;
-            let parts = as_array(v)?;
-            Ok(LogHead {
-                epoch: parse_u64(parts.first())?,
-                floor: parse_id(parts.get(1))?,
-                last: parse_id(parts.get(2))?,
-            })
-        }
-        .boxed()
-    }
-
     fn append(
         &self,
         doc: &DocId,
@@ -679,13 +657,20 @@ impl Backplane for RedisBackplane {
         .boxed()
     }
 
-    fn watch_revocations(&self, apply: RevocationSink) {
+    fn watch_revocations(&self, apply: RevocationSink) -> BoxFuture<'static, ()> {
         let reader = Reader {
             inner: self.inner.clone(),
             client: self.client.clone(),
             shard: 0,
         };
-        self.tracker.spawn(run_revocations(reader, apply));
+        let (caught_up, rx) = oneshot::channel();
+        self.tracker
+            .spawn(run_revocations(reader, apply, caught_up));
+        // Resolves when the reader stops, too (the node is shutting down).
+        async move {
+            let _ = rx.await;
+        }
+        .boxed()
     }
 
     fn ping(&self) -> BoxFuture<'static, BackplaneResult<()>> {
@@ -978,8 +963,11 @@ async fn run_waker(inner: Arc<Inner>) {
 const REVOCATIONS_KEY: &str = "chorus:revocations";
 
 /// Follows the revocation stream from its start for as long as the node runs, reconnecting
-/// after Redis failures and continuing after the last entry applied.
-async fn run_revocations(reader: Reader, apply: RevocationSink) {
+/// after Redis failures and continuing after the last entry applied. Until it has read to the
+/// end of the stream once, it reads without blocking; then it says so on `caught_up` (the node
+/// serves nobody before that) and blocks for new entries from then on.
+async fn run_revocations(reader: Reader, apply: RevocationSink, caught_up: oneshot::Sender<()>) {
+    let mut caught_up = Some(caught_up);
     let mut last = "0-0".to_string();
     let mut backoff = Duration::from_millis(50);
     while !reader.inner.cancel.is_cancelled() {
@@ -1003,13 +991,11 @@ async fn run_revocations(reader: Reader, apply: RevocationSink) {
         backoff = Duration::from_millis(50);
         loop {
             let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(1000)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(REVOCATIONS_KEY)
-                .arg(&last);
+            cmd.arg("COUNT").arg(1000);
+            if caught_up.is_none() {
+                cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
+            }
+            cmd.arg("STREAMS").arg(REVOCATIONS_KEY).arg(&last);
             let reply = tokio::select! {
                 _ = reader.inner.cancel.cancelled() => return,
                 r = query(&mut conn, &cmd, BLOCK + reader.inner.settings.timeout) => r,
@@ -1021,13 +1007,21 @@ async fn run_revocations(reader: Reader, apply: RevocationSink) {
                     break;
                 }
             };
+            let mut read = 0;
             for (_, entries) in batches {
                 for (id, fields) in entries {
+                    read += 1;
                     if let Some(rev) = revocation_from(&fields) {
                         apply(rev);
                     }
                     last = id;
                 }
+            }
+            if read == 0
+                && let Some(done) = caught_up.take()
+            {
+                tracing::debug!(last = %last, "revocations caught up");
+                let _ = done.send(());
             }
         }
     }

@@ -44,6 +44,8 @@ pub struct ConnContext {
     pub open: Arc<AtomicUsize>,
     /// Open TCP connections per client address (see `crate::serve`).
     pub per_ip: Arc<crate::serve::PerIp>,
+    /// Document-API requests per client address (`--max-api-requests-per-second`).
+    pub api_rate: crate::limits::PerIpRate,
     /// The node's flush tick (`--flush-interval`), which releases held writers.
     flush_clock: Option<Arc<FlushClock>>,
     /// Who holds each open connection, so revocations can find their sockets.
@@ -74,6 +76,10 @@ impl ConnContext {
     ) -> Self {
         let rate = config.max_connections_per_second;
         let per_ip = config.max_connections_per_ip;
+        let api_rate = crate::limits::PerIpRate::new(
+            config.max_api_requests_per_second,
+            config.max_api_requests_per_second.saturating_mul(2),
+        );
         let flush_clock = (!config.flush_interval.is_zero())
             .then(|| FlushClock::spawn(config.flush_interval, shutdown.clone(), &tracker));
         ConnContext {
@@ -89,6 +95,7 @@ impl ConnContext {
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
             per_ip: Arc::new(crate::serve::PerIp::new(per_ip)),
+            api_rate,
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
             outboxes: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -127,7 +134,7 @@ impl ConnContext {
         outbox
     }
 
-    fn forget_outbox(&self, conn: ConnId) {
+    pub(crate) fn forget_outbox(&self, conn: ConnId) {
         self.outboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -138,12 +145,27 @@ impl ConnContext {
             .remove(&conn);
     }
 
-    /// Records (or, after a refresh, replaces) who holds a connection.
+    /// Records (or, after a refresh, replaces) who holds a connection. A revocation applied
+    /// after the token was verified but before this registration found nothing to close, so
+    /// the token is checked again once registered (`revoke` records before it looks here):
+    /// every revocation is seen by one of the two.
     pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal) {
+        let check = principal.clone();
         self.holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(outbox.conn, (principal, Arc::downgrade(outbox)));
+        if let Err(e) = self.auth.still_valid(&check) {
+            outbox.request_close(e.close_code());
+        }
+    }
+
+    /// The write door's last check, made right before an append (after any wait): the
+    /// principal must still be valid now, not only when the socket or request began.
+    pub fn admit_write(&self, principal: &Principal) -> Result<(), crate::auth::AuthError> {
+        self.auth.still_valid(principal).inspect_err(|_| {
+            self.refused_writes.fetch_add(1, Ordering::Relaxed);
+        })
     }
 
     /// Applies a revocation (made here or published by another node) and closes every socket
@@ -322,7 +344,9 @@ async fn run_split<S: Session>(
                     outbox.request_close(code);
                 }
             }
-            msg = stream.next(), if !inflight_full && !over_budget => {
+            // Once a close is asked for (revoked, expired, misbehaving) nothing more the
+            // client sends is acted on, even while the writer is still stuck on a slow peer.
+            msg = stream.next(), if !inflight_full && !over_budget && !outbox.close_requested() => {
                 last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 match msg {
                     None => break "client went away",

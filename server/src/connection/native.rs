@@ -101,11 +101,19 @@ pub struct NativeSession {
     /// Per document, the yrs clients whose appends from this socket failed: their next updates
     /// build on something that will never arrive unless the client resends it.
     lost: HashMap<DocId, std::collections::HashSet<u64>>,
+    /// New subscriptions (`--max-subscribes-per-second`): unsubscribing frees a place under
+    /// `--max-docs-per-connection`, and without this a loop of both would load a document
+    /// each turn.
+    subscribes: crate::limits::TokenBucket,
 }
 
 impl NativeSession {
     pub fn new(ctx: Arc<ConnContext>, outbox: Arc<Outbox>, principal: Principal) -> Self {
         ctx.set_holder(&outbox, principal.clone());
+        let subscribes = crate::limits::TokenBucket::new(
+            ctx.config.max_subscribes_per_second,
+            u32::try_from(ctx.config.max_docs_per_connection).unwrap_or(u32::MAX),
+        );
         NativeSession {
             registry: ctx.registry.clone(),
             config: ctx.config.clone(),
@@ -117,6 +125,7 @@ impl NativeSession {
             errors: ErrorBudget::new(),
             own: HashMap::new(),
             lost: HashMap::new(),
+            subscribes,
         }
     }
 
@@ -188,6 +197,15 @@ impl NativeSession {
                 None,
             );
         }
+        if !self.docs.contains_key(&id) && !self.subscribes.try_take() {
+            let rate = self.config.max_subscribes_per_second;
+            return self.error(
+                ErrorCode::RateLimited,
+                format!("subscribing to more than {rate} new documents per second"),
+                Some(&doc),
+                None,
+            );
+        }
         let state_vector = match state_vector
             .map(|sv| validate::decode_state_vector(&sv))
             .transpose()
@@ -208,16 +226,12 @@ impl NativeSession {
         {
             Ok(handle) => {
                 self.docs.insert(id, handle);
-                return Step::Continue;
+                Step::Continue
             }
-            Err(DocError::Gone | DocError::Unavailable) => {}
+            Err(e @ (DocError::Gone | DocError::Unavailable | DocError::Full)) => {
+                self.error(ErrorCode::Unavailable, e.to_string(), Some(&doc), None)
+            }
         }
-        self.error(
-            ErrorCode::Unavailable,
-            "document could not be loaded",
-            Some(&doc),
-            None,
-        )
     }
 
     /// A fresh token over the open socket: its grants replace the old ones, and documents it
@@ -325,6 +339,12 @@ impl NativeSession {
                 Some(&doc),
                 seq,
             );
+        }
+        // Checked after the wait: the token may have been revoked (or expired) meanwhile.
+        if let Err(e) = self.ctx.admit_write(&self.principal) {
+            self.own.insert(id, own);
+            let _ = self.error(ErrorCode::Forbidden, e.to_string(), Some(&doc), seq);
+            return Step::Close(e.close_code());
         }
         for (client, end) in deps.ends() {
             let reach = own.entry(client).or_default();

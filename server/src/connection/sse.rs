@@ -170,12 +170,12 @@ async fn pump(
                 let mut drained = outbox.drain();
                 wake_at = drained.wake_at;
                 drained.request_owed(conn).await;
-                let mut chunk = events(&drained.frames, req.presence);
                 if let Some(code) = drained.close {
-                    chunk.extend_from_slice(&close_event(code));
-                    let _ = send(Bytes::from(chunk)).await;
+                    // Revoked (or the document failed): what waits is not sent any more.
+                    let _ = send(close_event(code)).await;
                     break;
                 }
+                let chunk = events(&drained.frames, req.presence);
                 if !chunk.is_empty() {
                     ok = send(Bytes::from(chunk)).await;
                 }
@@ -280,6 +280,9 @@ pub struct PollAnswer {
     /// The update is the whole document, not the entries after `after` (no position given,
     /// or it was trimmed or from another epoch).
     pub full: bool,
+    /// The poll was cut short and answers nothing: its token was revoked (or expired), or the
+    /// document failed under it.
+    pub ended: Option<CloseCode>,
 }
 
 /// Long-poll: a subscriber that lives for one answer. Answers at once when anything follows
@@ -288,17 +291,19 @@ pub struct PollAnswer {
 ///
 /// Runs as a tracked task that holds the admission slot: if the client goes away, hyper drops
 /// the request future, but the task still ends within `wait` and releases its subscription.
+/// It is registered under `principal` like a socket, so a revocation ends it at once.
 pub async fn long_poll(
     ctx: Arc<ConnContext>,
     slot: ConnectionSlot,
     doc: DocId,
+    principal: Principal,
     after: Option<Position>,
     wait: Duration,
 ) -> Result<PollAnswer, DocError> {
     let tracker = ctx.tracker.clone();
     tracker
         .spawn(async move {
-            let answer = poll_once(&ctx, &doc, after, wait).await;
+            let answer = poll_once(&ctx, &doc, principal, after, wait).await;
             drop(slot);
             answer
         })
@@ -309,6 +314,7 @@ pub async fn long_poll(
 async fn poll_once(
     ctx: &Arc<ConnContext>,
     doc: &DocId,
+    principal: Principal,
     after: Option<Position>,
     wait: Duration,
 ) -> Result<PollAnswer, DocError> {
@@ -330,10 +336,12 @@ async fn poll_once(
             return Err(e);
         }
     };
+    ctx.set_holder(&outbox, principal);
     let mut answer = PollAnswer {
         update: None,
         position: after,
         full: false,
+        ended: None,
     };
     let mut updates: Vec<Vec<u8>> = Vec::new();
     let mut synced = false;
@@ -368,12 +376,14 @@ async fn poll_once(
                 _ => {}
             }
         }
+        // A revoked poll answers nothing, whatever it gathered.
+        if drained.close.is_some() {
+            answer.ended = drained.close;
+            break;
+        }
         // Only answer once the subscription's catch-up arrived: before it, the outbox may hold
         // live updates whose predecessors the catch-up has not delivered yet.
         if synced && !updates.is_empty() {
-            break;
-        }
-        if drained.close.is_some() {
             break;
         }
         // The catch-up always follows a subscription; the later bound only guards against a
@@ -392,6 +402,10 @@ async fn poll_once(
     handle.unsubscribe(conn).await;
     outbox.close();
     ctx.forget_outbox(conn);
+    if answer.ended.is_some() {
+        answer.update = None;
+        return Ok(answer);
+    }
     if !synced || updates.is_empty() {
         answer.position = after;
         answer.full = false;

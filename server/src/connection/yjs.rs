@@ -208,7 +208,9 @@ impl YjsSession {
         };
         handle.forget_known(&mut self.own);
         if handle.readiness_now(&checked.deps, &self.own) == Some(Readiness::Met) {
-            self.admit(Bytes::copy_from_slice(update), &checked.deps);
+            if let Step::Close(code) = self.admit(Bytes::copy_from_slice(update), &checked.deps) {
+                return Step::Close(code);
+            }
             return if self.held.is_empty() {
                 Step::Continue
             } else {
@@ -221,7 +223,12 @@ impl YjsSession {
 
     /// Appends an update whose dependencies are met; later updates of this socket may build on
     /// it before the document has applied it.
-    fn admit(&mut self, update: Bytes, deps: &validate::Deps) {
+    fn admit(&mut self, update: Bytes, deps: &validate::Deps) -> Step {
+        // Checked at the append, not only on arrival: a held update may be admitted long after
+        // its token was revoked (or expired).
+        if let Err(e) = self.ctx.admit_write(&self.principal) {
+            return Step::Close(e.close_code());
+        }
         for (client, end) in deps.ends() {
             let reach = self.own.entry(client).or_default();
             *reach = (*reach).max(end);
@@ -233,6 +240,7 @@ impl YjsSession {
         };
         self.inflight
             .push(start_append(&self.registry, &self.doc, update, origin));
+        Step::Continue
     }
 
     /// An update that builds on something the document does not have yet waits here, in
@@ -281,7 +289,9 @@ impl YjsSession {
                 if handle.readiness_now(&self.held[i].deps, &self.own) == Some(Readiness::Met) {
                     let Some(h) = self.held.remove(i) else { break };
                     self.held_bytes -= h.update.len();
-                    self.admit(h.update, &h.deps);
+                    if let Step::Close(code) = self.admit(h.update, &h.deps) {
+                        return Step::Close(code);
+                    }
                     progress = true;
                 } else {
                     i += 1;

@@ -153,6 +153,8 @@ impl Owner {
         let evict_after = self.shared.settings.evict_after;
         let mut idle_since = Some(Instant::now());
         loop {
+            let idle = idle_since.is_some();
+            self.handle.inner.idle.store(idle, Ordering::Release);
             if self.handle.inner.lagged.swap(false, Ordering::AcqRel) {
                 self.catch_up().await;
             }
@@ -163,6 +165,8 @@ impl Owner {
                 Some((epoch, batch)) = entries.recv() => self.apply_entries(epoch, batch).await,
                 Some(cmd) = commands.recv() => self.handle_command(cmd).await,
                 _ = sleep_until_opt(evict_at) => break,
+                // The registry is at its cap and wants room: an idle document goes early.
+                _ = self.handle.inner.evict_now.notified(), if idle => break,
             }
             // Waiters do not keep a document hot: each has its own deadline, and those still
             // waiting at unload are answered with where the document stands.
@@ -198,25 +202,20 @@ impl Owner {
     }
 
     async fn load(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<(), String> {
-        let head = self
-            .shared
-            .backplane
-            .open(&self.doc)
-            .await
-            .map_err(|e| e.to_string())?;
         let snapshot = self
             .shared
             .store
             .load(&self.doc)
             .await
             .map_err(|e| e.to_string())?;
-        self.epoch = head.epoch;
-        let (log, entries) = self
+        // A read creates no log: a document nobody wrote loads at epoch 0 (see `LogHead`).
+        let (head, entries) = self
             .shared
             .backplane
             .read_after(&self.doc, StreamId::ZERO)
             .await
             .map_err(|e| e.to_string())?;
+        self.epoch = head.epoch;
         if let Some(s) = snapshot {
             self.handle
                 .inner
@@ -242,7 +241,7 @@ impl Owner {
                     .map_err(|e| format!("snapshot does not apply: {e}"))?;
             }
         }
-        self.recent_floor = log.floor;
+        self.recent_floor = head.floor;
         self.ingest(entries);
         let sv = self.awareness.doc().transact().state_vector();
         self.handle
@@ -747,7 +746,9 @@ impl Owner {
 
     /// The entries after `p`, merged, if `p` is a position we can replay from exactly.
     fn replay_after(&self, p: Position) -> Option<Vec<u8>> {
-        if p.epoch != self.epoch || p.id < self.recent_floor || p.id > self.applied {
+        // Epoch 0 (no log yet) is never replayed from: see `LogHead`.
+        if p.epoch == 0 || p.epoch != self.epoch || p.id < self.recent_floor || p.id > self.applied
+        {
             return None;
         }
         let start = self.recent.partition_point(|(id, _)| *id <= p.id);
@@ -1149,6 +1150,7 @@ mod tests {
             compact_bytes: 4 << 20,
             replay_window: Duration::from_secs(600),
             replay_memory_bytes: 1 << 20,
+            max_hot_documents: 10_000,
         }
     }
 

@@ -34,6 +34,8 @@ pub struct DocSettings {
     pub compact_bytes: usize,
     pub replay_window: Duration,
     pub replay_memory_bytes: usize,
+    /// Most documents loaded at once on this node (`--max-hot-documents`).
+    pub max_hot_documents: usize,
 }
 
 /// What a subscriber brings so the document can tell what it is missing.
@@ -56,6 +58,10 @@ pub enum DocError {
     /// The document could not be loaded (storage failure or corrupt snapshot).
     #[error("document could not be loaded")]
     Unavailable,
+    /// The node already holds `--max-hot-documents` documents and none of them could be
+    /// unloaded to make room in time.
+    #[error("this node holds as many documents as it may (--max-hot-documents); retry later")]
+    Full,
 }
 
 pub(crate) enum Command {
@@ -157,10 +163,19 @@ struct HandleInner {
     known: std::sync::RwLock<StateVector>,
     /// Bumped whenever `known` grows, to wake writers waiting for dependencies.
     known_version: watch::Sender<u64>,
+    /// Set by the owner while nobody holds the document (it waits out `--evict-after`).
+    idle: AtomicBool,
+    /// The registry needs room: an idle owner unloads now instead of at its deadline.
+    evict_now: tokio::sync::Notify,
 }
 
 /// Clients whose clocks are copied out of `known` per read lock (see [`DocHandle::clocks_of`]).
 const KNOWN_STRETCH: usize = 1024;
+
+/// How long, and how many times, a load at the hot-document cap waits for an idle document to
+/// unload (it saves a snapshot first, usually within milliseconds).
+const ROOM_WAIT: Duration = Duration::from_millis(500);
+const ROOM_WAITS: usize = 2;
 
 /// Commands waiting for one document's owner; senders wait when it is full.
 const COMMAND_QUEUE: usize = 1024;
@@ -401,9 +416,21 @@ pub(crate) struct Shared {
     pub refused_awareness: AtomicU64,
 }
 
+/// Why [`Registry::handle`] did not load a document.
+enum NoRoom {
+    /// At the cap; an idle document was asked to unload.
+    Evicting,
+    /// At the cap, and every document is in use.
+    Full,
+}
+
 /// Every hot document on this node.
 pub struct Registry {
     docs: Mutex<HashMap<DocId, DocHandle>>,
+    /// Woken whenever a document unloads, for loads waiting for room under the cap.
+    room: tokio::sync::Notify,
+    /// Loads refused at the hot-document cap.
+    refused_loads: AtomicU64,
     shared: Arc<Shared>,
     generation: AtomicU64,
     me: std::sync::Weak<Registry>,
@@ -419,6 +446,8 @@ impl Registry {
     ) -> Arc<Self> {
         let registry = Arc::new_cyclic(|me| Registry {
             docs: Mutex::new(HashMap::new()),
+            room: tokio::sync::Notify::new(),
+            refused_loads: AtomicU64::new(0),
             shared: Arc::new(Shared {
                 backplane: backplane.clone(),
                 store,
@@ -457,13 +486,44 @@ impl Registry {
         self.lock().len()
     }
 
+    /// Whether `doc` is hot or could be loaded now (under the cap, or an idle document could
+    /// make room): lets a caller refuse before it commits to anything, e.g. an upgrade.
+    pub fn has_room_for(&self, doc: &DocId) -> bool {
+        let docs = self.lock();
+        docs.len() < self.shared.settings.max_hot_documents.max(1)
+            || docs.contains_key(doc)
+            || docs.values().any(|h| h.inner.idle.load(Ordering::Acquire))
+    }
+
+    /// Loads refused so far because the node held `--max-hot-documents` documents.
+    pub fn refused_loads(&self) -> u64 {
+        self.refused_loads.load(Ordering::Relaxed)
+    }
+
     /// The document's handle, starting its owner (which loads it) if it is not hot.
-    pub fn handle(&self, doc: &DocId) -> DocHandle {
+    ///
+    /// At `--max-hot-documents` a document that is not hot is not loaded: one idle document
+    /// (no subscriber, no waiter: it only waits out `--evict-after`) is asked to unload at
+    /// once, and [`Registry::with_owner`] waits for that room. Unloading early is the same unload as at the idle deadline: it saves first and
+    /// unregisters last, and a command that reaches the owner meanwhile is answered `Gone`
+    /// and retried against a fresh owner, so nobody notices beyond a reload.
+    fn handle(&self, doc: &DocId) -> Result<DocHandle, NoRoom> {
         let mut docs = self.lock();
         if let Some(h) = docs.get(doc)
             && !h.inner.commands.is_closed()
         {
-            return h.clone();
+            return Ok(h.clone());
+        }
+        // An owner that stopped (closed commands) is still counted until it unregisters.
+        if docs.len() >= self.shared.settings.max_hot_documents.max(1) {
+            let idle = docs.values().find(|h| h.inner.idle.load(Ordering::Acquire));
+            return Err(match idle {
+                Some(h) => {
+                    h.inner.evict_now.notify_one();
+                    NoRoom::Evicting
+                }
+                None => NoRoom::Full,
+            });
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (entries_tx, entries_rx) = mpsc::channel(ENTRY_QUEUE);
@@ -477,6 +537,8 @@ impl Registry {
                 approx_size: AtomicUsize::new(0),
                 known: std::sync::RwLock::new(StateVector::default()),
                 known_version: watch::channel(0).0,
+                idle: AtomicBool::new(false),
+                evict_now: tokio::sync::Notify::new(),
             }),
         };
         // Registered before the owner reads the log, so no entry appended meanwhile is missed
@@ -490,18 +552,35 @@ impl Registry {
             self.me.clone(),
         );
         self.shared.tracker.spawn(owner.run(cmd_rx, entries_rx));
-        handle
+        Ok(handle)
     }
 
     /// Runs `op` against the document's owner; if the owner it reached was unloading, runs it
-    /// again against a fresh one (which loads from storage).
+    /// again against a fresh one (which loads from storage). At the hot-document cap it waits
+    /// (bounded) for an idle document to make room, then gives up with [`DocError::Full`].
     pub async fn with_owner<T, F, Fut>(&self, doc: &DocId, op: F) -> Result<T, DocError>
     where
         F: Fn(DocHandle) -> Fut,
         Fut: std::future::Future<Output = Result<T, DocError>>,
     {
+        let mut room_waits = 0;
         for _ in 0..3 {
-            match op(self.handle(doc)).await {
+            let handle = loop {
+                match self.handle(doc) {
+                    Ok(h) => break h,
+                    Err(NoRoom::Evicting) if room_waits < ROOM_WAITS => {
+                        room_waits += 1;
+                        // A wake-up missed between the check and here costs one wait, not a
+                        // wrong answer.
+                        let _ = tokio::time::timeout(ROOM_WAIT, self.room.notified()).await;
+                    }
+                    Err(_) => {
+                        self.refused_loads.fetch_add(1, Ordering::Relaxed);
+                        return Err(DocError::Full);
+                    }
+                }
+            };
+            match op(handle).await {
                 Err(DocError::Gone) => continue,
                 other => return other,
             }
@@ -533,6 +612,8 @@ impl Registry {
             .is_some_and(|h| h.inner.generation == generation)
         {
             docs.remove(doc);
+            drop(docs);
+            self.room.notify_waiters();
         }
     }
 

@@ -337,6 +337,12 @@ impl Outbox {
         self.room.notify_waiters();
     }
 
+    /// Whether a close was asked for: the connection is ending, and nothing more its client
+    /// sends is acted on.
+    pub fn close_requested(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
     /// Asks the writer to close the socket with `code` after what is already queued.
     pub fn request_close(&self, code: CloseCode) {
         self.lock().close.get_or_insert(code);
