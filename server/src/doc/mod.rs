@@ -337,6 +337,8 @@ impl DocHandle {
                 approx_size: AtomicUsize::new(0),
                 known: std::sync::RwLock::new(StateVector::default()),
                 known_version: watch::channel(0).0,
+                idle: AtomicBool::new(false),
+                evict_now: tokio::sync::Notify::new(),
             }),
         };
         (handle, rx)
