@@ -404,11 +404,9 @@ async fn readers_that_vanish_release_their_subscription_so_the_document_can_unlo
     })
     .await;
     let health = |addr| async move { http::get(addr, "/healthz").await.expect("healthz").json() };
-    let head = http::get(server.addr, "/v1/docs/gone").await.expect("GET");
-    let at = head
-        .header("x-chorus-position")
-        .expect("position")
-        .to_owned();
+    // Written once, so a poll from its head parks (a poll on a document nobody wrote answers
+    // at once: there is no log to wait on).
+    let at = Writer::new().append(&server, "gone", "x").await.to_string();
     // A parked long-poll and an event stream whose clients hang up without reading.
     for path in [
         format!("/v1/docs/gone/updates?after={at}&wait=1"),
@@ -447,16 +445,10 @@ async fn far_future_long_polls_are_answered_at_once_and_do_not_pin_the_document(
     let server = TestServer::start(|c| {
         c.evict_after = Duration::from_millis(200);
         c.max_connections_per_second = 100_000;
+        c.max_api_requests_per_second = 100_000;
     })
     .await;
-    let head = http::get(server.addr, "/v1/docs/future")
-        .await
-        .expect("GET");
-    let at: Position = head
-        .header("x-chorus-position")
-        .expect("position")
-        .parse()
-        .expect("position parses");
+    let at = Writer::new().append(&server, "future", "x").await;
     let far = format!("{}.18446744073709551615-0", at.epoch);
     for _ in 0..20 {
         let polls = (0..50).map(|_| {
