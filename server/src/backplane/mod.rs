@@ -115,7 +115,23 @@ pub trait EntrySink: Send + Sync + 'static {
 
     /// `node` stopped heartbeating: the presence of its clients must disappear everywhere.
     fn node_gone(&self, _node: u64) {}
+
+    /// The reader may have skipped entries of `doc`: it reconnected, or it went longer than
+    /// [`READER_STALL`] without a read, so a trim may have overtaken its cursor. The document
+    /// re-reads its log from what it applied and compares the log's trim floor with that
+    /// (reloading from the newest snapshot if entries are gone). Must not block.
+    fn recheck(&self, _doc: &DocId) {}
 }
+
+/// A reader that went this long between two reads (a reconnect, a paused process, a slow
+/// network) asks every document it reads to [`EntrySink::recheck`] its log. A healthy reader
+/// reads at least once per blocking read (about a second).
+pub const READER_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The shortest `--replay-window` a shared log accepts. Compaction trims only entries older
+/// than the window, so a reader that reads at least every [`READER_STALL`] can never have an
+/// entry trimmed before it read it; a reader that stalled longer rechecks (see above).
+pub const MIN_SHARED_REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub trait Backplane: Send + Sync + 'static {
     /// Short name for logs and `/healthz`.

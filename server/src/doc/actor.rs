@@ -167,6 +167,9 @@ impl Owner {
                 _ = sleep_until_opt(evict_at) => break,
                 // The registry is at its cap and wants room: an idle document goes early.
                 _ = self.handle.inner.evict_now.notified(), if idle => break,
+                // `lagged` was set from outside (a reader that may have skipped entries): the
+                // top of the loop re-reads.
+                _ = self.handle.inner.recheck.notified() => {}
             }
             // Waiters do not keep a document hot: each has its own deadline, and those still
             // waiting at unload are answered with where the document stands.

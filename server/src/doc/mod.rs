@@ -167,6 +167,8 @@ struct HandleInner {
     idle: AtomicBool,
     /// The registry needs room: an idle owner unloads now instead of at its deadline.
     evict_now: tokio::sync::Notify,
+    /// `lagged` was set by someone other than a full entry queue: wakes the owner to re-read.
+    recheck: tokio::sync::Notify,
 }
 
 /// Clients whose clocks are copied out of `known` per read lock (see [`DocHandle::clocks_of`]).
@@ -339,6 +341,7 @@ impl DocHandle {
                 known_version: watch::channel(0).0,
                 idle: AtomicBool::new(false),
                 evict_now: tokio::sync::Notify::new(),
+                recheck: tokio::sync::Notify::new(),
             }),
         };
         (handle, rx)
@@ -541,6 +544,7 @@ impl Registry {
                 known_version: watch::channel(0).0,
                 idle: AtomicBool::new(false),
                 evict_now: tokio::sync::Notify::new(),
+                recheck: tokio::sync::Notify::new(),
             }),
         };
         // Registered before the owner reads the log, so no entry appended meanwhile is missed
@@ -659,6 +663,14 @@ impl EntrySink for Registry {
             .inner
             .commands
             .try_send(Command::RemoteAwareness { node, update });
+    }
+
+    fn recheck(&self, doc: &DocId) {
+        let Some(h) = self.lock().get(doc).cloned() else {
+            return; // not hot here: whoever loads it next reads the log and checks its floor
+        };
+        h.inner.lagged.store(true, Ordering::Release);
+        h.inner.recheck.notify_one();
     }
 
     fn node_gone(&self, node: u64) {
