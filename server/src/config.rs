@@ -239,6 +239,32 @@ impl Config {
     }
 }
 
+/// A configuration that parses but cannot keep Chorus's promises.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--replay-window {window:?} is shorter than {min:?}: with a shared log (--redis-url) \
+         compaction on another node could trim entries this node's reader has not read yet"
+    )]
+    ReplayWindowTooShort { window: Duration, min: Duration },
+}
+
+impl Config {
+    /// Checks what the flags' types cannot. `run` calls it before it opens anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let min = crate::backplane::MIN_SHARED_REPLAY_WINDOW;
+        // The embedded log has one reader, in process, that sees every append before the
+        // owner can compact: any window is safe there.
+        if !self.redis_url.is_empty() && self.replay_window < min {
+            return Err(ConfigError::ReplayWindowTooShort {
+                window: self.replay_window,
+                min,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Parses `250ms`, `30s`, `10m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -271,6 +297,20 @@ mod tests {
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn a_shared_log_refuses_a_replay_window_a_reader_could_fall_behind() {
+        let mut c = Config::for_data_dir("/tmp/x");
+        c.replay_window = Duration::ZERO;
+        assert!(c.validate().is_ok(), "the embedded log takes any window");
+        c.redis_url = vec!["redis://127.0.0.1:1".into()];
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::ReplayWindowTooShort { .. })
+        ));
+        c.replay_window = crate::backplane::MIN_SHARED_REPLAY_WINDOW;
+        assert!(c.validate().is_ok());
     }
 
     #[test]

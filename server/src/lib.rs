@@ -49,6 +49,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    config.validate()?;
     let config = Arc::new(config);
     // Before anything records: series recorded earlier would be lost.
     let _ = crate::metrics::handle();

@@ -34,6 +34,7 @@ pub mod names {
     pub const OUTBOX_MERGED_UPDATES: &str = "chorus_outbox_merged_updates_total";
     pub const OUTBOX_SHEDS: &str = "chorus_outbox_sheds_total";
     pub const RESYNCS: &str = "chorus_resyncs_total";
+    pub const LOG_GAPS: &str = "chorus_log_gaps_total";
     pub const ANSWERED_WHILE_LOADING: &str = "chorus_answered_while_loading_total";
     pub const CLOSES: &str = "chorus_closes_total";
     pub const STREAM_READ_LAG_SECONDS: &str = "chorus_stream_read_lag_seconds";
@@ -98,6 +99,10 @@ fn describe() {
         "Time one log entry takes to reach every subscriber's outbox"
     );
     metrics::describe_counter!(RESYNCS, "Connections brought up to date by a resync");
+    metrics::describe_counter!(
+        LOG_GAPS,
+        "Documents that found their log trimmed past what they applied and reloaded from the snapshot"
+    );
     metrics::describe_counter!(
         ANSWERED_WHILE_LOADING,
         "Joins and reads answered from a large snapshot's bytes while it was being integrated"

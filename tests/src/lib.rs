@@ -6,6 +6,7 @@ pub mod http;
 pub mod multinode;
 pub mod native;
 pub mod nginx;
+pub mod proxy;
 pub mod redis;
 pub mod s3;
 pub mod sse;

@@ -335,3 +335,148 @@ async fn presence_crosses_nodes_and_expires_when_its_node_dies() {
         on_b.errors
     );
 }
+
+// ---- trim-floor gaps (issue 16, item 3) ---------------------------------------------------
+
+fn parse_id(s: &str) -> chorus_protocol::StreamId {
+    let (ms, seq) = s.trim().split_once('-').expect("stream id");
+    chorus_protocol::StreamId::new(ms.parse().expect("ms"), seq.parse().expect("seq"))
+}
+
+/// Node B is cut off from Redis (a proxy drops its connections) while node A writes, lets the
+/// entries age past the replay window, and compacts: the log is trimmed past everything B
+/// applied. When B is back, its reader cannot read what was trimmed; B must notice, reload
+/// from the snapshot A saved, and bring its client everything. B's own later snapshot holds
+/// everything too (a snapshot saved past a gap would replace the good one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_while_another_trims_reloads_from_the_snapshot_and_loses_nothing() {
+    use chorus_tests::TestServer;
+    use chorus_tests::proxy::CutProxy;
+    let redis = RedisServer::start().await;
+    let proxy = CutProxy::start(format!("127.0.0.1:{}", redis.port).parse().expect("addr")).await;
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let window = chorus_server::backplane::MIN_SHARED_REPLAY_WINDOW;
+    let tune = |c: &mut chorus_server::Config, url: String| {
+        c.redis_url = vec![url];
+        c.snapshot_dir = Some(snaps.path().to_path_buf());
+        c.compact_entries = 5;
+        c.replay_window = window;
+        c.redis_timeout = Duration::from_secs(1);
+    };
+    let a = TestServer::start(|c| tune(c, redis.url())).await;
+    let b = TestServer::start(|c| tune(c, proxy.redis_url())).await;
+    let mut on_a = NativeClient::connect(&a.ws_url()).await;
+    let mut on_b = NativeClient::connect(&b.ws_url()).await;
+    on_a.subscribe_synced(DOC).await;
+    on_b.subscribe_synced(DOC).await;
+
+    let mut tokens = Vec::new();
+    let mut write = async |c: &mut NativeClient, i: usize| {
+        let token = format!("[{i}]");
+        let len = c.text(DOC).chars().count() as u32;
+        let seq = c.insert(DOC, len, &token).await;
+        tokens.push(token);
+        c.wait_acked(seq).await
+    };
+    write(&mut on_a, 0).await;
+    on_b.wait_text(DOC, "[0]").await;
+
+    proxy.cut();
+    let cut_at = tokio::time::Instant::now();
+    let mut last_b_lacks = chorus_protocol::StreamId::ZERO;
+    for i in 1..=5 {
+        last_b_lacks = write(&mut on_a, i).await.id;
+    }
+    // Pacing, not synchronisation: compaction trims only entries older than the window.
+    tokio::time::sleep_until(cut_at + window + Duration::from_secs(1)).await;
+    for i in 6..=15 {
+        write(&mut on_a, i).await;
+    }
+    let meta = format!("chorus:{{{DOC}}}:meta");
+    chorus_tests::eventually(
+        "A trimmed the log past what B applied",
+        DEADLINE,
+        || async {
+            let floor = redis.cli(&["HGET", &meta, "floor"]).await;
+            (parse_id(&floor) >= last_b_lacks).then_some(())
+        },
+    )
+    .await;
+
+    proxy.restore();
+    let expected: Vec<String> = tokens.clone();
+    converge(&mut [&mut on_a, &mut on_b], DOC, &expected).await;
+    node_has_all(b.addr, DOC, &expected).await;
+
+    // B's next snapshot holds everything: A saves and stops, B takes one more write and saves
+    // it (at a newer position than A's) when it stops.
+    on_a.close().await;
+    a.stop().await;
+    let token = "[16]".to_string();
+    let len = on_b.text(DOC).chars().count() as u32;
+    let seq = on_b.insert(DOC, len, &token).await;
+    let last = on_b.wait_acked(seq).await;
+    on_b.close().await;
+    b.stop().await;
+    let store = chorus_server::storage::fs::FsSnapshotStore::open(snaps.path().to_path_buf())
+        .expect("snapshot store");
+    use chorus_server::storage::SnapshotStore;
+    let doc = chorus_protocol::DocId::parse(DOC).expect("doc id");
+    let snapshot = store.load(&doc).await.expect("load").expect("a snapshot");
+    assert!(
+        snapshot.position.id >= last.id,
+        "B saved the newest snapshot ({} < {})",
+        snapshot.position.id,
+        last.id
+    );
+    let d = yrs::Doc::new();
+    d.transact_mut()
+        .apply_update(yrs::Update::decode_v1(&snapshot.state).expect("decode"))
+        .expect("apply");
+    use yrs::GetString;
+    let text = d.get_or_insert_text("t").get_string(&d.transact());
+    for t in expected.iter().chain([&token]) {
+        assert!(
+            text.contains(t.as_str()),
+            "B's snapshot lacks {t}: {text:?}"
+        );
+    }
+}
+
+/// A log trimmed past every snapshot the store holds (here: a snapshot store that lost it)
+/// cannot be loaded without a silent gap: the node refuses the document (503) instead of
+/// serving it without the trimmed entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_trimmed_past_the_newest_snapshot_is_refused_not_served_with_a_hole() {
+    let redis = RedisServer::start().await;
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(&redis.url(), snaps.path(), 1, |_| {}).await;
+    let mut c = NativeClient::connect(&nodes[0].ws_url()).await;
+    c.subscribe_synced(DOC).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let len = c.text(DOC).chars().count() as u32;
+        let seq = c.insert(DOC, len, &format!("[{i}]")).await;
+        ids.push(c.wait_acked(seq).await.id);
+    }
+    c.close().await;
+    // What a compaction does to the log, without the snapshot it saves first.
+    let log = format!("chorus:{{{DOC}}}:log");
+    let meta = format!("chorus:{{{DOC}}}:meta");
+    redis
+        .cli(&["XTRIM", &log, "MINID", &ids[3].to_string()])
+        .await;
+    redis
+        .cli(&["HSET", &meta, "floor", &ids[2].to_string()])
+        .await;
+    // A node with no snapshot of the document loads it.
+    let other = tempfile::tempdir().expect("tempdir");
+    let fresh = start_nodes(&redis.url(), other.path(), 1, |_| {}).await;
+    let resp = chorus_tests::http::get(fresh[0].addr, &format!("/v1/docs/{DOC}"))
+        .await
+        .expect("get");
+    assert_eq!(
+        resp.status, 503,
+        "a document whose log lost entries no snapshot holds is unavailable, not served short"
+    );
+}

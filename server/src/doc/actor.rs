@@ -1,9 +1,11 @@
 //! A document's owner task: load, apply log entries in order, answer subscribers, fan out,
 //! compact, and save on eviction and shutdown.
 
+mod recover;
+
 use super::outbox::{Proto, awareness_frame, update_frame};
 use super::{Command, DocError, DocHandle, Registry, Shared, Subscriber, SyncFrom};
-use crate::backplane::{Entry, LogHead, now_ms};
+use crate::backplane::{Entry, now_ms};
 use crate::connection::yjs;
 use crate::storage::Snapshot;
 use bytes::Bytes;
@@ -49,6 +51,13 @@ pub(crate) struct Owner {
     recent_floor: StreamId,
     /// Position of the newest snapshot this owner knows is stored.
     snapshot: Option<Position>,
+    /// Entries after `applied` were trimmed before this owner applied them (see
+    /// [`recover`]): until a reload from the snapshot ends it, nothing is applied or saved.
+    gap: bool,
+    /// When to read the log again after a read or a reload failed.
+    retry_at: Option<Instant>,
+    /// The document holds blocks whose dependencies it never received (see `ingest`).
+    missing_deps: bool,
     since_snapshot: (usize, usize),
     subs: HashMap<u64, Sub>,
     native_subs: usize,
@@ -104,6 +113,9 @@ impl Owner {
             recent_bytes: 0,
             recent_floor: StreamId::ZERO,
             snapshot: None,
+            gap: false,
+            retry_at: None,
+            missing_deps: false,
             since_snapshot: (0, 0),
             subs: HashMap::new(),
             native_subs: 0,
@@ -137,6 +149,7 @@ impl Owner {
         mut commands: mpsc::Receiver<Command>,
         mut entries: mpsc::Receiver<(u64, Vec<Entry>)>,
     ) {
+        let loading = Instant::now();
         // Boxed: it runs once, and its state would otherwise take room for the owner's life.
         if let Err(e) = Box::pin(self.load(&mut commands)).await {
             tracing::error!(doc = %self.doc, error = %e, "document could not be loaded");
@@ -148,6 +161,10 @@ impl Owner {
             return;
         }
         self.shared.backplane.watch(&self.doc, self.applied);
+        if loading.elapsed() > crate::backplane::READER_STALL {
+            // The reader starts at what the load read, which may be older than a trim since.
+            self.handle.inner.lagged.store(true, Ordering::Release);
+        }
         tracing::debug!(doc = %self.doc, position = %self.position(), "document loaded");
         let cancel = self.shared.cancel.clone();
         let evict_after = self.shared.settings.evict_after;
@@ -170,6 +187,7 @@ impl Owner {
                 // `lagged` was set from outside (a reader that may have skipped entries): the
                 // top of the loop re-reads.
                 _ = self.handle.inner.recheck.notified() => {}
+                _ = sleep_until_opt(self.retry_at) => self.on_retry(),
             }
             // Waiters do not keep a document hot: each has its own deadline, and those still
             // waiting at unload are answered with where the document stands.
@@ -205,19 +223,11 @@ impl Owner {
     }
 
     async fn load(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<(), String> {
-        let snapshot = self
-            .shared
-            .store
-            .load(&self.doc)
-            .await
-            .map_err(|e| e.to_string())?;
-        // A read creates no log: a document nobody wrote loads at epoch 0 (see `LogHead`).
-        let (head, entries) = self
-            .shared
-            .backplane
-            .read_after(&self.doc, StreamId::ZERO)
-            .await
-            .map_err(|e| e.to_string())?;
+        let recover::Whole {
+            snapshot,
+            head,
+            entries,
+        } = self.read_whole().await?;
         self.epoch = head.epoch;
         if let Some(s) = snapshot {
             self.handle
@@ -444,10 +454,12 @@ impl Owner {
             // fully and the applied updates' reach is the document's new state. A log written
             // otherwise (older versions, another tool) can leave something pending; then the
             // exact state vector is published instead, which leaves pending blocks out.
-            if txn.has_missing_updates() {
+            let missing = txn.has_missing_updates();
+            if missing && !self.missing_deps {
                 tracing::warn!(doc = %self.doc, "log entries wait for missing dependencies");
-                Some(txn.state_vector())
-            } else if exact {
+            }
+            self.missing_deps = missing;
+            if missing || exact {
                 Some(txn.state_vector())
             } else {
                 None
@@ -480,87 +492,26 @@ impl Owner {
     }
 
     async fn apply_entries(&mut self, epoch: u64, entries: Vec<Entry>) {
+        if self.gap {
+            return; // the reload reads these from the log, after what the gap lacks
+        }
         if epoch != self.epoch {
             self.reset_epoch().await;
             return;
         }
+        let (before, had_missing) = (self.applied, self.missing_deps);
         let fresh = self.ingest(entries);
+        if self.missing_deps && !had_missing && self.trimmed_after(before).await {
+            // Their dependencies were in entries we never read: nothing of this batch goes
+            // out at a position past the gap.
+            self.applied = before;
+            return self.recover_gap().await;
+        }
         for e in &fresh {
             self.fan_out(e);
         }
         self.wake_waiters();
         self.maybe_compact().await;
-    }
-
-    /// The sink could not queue some entries for us: read them from the log instead.
-    async fn catch_up(&mut self) {
-        match self
-            .shared
-            .backplane
-            .read_after(&self.doc, self.applied)
-            .await
-        {
-            Ok((head, entries)) if head.epoch == self.epoch => {
-                let fresh = self.ingest(entries);
-                for e in &fresh {
-                    self.fan_out(e);
-                }
-                self.wake_waiters();
-            }
-            Ok(_) => self.reset_epoch().await,
-            Err(e) => {
-                tracing::warn!(doc = %self.doc, error = %e, "catch-up read failed; retrying on the next entry");
-                self.handle.inner.lagged.store(true, Ordering::Release);
-            }
-        }
-    }
-
-    /// The log was recreated under us (a new epoch): keep the CRDT state (it is a superset),
-    /// take every entry of the new log, and resync every subscriber from scratch.
-    async fn reset_epoch(&mut self) {
-        let (head, fresh): (LogHead, Vec<Entry>) = match self
-            .shared
-            .backplane
-            .read_after(&self.doc, StreamId::ZERO)
-            .await
-        {
-            Ok((head, entries)) => {
-                self.epoch = head.epoch;
-                self.applied = StreamId::ZERO;
-                self.recent.clear();
-                self.recent_bytes = 0;
-                self.recent_floor = head.floor;
-                self.snapshot = None;
-                let fresh = self.ingest(entries);
-                (head, fresh)
-            }
-            Err(e) => {
-                tracing::warn!(doc = %self.doc, error = %e, "reading the recreated log failed");
-                self.handle.inner.lagged.store(true, Ordering::Release);
-                return;
-            }
-        };
-        tracing::warn!(doc = %self.doc, epoch = head.epoch, "log epoch changed; resyncing subscribers");
-        // The reader may stand past the new log's ids; point it at what we applied.
-        self.shared.backplane.watch(&self.doc, self.applied);
-        let conns: Vec<u64> = self.subs.keys().copied().collect();
-        for conn in conns {
-            self.send_sync(conn, &SyncFrom::default());
-        }
-        // Updates of our clients that landed in the new log are acknowledged at the position
-        // the sync just brought them to (never behind it).
-        let position = self.position();
-        for e in &fresh {
-            if let Some(o) = e.origin.filter(|o| o.node == self.shared.node)
-                && let Some(sub) = self.subs.get(&o.conn)
-            {
-                sub.outbox.push_own(&self.doc, o.seq, position);
-            }
-        }
-        self.wake_waiters();
-        // What we hold beyond the new log (everything from before it was lost) goes into a
-        // snapshot of the new epoch, so a node loading the document later has it too.
-        self.save_snapshot_locked().await;
     }
 
     fn fan_out(&self, e: &Entry) {
@@ -1049,6 +1000,13 @@ impl Owner {
         if self.snapshot == Some(position)
             || (self.applied == StreamId::ZERO && self.snapshot.is_none())
         {
+            return !self.gap;
+        }
+        if !self.log_still_ours().await {
+            return false;
+        }
+        let position = self.position();
+        if self.snapshot == Some(position) {
             return true;
         }
         let state = self.encode_whole();
