@@ -196,7 +196,7 @@ impl YjsSession {
         let checked = match validate::check_update(update, self.config.max_update_bytes) {
             // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
             // to log.
-            Ok(checked) if checked.update.is_empty() => return Step::Continue,
+            Ok(checked) if checked.deps.is_empty() => return Step::Continue,
             Ok(checked) => checked,
             Err(validate::Rejected::TooLarge(..) | validate::Rejected::TooManyClients(..)) => {
                 return Step::Close(CloseCode::MessageTooBig);

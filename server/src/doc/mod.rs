@@ -639,7 +639,10 @@ impl EntrySink for Registry {
             return; // not hot here: the entries are in the log for whoever loads it next
         };
         if h.inner.lagged.load(Ordering::Acquire) {
-            return; // the owner will re-read these from the log
+            // The owner will re-read these from the log; wake it in case its last catch-up
+            // failed and it waits for its retry.
+            h.inner.recheck.notify_one();
+            return;
         }
         // Log ids start with their append time in ms: how far behind the reader runs.
         if let Some(last) = entries.last() {
