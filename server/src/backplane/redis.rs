@@ -1307,6 +1307,9 @@ impl Reader {
                 _ = self.inner.cancel.cancelled() => return,
                 c = self.connect() => c,
             };
+            // Only failures that reach us count: the cluster client reconnects and retries on
+            // its own, which is fine, because a gap long enough for a trim to overtake the
+            // cursor also shows as a stall (see `ReadClock`).
             if conn.is_ok() && start == Start::Reconnect {
                 self.recheck(&self.my_docs(&topology));
             }
