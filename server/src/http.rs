@@ -532,8 +532,7 @@ async fn post_update(
     // The owner answers waiters it gives up on (unloading, too many waiting) with where it
     // stands, so "applied" is checked here. A failed or cut-off wait is late, not an error:
     // the append succeeded, so the answer is 200 either way.
-    let applied =
-        matches!(applied, Ok(Ok(p)) if p.epoch == position.epoch && p.id >= position.id);
+    let applied = matches!(applied, Ok(Ok(p)) if p.epoch == position.epoch && p.id >= position.id);
     if !applied {
         ctx.applied_late.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(doc = %doc, %position, "update appended but not applied here within {OWNER_WAIT:?}; answering without read-your-writes");

@@ -371,14 +371,18 @@ impl Rechecks {
     }
 
     async fn wait_rechecked(&self, doc: &str) {
-        eventually("the reader asks the document to recheck", DEADLINE, || async {
-            self.rechecked
-                .lock()
-                .expect("lock")
-                .iter()
-                .any(|d| d == doc)
-                .then_some(())
-        })
+        eventually(
+            "the reader asks the document to recheck",
+            DEADLINE,
+            || async {
+                self.rechecked
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|d| d == doc)
+                    .then_some(())
+            },
+        )
         .await;
     }
 
@@ -403,7 +407,8 @@ async fn watching(
     .await
     .expect("connect");
     let sink = Arc::new(Rechecks::default());
-    let weak: std::sync::Weak<dyn EntrySink> = Arc::downgrade(&(sink.clone() as Arc<dyn EntrySink>));
+    let weak: std::sync::Weak<dyn EntrySink> =
+        Arc::downgrade(&(sink.clone() as Arc<dyn EntrySink>));
     bp.attach(weak);
     bp.watch(doc, StreamId::ZERO);
     let p = bp
@@ -411,7 +416,11 @@ async fn watching(
         .await
         .expect("append");
     sink.wait_delivered(p.id).await;
-    assert_eq!(sink.rechecks(), 0, "no recheck on a reader's first connection");
+    assert_eq!(
+        sink.rechecks(),
+        0,
+        "no recheck on a reader's first connection"
+    );
     (bp, sink)
 }
 
@@ -461,8 +470,11 @@ async fn redis_cluster_reader_rechecks_its_documents_after_a_stall() {
     let (bp, sink) = watching(&[cluster.url()], Duration::from_secs(10), &doc, &tracker).await;
     let pause = chorus_server::backplane::READER_STALL + Duration::from_millis(1500);
     for &p in &cluster.ports {
-        chorus_tests::redis::cli(p, &["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"])
-            .await;
+        chorus_tests::redis::cli(
+            p,
+            &["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"],
+        )
+        .await;
     }
     sink.wait_rechecked("stalled").await;
     bp.close().await;

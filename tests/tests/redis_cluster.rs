@@ -210,7 +210,10 @@ async fn a_lost_wake_up_delays_a_document_by_about_a_second_under_wake_traffic()
     let (a, b) = (cluster.ports[0], cluster.ports[1]);
     let a_slots = own_slots(a).await;
     let on_a = |d: &String| a_slots.iter().any(|&(x, y)| (x..=y).contains(&slot_of(d)));
-    let quiet = (0..).map(|i| format!("quiet-{i}")).find(on_a).expect("quiet");
+    let quiet = (0..)
+        .map(|i| format!("quiet-{i}"))
+        .find(on_a)
+        .expect("quiet");
     let busy = (0..)
         .map(|i| format!("busy-{i}"))
         .find(|d| on_a(d) && slot_of(d) != slot_of(&quiet))
@@ -273,5 +276,8 @@ async fn a_lost_wake_up_delays_a_document_by_about_a_second_under_wake_traffic()
     }
     stop.store(true, Ordering::Relaxed);
     let acked = traffic.await.expect("traffic task");
-    assert!(acked >= 5, "the busy document really was written meanwhile ({acked} acks)");
+    assert!(
+        acked >= 5,
+        "the busy document really was written meanwhile ({acked} acks)"
+    );
 }

@@ -361,7 +361,9 @@ async fn a_post_answers_within_its_deadline_when_its_node_cannot_apply_it() {
     chorus_tests::eventually("no XREAD still blocked", DEADLINE, || async {
         let clients = redis.cli(&["CLIENT", "LIST"]).await;
         (!clients.lines().any(|l| {
-            l.contains("cmd=xread") && l.split_whitespace().any(|f| f.starts_with("flags=") && f.contains('b'))
+            l.contains("cmd=xread")
+                && l.split_whitespace()
+                    .any(|f| f.starts_with("flags=") && f.contains('b'))
         }))
         .then_some(())
     })
@@ -391,9 +393,18 @@ async fn a_post_answers_within_its_deadline_when_its_node_cannot_apply_it() {
         .expect("parse");
     // Durable: the entry is in the log.
     let last = redis
-        .cli(&["XREVRANGE", &format!("chorus:{{{DOC}}}:log"), "+", "-", "COUNT", "1"])
+        .cli(&[
+            "XREVRANGE",
+            &format!("chorus:{{{DOC}}}:log"),
+            "+",
+            "-",
+            "COUNT",
+            "1",
+        ])
         .await;
     assert!(last.contains(&position.id.to_string()), "{last}");
-    let stats = chorus_tests::http::get(addr, "/v1/stats").await.expect("stats");
+    let stats = chorus_tests::http::get(addr, "/v1/stats")
+        .await
+        .expect("stats");
     assert_eq!(stats.json()["writes_applied_late"], 1);
 }

@@ -1300,7 +1300,10 @@ impl Reader {
         let mut start = Start::First;
         while !self.inner.cancel.is_cancelled() {
             let Some(topology) = lock(&self.inner.shards).keep_reader(self.shard) else {
-                tracing::info!(shard = self.shard, "the cluster has fewer masters; shard reader stops");
+                tracing::info!(
+                    shard = self.shard,
+                    "the cluster has fewer masters; shard reader stops"
+                );
                 return;
             };
             let conn = tokio::select! {
@@ -1448,7 +1451,10 @@ impl Reader {
         let mut clock = ReadClock::new();
         loop {
             let Some(topology) = lock(&self.inner.shards).keep_reader(self.shard) else {
-                tracing::info!(shard = self.shard, "the cluster has fewer masters; shard reader stops");
+                tracing::info!(
+                    shard = self.shard,
+                    "the cluster has fewer masters; shard reader stops"
+                );
                 return Ok(());
             };
             if topology.wake_keys[self.shard] != wake {
@@ -1480,9 +1486,7 @@ impl Reader {
             if clock.lap() {
                 self.recheck(&docs);
             }
-            let block = BLOCK
-                .saturating_sub(last_full.elapsed())
-                .max(MIN_BLOCK);
+            let block = BLOCK.saturating_sub(last_full.elapsed()).max(MIN_BLOCK);
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
                 .arg(READ_COUNT)
@@ -1835,9 +1839,17 @@ mod tests {
         let before = shards.keep_reader(0).expect("shard 0");
         // The periodic refresh of an unchanged cluster: same map, nobody restarts.
         assert!(shards.install(topology(THREE)).is_empty());
-        assert!(Arc::ptr_eq(&before, &shards.keep_reader(0).expect("shard 0")));
+        assert!(Arc::ptr_eq(
+            &before,
+            &shards.keep_reader(0).expect("shard 0")
+        ));
         // Slots 0..=1999 move from the first master to the second: readers see the new map.
-        let moved = topology(&[(0, 1999, 2), (2000, 5460, 1), (5461, 10922, 2), (10923, 16383, 3)]);
+        let moved = topology(&[
+            (0, 1999, 2),
+            (2000, 5460, 1),
+            (5461, 10922, 2),
+            (10923, 16383, 3),
+        ]);
         assert!(shards.install(moved).is_empty());
         let after = shards.keep_reader(0).expect("shard 0");
         assert!(!Arc::ptr_eq(&before, &after));
@@ -1872,7 +1884,10 @@ mod tests {
                 .strip_prefix("chorus:{")
                 .and_then(|k| k.strip_suffix("}:wake"))
                 .expect("wake key");
-            assert_eq!(a.shard_of_slot[usize::from(slot_of(tag))], a.shard_of_slot[usize::from(slot_of(d.as_str()))]);
+            assert_eq!(
+                a.shard_of_slot[usize::from(slot_of(tag))],
+                a.shard_of_slot[usize::from(slot_of(d.as_str()))]
+            );
         }
     }
 
@@ -1881,7 +1896,12 @@ mod tests {
         let mut shards = Shards::new(Topology::single());
         assert_eq!(shards.install(topology(THREE)), vec![0, 1, 2]);
         // A fourth master gets slots: one more reader, the others keep running.
-        let four = &[(0, 4000, 1), (4001, 5460, 4), (5461, 10922, 2), (10923, 16383, 3)];
+        let four = &[
+            (0, 4000, 1),
+            (4001, 5460, 4),
+            (5461, 10922, 2),
+            (10923, 16383, 3),
+        ];
         assert_eq!(shards.install(topology(four)), vec![3]);
         assert!(shards.keep_reader(3).is_some());
         // It is emptied again: the reader of the last shard index stops...
