@@ -1255,24 +1255,31 @@ enum Start {
 }
 
 /// When the reader last completed a read, to notice a stall longer than
-/// [`super::READER_STALL`] (a paused process, a slow network).
+/// [`super::READER_STALL`] (a paused process, a slow network); and whether its documents still
+/// have to recheck their logs (after such a stall, or on a connection that replaced a failed
+/// one).
 struct ReadClock {
     last: tokio::time::Instant,
+    recheck_due: bool,
 }
 
 impl ReadClock {
-    fn new() -> Self {
+    fn new(start: Start) -> Self {
         ReadClock {
             last: tokio::time::Instant::now(),
+            recheck_due: start == Start::Reconnect,
         }
     }
 
-    /// A read completed: whether the one before it was longer ago than `READER_STALL`.
+    /// A read completed: whether a recheck is due (this one came more than `READER_STALL`
+    /// after the one before, or an earlier one is still due).
     fn lap(&mut self) -> bool {
         let now = tokio::time::Instant::now();
-        let stalled = now.duration_since(self.last) > super::READER_STALL;
+        if now.duration_since(self.last) > super::READER_STALL {
+            self.recheck_due = true;
+        }
         self.last = now;
-        stalled
+        self.recheck_due
     }
 }
 
@@ -1299,31 +1306,25 @@ impl Reader {
         let mut backoff = Duration::from_millis(50);
         let mut start = Start::First;
         while !self.inner.cancel.is_cancelled() {
-            let Some(topology) = lock(&self.inner.shards).keep_reader(self.shard) else {
+            if lock(&self.inner.shards).keep_reader(self.shard).is_none() {
                 tracing::info!(
                     shard = self.shard,
                     "the cluster has fewer masters; shard reader stops"
                 );
                 return;
-            };
+            }
             let conn = tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
                 c = self.connect() => c,
             };
-            // Only failures that reach us count: the cluster client reconnects and retries on
-            // its own, which is fine, because a gap long enough for a trim to overtake the
-            // cursor also shows as a stall (see `ReadClock`).
-            if conn.is_ok() && start == Start::Reconnect {
-                self.recheck(&self.my_docs(&topology));
-            }
             let result = match conn {
                 Ok(ReadConn::Single(c)) => {
                     backoff = Duration::from_millis(50);
-                    self.run_single(Conn::Plain(c)).await
+                    self.run_single(Conn::Plain(c), start).await
                 }
                 Ok(ReadConn::Cluster(c)) => {
                     backoff = Duration::from_millis(50);
-                    self.run_cluster(Conn::Cluster(c)).await
+                    self.run_cluster(Conn::Cluster(c), start).await
                 }
                 Err(e) => Err(e),
             };
@@ -1337,6 +1338,9 @@ impl Reader {
                         // Maybe MOVED/ASK/CLUSTERDOWN: the slot map may have changed.
                         self.inner.topology_stale.notify_one();
                     }
+                    // Only failures that reach us count: the cluster client reconnects and
+                    // retries on its own, which is fine, because a gap long enough for a trim
+                    // to overtake the cursor also shows as a stall (see `ReadClock`).
                     start = Start::Reconnect;
                 }
             }
@@ -1379,9 +1383,23 @@ impl Reader {
         (docs, fresh)
     }
 
-    /// Asks every document this reader reads to recheck its log: entries may have been
-    /// trimmed while the reader was away or stalled.
-    fn recheck(&self, docs: &[(DocId, Cursor)]) {
+    /// After a completed read: if a recheck is due, asks every document this reader reads to
+    /// recheck its log (entries may have been trimmed while the reader was away or stalled).
+    /// The documents re-read through the shared connection, which reconnects on its own
+    /// schedule, and a document whose re-read fails waits for its next entry: so they are
+    /// asked only once that connection answers (else again after the next read).
+    async fn recheck_if_due(&self, clock: &mut ReadClock, docs: &[(DocId, Cursor)]) {
+        if !clock.lap() {
+            return;
+        }
+        let mut conn = self.inner.conn.clone();
+        if query(&mut conn, &redis::cmd("PING"), self.inner.settings.timeout)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        clock.recheck_due = false;
         if docs.is_empty() {
             return;
         }
@@ -1398,10 +1416,10 @@ impl Reader {
     }
 
     /// The standalone loop: block on everything at once.
-    async fn run_single(&self, mut conn: Conn) -> BackplaneResult<()> {
+    async fn run_single(&self, mut conn: Conn, start: Start) -> BackplaneResult<()> {
         let ctl = ctl_key(self.inner.node);
         let mut ctl_last = StreamId::new(super::now_ms(), 0).to_string();
-        let mut clock = ReadClock::new();
+        let mut clock = ReadClock::new(start);
         let topology = self.inner.topology();
         loop {
             // The blocking XREAD names every watched document, fresh or not.
@@ -1424,9 +1442,7 @@ impl Reader {
                 _ = self.inner.cancel.cancelled() => return Ok(()),
                 r = query(&mut conn, &cmd, BLOCK + self.inner.settings.timeout) => r?,
             };
-            if clock.lap() {
-                self.recheck(&docs);
-            }
+            self.recheck_if_due(&mut clock, &docs).await;
             for (key, entries) in parse_xread(reply)? {
                 if key == ctl {
                     if let Some((id, _)) = entries.last() {
@@ -1441,14 +1457,14 @@ impl Reader {
 
     /// The cluster loop: block on the shard's wake stream, then read the named documents, and
     /// all of them at least every `BLOCK`.
-    async fn run_cluster(&self, mut conn: Conn) -> BackplaneResult<()> {
+    async fn run_cluster(&self, mut conn: Conn, start: Start) -> BackplaneResult<()> {
         let mut wake = String::new();
         let mut wake_last = String::new();
         // None: read everything watched (after (re)connecting, a new slot map, or a timed-out
         // block). Entries may have arrived meanwhile.
         let mut todo: Option<HashSet<String>> = None;
         let mut last_full = tokio::time::Instant::now();
-        let mut clock = ReadClock::new();
+        let mut clock = ReadClock::new(start);
         loop {
             let Some(topology) = lock(&self.inner.shards).keep_reader(self.shard) else {
                 tracing::info!(
@@ -1483,9 +1499,7 @@ impl Reader {
             if full {
                 last_full = started;
             }
-            if clock.lap() {
-                self.recheck(&docs);
-            }
+            self.recheck_if_due(&mut clock, &docs).await;
             let block = BLOCK.saturating_sub(last_full.elapsed()).max(MIN_BLOCK);
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
@@ -1499,9 +1513,7 @@ impl Reader {
                 _ = self.inner.cancel.cancelled() => return Ok(()),
                 r = query(&mut conn, &cmd, block + self.inner.settings.timeout) => r?,
             };
-            if clock.lap() {
-                self.recheck(&docs);
-            }
+            self.recheck_if_due(&mut clock, &docs).await;
             let mut named = HashSet::new();
             let mut woken = false;
             for (_, entries) in parse_xread(reply)? {
