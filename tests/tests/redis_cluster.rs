@@ -1,7 +1,9 @@
 //! Many nodes on a real three-master Redis Cluster: documents spread over the shards by hash
-//! tag, one reader per shard on every node; resharding mid-run; lost wake-ups.
+//! tag, one reader per shard on every node; resharding mid-run; lost wake-ups; a new master.
 
-use chorus_protocol::ServerFrame;
+use chorus_protocol::{DocId, ServerFrame};
+use chorus_server::backplane::redis::{RedisBackplane, RedisSettings};
+use chorus_server::backplane::{Backplane, Entry, EntrySink};
 use chorus_tests::multinode::{converge, node_has_all, start_nodes, write_tokens};
 use chorus_tests::native::{Event, NativeClient};
 use chorus_tests::redis::RedisCluster;
@@ -280,4 +282,105 @@ async fn a_lost_wake_up_delays_a_document_by_about_a_second_under_wake_traffic()
         acked >= 5,
         "the busy document really was written meanwhile ({acked} acks)"
     );
+}
+
+/// Records which entries a backplane's readers delivered.
+#[derive(Default)]
+struct Delivered(std::sync::Mutex<Vec<chorus_protocol::StreamId>>);
+
+impl EntrySink for Delivered {
+    fn deliver(&self, _doc: &DocId, _epoch: u64, entries: Vec<Entry>) {
+        self.0
+            .lock()
+            .expect("lock")
+            .extend(entries.iter().map(|e| e.id));
+    }
+}
+
+/// A master joins and takes slots: the node re-reads the slot map on its own (every 30 s)
+/// and starts a shard reader for it; a document in the moved slots is still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_master_gets_a_shard_reader_after_the_slot_map_refresh() {
+    let mut cluster = RedisCluster::start().await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let bp = RedisBackplane::connect(
+        RedisSettings::from_urls(
+            &[cluster.url()],
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+        ),
+        rand::random(),
+        &tracker,
+    )
+    .await
+    .expect("connect");
+    let sink = Arc::new(Delivered::default());
+    let weak: std::sync::Weak<dyn EntrySink> =
+        Arc::downgrade(&(sink.clone() as Arc<dyn EntrySink>));
+    bp.attach(weak);
+    assert_eq!(bp.shards(), 3);
+
+    let new = cluster.add_master().await;
+    let id = |p: u16| async move {
+        chorus_tests::redis::cli(p, &["CLUSTER", "MYID"])
+            .await
+            .expect("myid")
+            .trim()
+            .to_string()
+    };
+    let (from, to) = (id(cluster.ports[0]).await, id(new).await);
+    let seed = format!("127.0.0.1:{}", cluster.ports[0]);
+    // Retried: right after a join, redis-cli may find the masters not yet agreeing.
+    eventually(
+        "redis-cli --cluster reshard to the new master",
+        DEADLINE,
+        || {
+            let (from, to, seed) = (from.clone(), to.clone(), seed.clone());
+            let port = cluster.ports[0];
+            async move {
+                chorus_tests::redis::cli(
+                    port,
+                    &[
+                        "--cluster",
+                        "reshard",
+                        &seed,
+                        "--cluster-from",
+                        &from,
+                        "--cluster-to",
+                        &to,
+                        "--cluster-slots",
+                        "500",
+                        "--cluster-yes",
+                    ],
+                )
+                .await
+            }
+        },
+    )
+    .await;
+    let moved = own_slots(new).await;
+    assert!(!moved.is_empty(), "the new master serves slots");
+
+    // The periodic refresh (30 s) plus slack.
+    eventually(
+        "a fourth shard reader after the refresh",
+        Duration::from_secs(45),
+        || async { (bp.shards() == 4).then_some(()) },
+    )
+    .await;
+    let doc = (0..)
+        .map(|i| format!("moved-{i}"))
+        .find(|d| moved.iter().any(|&(a, b)| (a..=b).contains(&slot_of(d))))
+        .expect("a document on the new master");
+    let doc = DocId::parse(&doc).expect("doc");
+    bp.watch(&doc, chorus_protocol::StreamId::ZERO);
+    let p = bp
+        .append(&doc, bytes::Bytes::from_static(b"1"), None)
+        .await
+        .expect("append");
+    eventually("the entry is delivered", DEADLINE, || async {
+        sink.0.lock().expect("lock").contains(&p.id).then_some(())
+    })
+    .await;
+    bp.close().await;
 }
