@@ -470,6 +470,14 @@ async fn get_doc(
         .into_response())
 }
 
+/// How long a POST waits for this node's copy of the document: to be loaded before the write
+/// is admitted (past it: 503, nothing was written, retry), and to apply the appended update
+/// before answering (read-your-writes). The second wait ends in a 200 either way: the update is
+/// durable once appended, only a GET right after it may not show it yet. Such a reader is
+/// stuck (Redis unreachable for reads, a stalled reader) or far behind; its own
+/// deadlines and rechecks bring the document up to date, the client is not kept waiting.
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn post_update(
     State(ctx): State<Arc<ConnContext>>,
     Path(doc): Path<String>,
@@ -498,7 +506,9 @@ async fn post_update(
     let (size, ready) = ctx
         .registry
         .with_owner(&doc, |h| async move {
-            h.wait_applied(StreamId::ZERO).await?;
+            tokio::time::timeout(OWNER_WAIT, h.wait_applied(StreamId::ZERO))
+                .await
+                .map_err(|_| DocError::Unavailable)??;
             let ready = h.wait_ready(deps, None, None, wait).await == Readiness::Met;
             Ok((h.approx_size(), ready))
         })
@@ -513,12 +523,23 @@ async fn post_update(
     // Checked after the waits: the token may have been revoked (or expired) meanwhile.
     ctx.admit_write(&principal)?;
     let position = ctx.registry.backplane().append(&doc, body, None).await?;
-    ctx.registry
-        .with_owner(&doc, |h| async move { h.wait_applied(position.id).await })
-        .await?;
+    let applied = tokio::time::timeout(
+        OWNER_WAIT,
+        ctx.registry
+            .with_owner(&doc, |h| async move { h.wait_applied(position.id).await }),
+    )
+    .await;
+    // The owner answers waiters it gives up on (unloading, too many waiting) with where it
+    // stands, so "applied" is checked here. A failed or cut-off wait is late, not an error:
+    // the append succeeded, so the answer is 200 either way.
+    let applied = matches!(applied, Ok(Ok(p)) if p.epoch == position.epoch && p.id >= position.id);
+    if !applied {
+        ctx.applied_late.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(doc = %doc, %position, "update appended but not applied here within {OWNER_WAIT:?}; answering without read-your-writes");
+    }
     Ok((
         StatusCode::OK,
-        axum::Json(json!({"position": position.to_string()})),
+        axum::Json(json!({"position": position.to_string(), "applied": applied})),
     )
         .into_response())
 }
@@ -679,6 +700,7 @@ async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
         "connections": ctx.open.load(Ordering::Relaxed),
         "refused_writes": ctx.refused_writes.load(Ordering::Relaxed),
         "refused_missing_dependencies": ctx.refused_missing_deps.load(Ordering::Relaxed),
+        "writes_applied_late": ctx.applied_late.load(Ordering::Relaxed),
         "refused_awareness": ctx.registry.refused_awareness(),
         "refused_per_ip": ctx.per_ip.refused.load(Ordering::Relaxed),
         "refused_api_requests": ctx.api_rate.refused.load(Ordering::Relaxed),

@@ -942,7 +942,8 @@ mod tests {
         assert!(checked.deps.met_by(|_| 0));
         let doc = Doc::new();
         let mut txn = doc.transact_mut();
-        txn.apply_update(Update::decode_v1(&u).expect("decodes")).expect("applies");
+        txn.apply_update(Update::decode_v1(&u).expect("decodes"))
+            .expect("applies");
         assert!(!txn.has_missing_updates());
         drop(txn);
         let text = doc.get_or_insert_text("t");

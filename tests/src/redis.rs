@@ -1,6 +1,6 @@
 //! Real `redis-server` processes for the multi-node tests: one standalone server per test (on a
 //! free port, AOF on, killable and restartable on the same port with its data), or a
-//! three-master Redis Cluster.
+//! three-master Redis Cluster (which can grow a master).
 
 use crate::{DEADLINE, eventually, free_port};
 use std::path::PathBuf;
@@ -120,6 +120,32 @@ pub fn parse_commandstats(info: &str) -> std::collections::HashMap<String, u64> 
         .collect()
 }
 
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55535 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn spawn_cluster_redis(port: u16, dir: &std::path::Path) -> Child {
+    let conf: PathBuf = dir.join("nodes.conf");
+    spawn_redis(
+        port,
+        dir,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            conf.to_str().expect("utf-8 path"),
+            "--cluster-node-timeout",
+            "2000",
+        ],
+    )
+}
+
 /// A three-master Redis Cluster (no replicas), created with `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub ports: Vec<u16>,
@@ -134,26 +160,8 @@ impl RedisCluster {
         let mut children = Vec::new();
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
-            // Cluster bus port = port + 10000: pick ports whose bus port is free too.
-            let port = loop {
-                let p = free_port();
-                if p < 55535 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
-                    break p;
-                }
-            };
-            let conf: PathBuf = dir.path().join("nodes.conf");
-            children.push(spawn_redis(
-                port,
-                dir.path(),
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    conf.to_str().expect("utf-8 path"),
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-            ));
+            let port = cluster_port();
+            children.push(spawn_cluster_redis(port, dir.path()));
             wait_ping(port).await;
             ports.push(port);
             dirs.push(dir);
@@ -183,6 +191,37 @@ impl RedisCluster {
             _dirs: dirs,
             _children: children,
         }
+    }
+
+    /// Starts one more master and joins it to the cluster, holding no slots until some are
+    /// moved to it; returns its port. Every master knows it when this returns.
+    pub async fn add_master(&mut self) -> u16 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = cluster_port();
+        self._children.push(spawn_cluster_redis(port, dir.path()));
+        self._dirs.push(dir);
+        wait_ping(port).await;
+        let new = format!("127.0.0.1:{port}");
+        let existing = format!("127.0.0.1:{}", self.ports[0]);
+        cli(self.ports[0], &["--cluster", "add-node", &new, &existing])
+            .await
+            .expect("redis-cli --cluster add-node");
+        self.ports.push(port);
+        let masters = self.ports.len();
+        for &p in &self.ports {
+            let new = new.clone();
+            eventually("every master knows the new one", DEADLINE, || {
+                let new = new.clone();
+                async move {
+                    let nodes = cli(p, &["CLUSTER", "NODES"]).await?;
+                    (nodes.lines().filter(|l| l.contains("master")).count() == masters
+                        && nodes.contains(&new))
+                    .then_some(())
+                }
+            })
+            .await;
+        }
+        port
     }
 
     /// The seeds as one `--redis-url` value.

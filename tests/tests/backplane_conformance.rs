@@ -1,7 +1,8 @@
 //! One conformance suite, run against both backplanes: the embedded log and Redis streams.
 //! Reads create nothing (a document's log is born with its first append), append, read after,
 //! delivery in order with origins, wake-up on a newly watched document, trim, and a new epoch
-//! when the log is lost.
+//! when the log is lost. Then Redis specifics: a lost stream, Redis down, and reader rechecks
+//! after a reconnect or a stall.
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
@@ -334,5 +335,147 @@ async fn redis_detects_a_deleted_stream_and_fails_appends_when_down() {
     )
     .await;
     assert_eq!(p3.epoch, p2.epoch, "AOF kept the log and its epoch");
+    bp.close().await;
+}
+
+/// Records deliveries and rechecks.
+#[derive(Default)]
+struct Rechecks {
+    delivered: Mutex<Vec<StreamId>>,
+    rechecked: Mutex<Vec<String>>,
+}
+
+impl EntrySink for Rechecks {
+    fn deliver(&self, _doc: &DocId, _epoch: u64, entries: Vec<Entry>) {
+        self.delivered
+            .lock()
+            .expect("lock")
+            .extend(entries.iter().map(|e| e.id));
+    }
+
+    fn recheck(&self, doc: &DocId) {
+        self.rechecked.lock().expect("lock").push(doc.to_string());
+    }
+}
+
+impl Rechecks {
+    async fn wait_delivered(&self, id: StreamId) {
+        eventually("the reader delivers the entry", DEADLINE, || async {
+            self.delivered
+                .lock()
+                .expect("lock")
+                .contains(&id)
+                .then_some(())
+        })
+        .await;
+    }
+
+    async fn wait_rechecked(&self, doc: &str) {
+        eventually(
+            "the reader asks the document to recheck",
+            DEADLINE,
+            || async {
+                self.rechecked
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|d| d == doc)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    fn rechecks(&self) -> usize {
+        self.rechecked.lock().expect("lock").len()
+    }
+}
+
+/// A backplane on `urls` with a [`Rechecks`] sink, watching `doc`, after one entry went
+/// through its reader (so the reader's first connection is up and reading).
+async fn watching(
+    urls: &[String],
+    timeout: Duration,
+    doc: &DocId,
+    tracker: &TaskTracker,
+) -> (RedisBackplane, Arc<Rechecks>) {
+    let bp = RedisBackplane::connect(
+        RedisSettings::from_urls(urls, timeout, Duration::from_secs(2)),
+        rand::random(),
+        tracker,
+    )
+    .await
+    .expect("connect");
+    let sink = Arc::new(Rechecks::default());
+    let weak: std::sync::Weak<dyn EntrySink> =
+        Arc::downgrade(&(sink.clone() as Arc<dyn EntrySink>));
+    bp.attach(weak);
+    bp.watch(doc, StreamId::ZERO);
+    let p = bp
+        .append(doc, Bytes::from_static(b"1"), None)
+        .await
+        .expect("append");
+    sink.wait_delivered(p.id).await;
+    assert_eq!(
+        sink.rechecks(),
+        0,
+        "no recheck on a reader's first connection"
+    );
+    (bp, sink)
+}
+
+/// A reader whose connection broke may have missed a trim while it was away: once it is back,
+/// every document it reads rechecks its log; then reading goes on.
+#[tokio::test]
+async fn redis_reader_rechecks_its_documents_after_a_reconnect() {
+    let server = RedisServer::start().await;
+    let tracker = TaskTracker::new();
+    let doc = DocId::parse("back").expect("doc");
+    let (bp, sink) = watching(&[server.url()], Duration::from_secs(2), &doc, &tracker).await;
+    server.cli(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+    sink.wait_rechecked("back").await;
+    let p = eventually("appends work again", DEADLINE, || async {
+        bp.append(&doc, Bytes::from_static(b"2"), None).await.ok()
+    })
+    .await;
+    sink.wait_delivered(p.id).await;
+    bp.close().await;
+}
+
+/// A reader whose reads were held up longer than `READER_STALL` (here Redis pauses every
+/// client for longer than that, without breaking a connection) asks its documents to recheck.
+#[tokio::test]
+async fn redis_reader_rechecks_its_documents_after_a_stall() {
+    let server = RedisServer::start().await;
+    let tracker = TaskTracker::new();
+    let doc = DocId::parse("stalled").expect("doc");
+    // A round-trip bound longer than the pause: the read completes late instead of failing.
+    let (bp, sink) = watching(&[server.url()], Duration::from_secs(10), &doc, &tracker).await;
+    let pause = chorus_server::backplane::READER_STALL + Duration::from_millis(1500);
+    server
+        .cli(&["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"])
+        .await;
+    sink.wait_rechecked("stalled").await;
+    bp.close().await;
+}
+
+/// The same for a cluster shard reader (every master pauses its clients). A dropped connection
+/// does not reach a cluster reader as an error (the cluster client reconnects and retries by
+/// itself), so for it the stall is what matters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_reader_rechecks_its_documents_after_a_stall() {
+    let cluster = chorus_tests::redis::RedisCluster::start().await;
+    let tracker = TaskTracker::new();
+    let doc = DocId::parse("stalled").expect("doc");
+    let (bp, sink) = watching(&[cluster.url()], Duration::from_secs(10), &doc, &tracker).await;
+    let pause = chorus_server::backplane::READER_STALL + Duration::from_millis(1500);
+    for &p in &cluster.ports {
+        chorus_tests::redis::cli(
+            p,
+            &["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"],
+        )
+        .await;
+    }
+    sink.wait_rechecked("stalled").await;
     bp.close().await;
 }

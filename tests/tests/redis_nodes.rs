@@ -1,6 +1,7 @@
 //! Many nodes on one Redis: convergence with clients spread over three nodes, resume on
 //! another node, Redis restarted and flushed mid-run, a node killed with SIGKILL, and presence
-//! across nodes (and its expiry when a node dies).
+//! across nodes (and its expiry when a node dies), a POST whose node cannot apply it, and a
+//! node that finds the log trimmed past what it applied (cut off while another compacted).
 
 use chorus_protocol::ServerFrame;
 use chorus_tests::multinode::{
@@ -479,4 +480,77 @@ async fn a_log_trimmed_past_the_newest_snapshot_is_refused_not_served_with_a_hol
         resp.status, 503,
         "a document whose log lost entries no snapshot holds is unavailable, not served short"
     );
+}
+
+/// A POST appends (durably) and then waits for its node to apply the update, for
+/// read-your-writes. When the node cannot read the log back, the POST must still answer within
+/// its bounded wait: 200 with the position, marked as not applied yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_answers_within_its_deadline_when_its_node_cannot_apply_it() {
+    let redis = RedisServer::start().await;
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(&redis.url(), snaps.path(), 1, |_| {}).await;
+    let addr = nodes[0].addr;
+    // A subscriber keeps the document loaded on the node.
+    let mut live = NativeClient::connect(&nodes[0].ws_url()).await;
+    live.subscribe_synced(DOC).await;
+    let seq = live.insert(DOC, 0, "x").await;
+    live.wait_acked(seq).await;
+    // From now on the node may append (the append script's XADD) but reads nothing back: its
+    // reader's XREAD and every re-read's XRANGE are refused.
+    let acl = redis
+        .cli(&["ACL", "SETUSER", "default", "-xread", "-xrange"])
+        .await;
+    assert_eq!(acl.trim(), "OK");
+    // A blocked XREAD was admitted before the change and would still be served: wait until
+    // none is left (each blocks for at most a second; the next one is refused).
+    chorus_tests::eventually("no XREAD still blocked", DEADLINE, || async {
+        let clients = redis.cli(&["CLIENT", "LIST"]).await;
+        (!clients.lines().any(|l| {
+            l.contains("cmd=xread")
+                && l.split_whitespace()
+                    .any(|f| f.starts_with("flags=") && f.contains('b'))
+        }))
+        .then_some(())
+    })
+    .await;
+
+    let backend = yrs::Doc::new();
+    let text = backend.get_or_insert_text("t");
+    yrs::Text::insert(&text, &mut backend.transact_mut(), 0, "posted");
+    let update = backend
+        .transact()
+        .encode_state_as_update_v1(&Default::default());
+    // The wait is 5 s; the rest is slack for a loaded machine. The old code waited forever.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(12),
+        chorus_tests::http::post(addr, &format!("/v1/docs/{DOC}/updates"), &update),
+    )
+    .await
+    .expect("the POST answers although its node cannot apply the update")
+    .expect("POST");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let json = resp.json();
+    assert_eq!(json["applied"], false, "{json}");
+    let position: chorus_protocol::Position = json["position"]
+        .as_str()
+        .expect("position")
+        .parse()
+        .expect("parse");
+    // Durable: the entry is in the log.
+    let last = redis
+        .cli(&[
+            "XREVRANGE",
+            &format!("chorus:{{{DOC}}}:log"),
+            "+",
+            "-",
+            "COUNT",
+            "1",
+        ])
+        .await;
+    assert!(last.contains(&position.id.to_string()), "{last}");
+    let stats = chorus_tests::http::get(addr, "/v1/stats")
+        .await
+        .expect("stats");
+    assert_eq!(stats.json()["writes_applied_late"], 1);
 }

@@ -51,8 +51,16 @@ const MAX_GROUP: usize = 4096;
 const MAX_PER_EVAL: usize = 512;
 /// Most entries one XREAD returns per stream; the reader comes back for the rest at once.
 const READ_COUNT: usize = 1024;
-/// How long a blocking XREAD waits before it re-checks (and, in cluster mode, re-reads all).
+/// How long a blocking XREAD waits before it re-checks; in cluster mode also the longest a
+/// shard reader goes without reading all its documents, wake-ups or not.
 const BLOCK: Duration = Duration::from_millis(1000);
+/// Shortest blocking XREAD a cluster reader issues when its next full read is nearly due
+/// (`BLOCK 0` would mean "forever").
+const MIN_BLOCK: Duration = Duration::from_millis(10);
+/// How often every node re-reads the cluster's slot map (a reshard, a failover, a new master).
+/// A reader whose query fails asks for a refresh at once, at most one per [`TOPOLOGY_GAP`].
+const TOPOLOGY_REFRESH: Duration = Duration::from_secs(30);
+const TOPOLOGY_GAP: Duration = Duration::from_secs(1);
 const HASH_SLOTS: u16 = 16384;
 
 /// How to reach Redis and the timing knobs of the Redis backplane.
@@ -242,6 +250,16 @@ fn count(n: u64) {
 
 /// Runs one command with the backplane's bound on a round trip.
 async fn query(conn: &mut Conn, cmd: &Cmd, timeout: Duration) -> BackplaneResult<Value> {
+    query_op(conn, cmd, timeout, "command").await
+}
+
+/// [`query`], counting a failure under `op` in [`crate::metrics::names::REDIS_ERRORS`].
+async fn query_op(
+    conn: &mut Conn,
+    cmd: &Cmd,
+    timeout: Duration,
+    op: &'static str,
+) -> BackplaneResult<Value> {
     count(1);
     let result = match tokio::time::timeout(timeout, cmd.query_async::<Value>(conn)).await {
         Err(_) => Err(BackplaneError::Storage(format!(
@@ -252,7 +270,7 @@ async fn query(conn: &mut Conn, cmd: &Cmd, timeout: Duration) -> BackplaneResult
         Ok(Ok(v)) => Ok(v),
     };
     if result.is_err() {
-        metrics::counter!(crate::metrics::names::REDIS_ERRORS, "op" => "command").increment(1);
+        metrics::counter!(crate::metrics::names::REDIS_ERRORS, "op" => op).increment(1);
     }
     result
 }
@@ -293,7 +311,10 @@ struct Cursor {
     generation: u64,
 }
 
-/// Which documents each cluster shard reader owns and where to wake it.
+/// Which documents each cluster shard reader owns and where to wake it. Two nodes that read
+/// the same slot map pick the same wake key for each master (the first `w{i}` tag in its
+/// slots), whatever order CLUSTER SLOTS lists the masters in.
+#[derive(Debug, PartialEq, Eq)]
 struct Topology {
     /// slot → shard index.
     shard_of_slot: Vec<u16>,
@@ -314,6 +335,53 @@ impl Topology {
     }
 }
 
+/// The current slot map and which shard readers run, under one lock so that a reader leaving
+/// (its shard is gone) and a refresh adding that shard back cannot miss each other.
+///
+/// While a new map spreads (every node refreshes on its own), a document may briefly be read
+/// by two readers of this node (harmless: each delivery moves the per-document cursor in
+/// [`Watched`] only forward, and the document ignores entries it applied) or by none, or be
+/// woken on a key nobody here blocks on: the timed full read (at least every [`BLOCK`]) of
+/// every shard reader picks it up within about a second.
+struct Shards {
+    topology: Arc<Topology>,
+    readers: HashSet<usize>,
+}
+
+impl Shards {
+    fn new(topology: Topology) -> Self {
+        Shards {
+            topology: Arc::new(topology),
+            readers: HashSet::new(),
+        }
+    }
+
+    /// Installs a freshly read map; returns the shards that need a reader started (all of
+    /// them the first time, then those a grown cluster added or whose reader left).
+    fn install(&mut self, topology: Topology) -> Vec<usize> {
+        if *self.topology != topology {
+            self.topology = Arc::new(topology);
+        }
+        let mut start: Vec<usize> = (0..self.topology.wake_keys.len())
+            .filter(|s| !self.readers.contains(s))
+            .collect();
+        start.sort_unstable();
+        self.readers.extend(start.iter().copied());
+        start
+    }
+
+    /// The map for shard `shard`'s reader, or `None` (and the reader is forgotten) if the
+    /// cluster has fewer masters now: that reader stops.
+    fn keep_reader(&mut self, shard: usize) -> Option<Arc<Topology>> {
+        if shard < self.topology.wake_keys.len() {
+            Some(self.topology.clone())
+        } else {
+            self.readers.remove(&shard);
+            None
+        }
+    }
+}
+
 struct Inner {
     conn: Conn,
     node: u64,
@@ -324,15 +392,27 @@ struct Inner {
     watch_changed: Notify,
     /// Remote nodes seen in awareness entries; checked against their heartbeat keys.
     remote_nodes: Mutex<HashSet<u64>>,
-    topology: Topology,
+    /// Never held across an `.await`: callers clone the `Arc<Topology>` out.
+    shards: Mutex<Shards>,
+    /// A cluster reader's query failed (maybe MOVED/ASK/CLUSTERDOWN after a reshard or a
+    /// failover): re-read the slot map now rather than at the next periodic refresh.
+    topology_stale: Notify,
+    /// To open reader connections, also for readers of shards a refresh adds.
+    client: Client,
+    tracker: TaskTracker,
     cancel: CancellationToken,
+}
+
+impl Inner {
+    fn topology(&self) -> Arc<Topology> {
+        lock(&self.shards).topology.clone()
+    }
 }
 
 pub struct RedisBackplane {
     inner: Arc<Inner>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
-    client: Client,
     tracker: TaskTracker,
 }
 
@@ -385,7 +465,10 @@ impl RedisBackplane {
             watched: Mutex::new(Watched::default()),
             watch_changed: Notify::new(),
             remote_nodes: Mutex::new(HashSet::new()),
-            topology,
+            shards: Mutex::new(Shards::new(Topology::single())),
+            topology_stale: Notify::new(),
+            client,
+            tracker: tracker.clone(),
             cancel: CancellationToken::new(),
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -397,19 +480,17 @@ impl RedisBackplane {
         });
         tracker.spawn(run_waker(inner.clone()));
         tracker.spawn(run_heartbeat(inner.clone()));
-        for shard in 0..inner.topology.wake_keys.len() {
-            let reader = Reader {
-                inner: inner.clone(),
-                client: client.clone(),
-                shard,
-            };
-            tracker.spawn(reader.run());
+        let start = lock(&inner.shards).install(topology);
+        for shard in start {
+            spawn_reader(&inner, shard);
+        }
+        if inner.settings.cluster {
+            tracker.spawn(run_topology(inner.clone()));
         }
         Ok(RedisBackplane {
             inner,
             tx: Mutex::new(Some(tx)),
             writer_done: Mutex::new(Some(done_rx)),
-            client,
             tracker: tracker.clone(),
         })
     }
@@ -425,16 +506,61 @@ impl RedisBackplane {
 
     /// Number of shard readers (1 for a standalone server).
     pub fn shards(&self) -> usize {
-        match self.client {
-            Client::Single(_) => 1,
-            Client::Cluster(_) => self.inner.topology.wake_keys.len(),
+        self.inner.topology().wake_keys.len()
+    }
+}
+
+fn spawn_reader(inner: &Arc<Inner>, shard: usize) {
+    let reader = Reader {
+        inner: inner.clone(),
+        shard,
+    };
+    inner.tracker.spawn(reader.run());
+}
+
+/// Cluster mode: re-reads the slot map every [`TOPOLOGY_REFRESH`], and soon after a reader
+/// reports a failed query, so that a reshard or a new master changes which reader reads which
+/// document and which wake key writers use (see [`Shards`] for the transition).
+async fn run_topology(inner: Arc<Inner>) {
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tokio::time::sleep(TOPOLOGY_REFRESH) => {}
+            _ = inner.topology_stale.notified() => {}
+        }
+        let mut conn = inner.conn.clone();
+        match cluster_topology(&mut conn, inner.settings.timeout).await {
+            Ok(topology) => {
+                let before = inner.topology();
+                let start = lock(&inner.shards).install(topology);
+                let after = inner.topology();
+                if !Arc::ptr_eq(&before, &after) {
+                    tracing::info!(
+                        masters = after.wake_keys.len(),
+                        "redis cluster slot map changed; readers follow it"
+                    );
+                }
+                for shard in start {
+                    spawn_reader(&inner, shard);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot re-read the redis cluster slot map"),
+        }
+        // However many readers fail at once, one refresh per gap.
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tokio::time::sleep(TOPOLOGY_GAP) => {}
         }
     }
 }
 
 /// Reads the cluster's slot map and picks, per master, a hash tag that lands in it.
 async fn cluster_topology(conn: &mut Conn, timeout: Duration) -> BackplaneResult<Topology> {
-    let slots = query(conn, redis::cmd("CLUSTER").arg("SLOTS"), timeout).await?;
+    parse_cluster_slots(query(conn, redis::cmd("CLUSTER").arg("SLOTS"), timeout).await?)
+}
+
+/// A CLUSTER SLOTS reply → the topology.
+fn parse_cluster_slots(slots: Value) -> BackplaneResult<Topology> {
     let Value::Array(ranges) = slots else {
         return Err(storage("unexpected CLUSTER SLOTS reply"));
     };
@@ -486,7 +612,7 @@ async fn cluster_topology(conn: &mut Conn, timeout: Duration) -> BackplaneResult
 
 impl Backplane for RedisBackplane {
     fn name(&self) -> &'static str {
-        match self.client {
+        match self.inner.client {
             Client::Single(_) => "redis",
             Client::Cluster(_) => "redis-cluster",
         }
@@ -660,7 +786,6 @@ impl Backplane for RedisBackplane {
     fn watch_revocations(&self, apply: RevocationSink) -> BoxFuture<'static, ()> {
         let reader = Reader {
             inner: self.inner.clone(),
-            client: self.client.clone(),
             shard: 0,
         };
         let (caught_up, rx) = oneshot::channel();
@@ -892,14 +1017,15 @@ async fn wake_shards(inner: &Arc<Inner>, docs: &[DocId]) {
     if !inner.settings.cluster || docs.is_empty() {
         return;
     }
+    let topology = inner.topology();
     let mut by_shard: HashMap<usize, Vec<&DocId>> = HashMap::new();
     for d in docs {
-        by_shard.entry(inner.topology.shard(d)).or_default().push(d);
+        by_shard.entry(topology.shard(d)).or_default().push(d);
     }
     let timeout = inner.settings.timeout;
     join_all(by_shard.into_iter().map(|(shard, docs)| {
         let mut conn = inner.conn.clone();
-        let key = inner.topology.wake_keys[shard].clone();
+        let key = topology.wake_keys[shard].clone();
         let names = docs
             .iter()
             .map(|d| d.as_str())
@@ -913,9 +1039,13 @@ async fn wake_shards(inner: &Arc<Inner>, docs: &[DocId]) {
                 .arg(1024)
                 .arg("*")
                 .arg("d")
-                .arg(names);
-            // A lost wake-up only delays delivery until the reader's next timed full read.
-            let _ = query(&mut conn, &cmd, timeout).await;
+                .arg(&names);
+            // Not retried: every shard reader reads all its documents at least every BLOCK,
+            // wake-ups or not, so these documents are read within about a second anyway (and
+            // a retry would hold up the writer's next group while Redis is struggling).
+            if let Err(e) = query_op(&mut conn, &cmd, timeout, "wake").await {
+                tracing::warn!(shard, docs = %names, error = %e, "wake-up not written; the shard reader's timed full read picks these documents up");
+            }
         }
     }))
     .await;
@@ -1098,12 +1228,15 @@ async fn run_heartbeat(inner: Arc<Inner>) {
 /// stream (many streams per call); a `watch` wakes it through the control stream.
 /// Cluster: a blocking XREAD may only name keys of one hash slot, so the shard reader blocks on
 /// its shard's wake stream (written once per write group by every node) and then reads the
-/// named documents (log + awareness in one XREAD, same slot), all concurrently; every `BLOCK`
-/// without a wake-up it reads all its documents, so a lost wake-up only delays.
-/// Either way it keeps a cursor per document and, after Redis comes back, continues from it.
+/// named documents (log + awareness in one XREAD, same slot), all concurrently. At least every
+/// `BLOCK` it reads all its documents, however busy the wake stream is with other documents, so
+/// a wake-up that was lost (a failed XADD, a writer with an older slot map) delays a document
+/// by about a second, never longer.
+/// Either way it keeps a cursor per document and, after Redis comes back, continues from it;
+/// after a reconnect or a stall it asks its documents to recheck their logs (see
+/// [`EntrySink::recheck`]).
 struct Reader {
     inner: Arc<Inner>,
-    client: Client,
     shard: usize,
 }
 
@@ -1113,9 +1246,46 @@ enum ReadConn {
     Cluster(ClusterConnection),
 }
 
+/// Whether a reader's connection is its first one or replaces one that failed (entries may
+/// have been trimmed while it was away).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    First,
+    Reconnect,
+}
+
+/// When the reader last completed a read, to notice a stall longer than
+/// [`super::READER_STALL`] (a paused process, a slow network); and whether its documents still
+/// have to recheck their logs (after such a stall, or on a connection that replaced a failed
+/// one).
+struct ReadClock {
+    last: tokio::time::Instant,
+    recheck_due: bool,
+}
+
+impl ReadClock {
+    fn new(start: Start) -> Self {
+        ReadClock {
+            last: tokio::time::Instant::now(),
+            recheck_due: start == Start::Reconnect,
+        }
+    }
+
+    /// A read completed: whether a recheck is due (this one came more than `READER_STALL`
+    /// after the one before, or an earlier one is still due).
+    fn lap(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.last) > super::READER_STALL {
+            self.recheck_due = true;
+        }
+        self.last = now;
+        self.recheck_due
+    }
+}
+
 impl Reader {
     async fn connect(&self) -> BackplaneResult<ReadConn> {
-        match &self.client {
+        match &self.inner.client {
             Client::Single(c) => {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(self.inner.settings.timeout))
@@ -1134,7 +1304,15 @@ impl Reader {
 
     async fn run(self) {
         let mut backoff = Duration::from_millis(50);
+        let mut start = Start::First;
         while !self.inner.cancel.is_cancelled() {
+            if lock(&self.inner.shards).keep_reader(self.shard).is_none() {
+                tracing::info!(
+                    shard = self.shard,
+                    "the cluster has fewer masters; shard reader stops"
+                );
+                return;
+            }
             let conn = tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
                 c = self.connect() => c,
@@ -1142,11 +1320,11 @@ impl Reader {
             let result = match conn {
                 Ok(ReadConn::Single(c)) => {
                     backoff = Duration::from_millis(50);
-                    self.run_single(Conn::Plain(c)).await
+                    self.run_single(Conn::Plain(c), start).await
                 }
                 Ok(ReadConn::Cluster(c)) => {
                     backoff = Duration::from_millis(50);
-                    self.run_cluster(Conn::Cluster(c)).await
+                    self.run_cluster(Conn::Cluster(c), start).await
                 }
                 Err(e) => Err(e),
             };
@@ -1156,6 +1334,14 @@ impl Reader {
                     metrics::counter!(crate::metrics::names::REDIS_ERRORS, "op" => "read")
                         .increment(1);
                     tracing::warn!(shard = self.shard, error = %e, "redis reader lost its connection; reconnecting and continuing from the last delivered ids");
+                    if self.inner.settings.cluster {
+                        // Maybe MOVED/ASK/CLUSTERDOWN: the slot map may have changed.
+                        self.inner.topology_stale.notify_one();
+                    }
+                    // Only failures that reach us count: the cluster client reconnects and
+                    // retries on its own, which is fine, because a gap long enough for a trim
+                    // to overtake the cursor also shows as a stall (see `ReadClock`).
+                    start = Start::Reconnect;
                 }
             }
             tokio::select! {
@@ -1166,24 +1352,78 @@ impl Reader {
         }
     }
 
-    fn my_docs(&self) -> Vec<(DocId, Cursor)> {
+    fn mine(&self, topology: &Topology, doc: &DocId) -> bool {
+        !self.inner.settings.cluster || topology.shard(doc) == self.shard
+    }
+
+    fn my_docs(&self, topology: &Topology) -> Vec<(DocId, Cursor)> {
         let w = lock(&self.inner.watched);
         w.docs
             .iter()
-            .filter(|(d, _)| {
-                !self.inner.settings.cluster || self.inner.topology.shard(d) == self.shard
-            })
+            .filter(|(d, _)| self.mine(topology, d))
             .map(|(d, c)| (d.clone(), *c))
             .collect()
     }
 
+    /// This reader's documents and those of them watched since it last looked, under one
+    /// lock: a `watch` between listing and taking would leave a document marked as seen that
+    /// is not in the list. Fresh documents of other shards stay for their own reader.
+    fn take_docs(&self, topology: &Topology) -> (Vec<(DocId, Cursor)>, HashSet<DocId>) {
+        let mut w = lock(&self.inner.watched);
+        let docs = w
+            .docs
+            .iter()
+            .filter(|(d, _)| self.mine(topology, d))
+            .map(|(d, c)| (d.clone(), *c))
+            .collect();
+        let (fresh, others): (HashSet<DocId>, HashSet<DocId>) = std::mem::take(&mut w.fresh)
+            .into_iter()
+            .partition(|d| self.mine(topology, d));
+        w.fresh = others;
+        (docs, fresh)
+    }
+
+    /// After a completed read: if a recheck is due, asks every document this reader reads to
+    /// recheck its log (entries may have been trimmed while the reader was away or stalled).
+    /// The documents re-read through the shared connection, which reconnects on its own
+    /// schedule, and a document whose re-read fails waits for its next entry: so they are
+    /// asked only once that connection answers (else again after the next read).
+    async fn recheck_if_due(&self, clock: &mut ReadClock, docs: &[(DocId, Cursor)]) {
+        if !clock.lap() {
+            return;
+        }
+        let mut conn = self.inner.conn.clone();
+        if query(&mut conn, &redis::cmd("PING"), self.inner.settings.timeout)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        clock.recheck_due = false;
+        if docs.is_empty() {
+            return;
+        }
+        tracing::info!(
+            shard = self.shard,
+            docs = docs.len(),
+            "redis reader was away; its documents recheck their logs"
+        );
+        if let Some(sink) = self.inner.sink.get().and_then(Weak::upgrade) {
+            for (d, _) in docs {
+                sink.recheck(d);
+            }
+        }
+    }
+
     /// The standalone loop: block on everything at once.
-    async fn run_single(&self, mut conn: Conn) -> BackplaneResult<()> {
+    async fn run_single(&self, mut conn: Conn, start: Start) -> BackplaneResult<()> {
         let ctl = ctl_key(self.inner.node);
         let mut ctl_last = StreamId::new(super::now_ms(), 0).to_string();
+        let mut clock = ReadClock::new(start);
+        let topology = self.inner.topology();
         loop {
-            let docs = self.my_docs();
-            lock(&self.inner.watched).fresh.clear();
+            // The blocking XREAD names every watched document, fresh or not.
+            let (docs, _fresh) = self.take_docs(&topology);
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
                 .arg(READ_COUNT)
@@ -1202,6 +1442,7 @@ impl Reader {
                 _ = self.inner.cancel.cancelled() => return Ok(()),
                 r = query(&mut conn, &cmd, BLOCK + self.inner.settings.timeout) => r?,
             };
+            self.recheck_if_due(&mut clock, &docs).await;
             for (key, entries) in parse_xread(reply)? {
                 if key == ctl {
                     if let Some((id, _)) = entries.last() {
@@ -1214,35 +1455,65 @@ impl Reader {
         }
     }
 
-    /// The cluster loop: block on the shard's wake stream, then read the named documents.
-    async fn run_cluster(&self, mut conn: Conn) -> BackplaneResult<()> {
-        let wake = self.inner.topology.wake_keys[self.shard].clone();
-        let mut wake_last = StreamId::new(super::now_ms().saturating_sub(1), 0).to_string();
-        // After (re)connecting, read everything watched: entries may have arrived meanwhile.
+    /// The cluster loop: block on the shard's wake stream, then read the named documents, and
+    /// all of them at least every `BLOCK`.
+    async fn run_cluster(&self, mut conn: Conn, start: Start) -> BackplaneResult<()> {
+        let mut wake = String::new();
+        let mut wake_last = String::new();
+        // None: read everything watched (after (re)connecting, a new slot map, or a timed-out
+        // block). Entries may have arrived meanwhile.
         let mut todo: Option<HashSet<String>> = None;
+        let mut last_full = tokio::time::Instant::now();
+        let mut clock = ReadClock::new(start);
         loop {
-            let docs = self.my_docs();
-            let fresh: HashSet<DocId> = std::mem::take(&mut lock(&self.inner.watched).fresh);
-            let selected: Vec<(DocId, Cursor)> = docs
-                .iter()
-                .filter(|(d, _)| {
-                    todo.as_ref().is_none_or(|t| t.contains(d.as_str())) || fresh.contains(d)
-                })
-                .cloned()
-                .collect();
-            self.read_docs(&conn, &selected, &docs).await?;
+            let Some(topology) = lock(&self.inner.shards).keep_reader(self.shard) else {
+                tracing::info!(
+                    shard = self.shard,
+                    "the cluster has fewer masters; shard reader stops"
+                );
+                return Ok(());
+            };
+            if topology.wake_keys[self.shard] != wake {
+                // First round, or the slot map changed: block on the new key from now on.
+                // Wake-ups written to it before now are covered by the full read below.
+                wake = topology.wake_keys[self.shard].clone();
+                wake_last = StreamId::new(super::now_ms().saturating_sub(1), 0).to_string();
+                todo = None;
+            }
+            let (docs, fresh) = self.take_docs(&topology);
+            let started = tokio::time::Instant::now();
+            // Also on a timer: under steady wake traffic for other documents, a document whose
+            // wake-up was lost would otherwise wait until the shard goes quiet for a whole BLOCK.
+            let full = todo.is_none() || started.duration_since(last_full) >= BLOCK;
+            let selected: Vec<(DocId, Cursor)> = if full {
+                docs.clone()
+            } else {
+                docs.iter()
+                    .filter(|(d, _)| {
+                        todo.as_ref().is_some_and(|t| t.contains(d.as_str())) || fresh.contains(d)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            self.read_docs(&conn, &selected, &docs, &topology).await?;
+            if full {
+                last_full = started;
+            }
+            self.recheck_if_due(&mut clock, &docs).await;
+            let block = BLOCK.saturating_sub(last_full.elapsed()).max(MIN_BLOCK);
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
                 .arg(READ_COUNT)
                 .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
+                .arg(block.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&wake)
                 .arg(&wake_last);
             let reply = tokio::select! {
                 _ = self.inner.cancel.cancelled() => return Ok(()),
-                r = query(&mut conn, &cmd, BLOCK + self.inner.settings.timeout) => r?,
+                r = query(&mut conn, &cmd, block + self.inner.settings.timeout) => r?,
             };
+            self.recheck_if_due(&mut clock, &docs).await;
             let mut named = HashSet::new();
             let mut woken = false;
             for (_, entries) in parse_xread(reply)? {
@@ -1254,7 +1525,7 @@ impl Reader {
                     }
                 }
             }
-            // A timed-out block reads everything (safety net for lost wake-ups).
+            // A timed-out block reads everything.
             todo = woken.then_some(named);
         }
     }
@@ -1265,6 +1536,7 @@ impl Reader {
         conn: &Conn,
         selected: &[(DocId, Cursor)],
         docs: &[(DocId, Cursor)],
+        topology: &Topology,
     ) -> BackplaneResult<()> {
         let timeout = self.inner.settings.timeout;
         let results = join_all(selected.iter().map(|(d, c)| {
@@ -1291,11 +1563,11 @@ impl Reader {
         }
         if !again.is_empty() {
             let more: Vec<(DocId, Cursor)> = self
-                .my_docs()
+                .my_docs(topology)
                 .into_iter()
                 .filter(|(d, _)| again.contains(d))
                 .collect();
-            Box::pin(self.read_docs(conn, &more, &more)).await?;
+            Box::pin(self.read_docs(conn, &more, &more, topology)).await?;
         }
         Ok(())
     }
@@ -1545,6 +1817,119 @@ mod tests {
         ] {
             assert_eq!(decode_origin(&encode_origin(o)), o);
         }
+    }
+
+    /// A CLUSTER SLOTS reply: (first slot, last slot, master port) per range.
+    fn slots_reply(ranges: &[(u16, u16, u16)]) -> Value {
+        Value::Array(
+            ranges
+                .iter()
+                .map(|&(start, end, port)| {
+                    Value::Array(vec![
+                        Value::Int(i64::from(start)),
+                        Value::Int(i64::from(end)),
+                        Value::Array(vec![
+                            Value::BulkString(b"127.0.0.1".to_vec()),
+                            Value::Int(i64::from(port)),
+                        ]),
+                    ])
+                })
+                .collect(),
+        )
+    }
+
+    fn topology(ranges: &[(u16, u16, u16)]) -> Topology {
+        parse_cluster_slots(slots_reply(ranges)).expect("slot map")
+    }
+
+    const THREE: &[(u16, u16, u16)] = &[(0, 5460, 1), (5461, 10922, 2), (10923, 16383, 3)];
+
+    #[test]
+    fn a_reshard_changes_the_map_and_the_same_map_changes_nothing() {
+        let mut shards = Shards::new(Topology::single());
+        assert_eq!(shards.install(topology(THREE)), vec![0, 1, 2]);
+        let before = shards.keep_reader(0).expect("shard 0");
+        // The periodic refresh of an unchanged cluster: same map, nobody restarts.
+        assert!(shards.install(topology(THREE)).is_empty());
+        assert!(Arc::ptr_eq(
+            &before,
+            &shards.keep_reader(0).expect("shard 0")
+        ));
+        // Slots 0..=1999 move from the first master to the second: readers see the new map.
+        let moved = topology(&[
+            (0, 1999, 2),
+            (2000, 5460, 1),
+            (5461, 10922, 2),
+            (10923, 16383, 3),
+        ]);
+        assert!(shards.install(moved).is_empty());
+        let after = shards.keep_reader(0).expect("shard 0");
+        assert!(!Arc::ptr_eq(&before, &after));
+        let doc = (0..)
+            .map(|i| DocId::parse(&format!("d{i}")).expect("doc"))
+            .find(|d| slot_of(d.as_str()) < 2000)
+            .expect("a document in the moved slots");
+        let master_of = |t: &Topology, d: &DocId| t.wake_keys[t.shard(d)].clone();
+        let second_master = (0..)
+            .map(|i| DocId::parse(&format!("e{i}")).expect("doc"))
+            .find(|d| (5461..=10922).contains(&slot_of(d.as_str())))
+            .expect("a document of the second master");
+        assert_ne!(master_of(&before, &doc), master_of(&before, &second_master));
+        assert_eq!(master_of(&after, &doc), master_of(&after, &second_master));
+    }
+
+    #[test]
+    fn every_node_picks_the_same_wake_key_per_master_whatever_the_reply_order() {
+        let a = topology(THREE);
+        let b = topology(&[(10923, 16383, 3), (0, 5460, 1), (5461, 10922, 2)]);
+        let mut ka = a.wake_keys.clone();
+        let mut kb = b.wake_keys.clone();
+        ka.sort();
+        kb.sort();
+        assert_eq!(ka, kb);
+        for i in 0..100 {
+            let d = DocId::parse(&format!("doc-{i}")).expect("doc");
+            assert_eq!(a.wake_keys[a.shard(&d)], b.wake_keys[b.shard(&d)]);
+            // The wake key lives on the master it wakes for.
+            let key = &a.wake_keys[a.shard(&d)];
+            let tag = key
+                .strip_prefix("chorus:{")
+                .and_then(|k| k.strip_suffix("}:wake"))
+                .expect("wake key");
+            assert_eq!(
+                a.shard_of_slot[usize::from(slot_of(tag))],
+                a.shard_of_slot[usize::from(slot_of(d.as_str()))]
+            );
+        }
+    }
+
+    #[test]
+    fn readers_follow_the_number_of_masters() {
+        let mut shards = Shards::new(Topology::single());
+        assert_eq!(shards.install(topology(THREE)), vec![0, 1, 2]);
+        // A fourth master gets slots: one more reader, the others keep running.
+        let four = &[
+            (0, 4000, 1),
+            (4001, 5460, 4),
+            (5461, 10922, 2),
+            (10923, 16383, 3),
+        ];
+        assert_eq!(shards.install(topology(four)), vec![3]);
+        assert!(shards.keep_reader(3).is_some());
+        // It is emptied again: the reader of the last shard index stops...
+        assert!(shards.install(topology(THREE)).is_empty());
+        assert!(shards.keep_reader(3).is_none());
+        assert!(shards.keep_reader(2).is_some());
+        // ...and if the cluster grows again, that shard gets a reader again.
+        assert_eq!(shards.install(topology(four)), vec![3]);
+        // A shard whose reader still runs is not started twice.
+        assert!(shards.install(topology(four)).is_empty());
+    }
+
+    #[test]
+    fn a_slot_map_without_masters_is_refused() {
+        assert!(parse_cluster_slots(Value::Array(Vec::new())).is_err());
+        assert!(parse_cluster_slots(Value::Nil).is_err());
     }
 
     #[test]

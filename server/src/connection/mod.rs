@@ -40,6 +40,8 @@ pub struct ConnContext {
     pub refused_writes: AtomicU64,
     /// Updates refused because what they build on never reached the document.
     pub refused_missing_deps: AtomicU64,
+    /// HTTP writes answered before this node applied them (see `http::post_update`).
+    pub applied_late: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,
     /// Open TCP connections per client address (see `crate::serve`).
@@ -92,6 +94,7 @@ impl ConnContext {
             auth,
             refused_writes: AtomicU64::new(0),
             refused_missing_deps: AtomicU64::new(0),
+            applied_late: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
             per_ip: Arc::new(crate::serve::PerIp::new(per_ip)),
