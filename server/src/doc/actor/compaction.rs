@@ -1,7 +1,11 @@
 //! A document's owner, compaction (data-flow step 7): snapshot under the document's lock,
 //! then trim the log behind the replay window; the save on unload.
 
-use super::*;
+use super::Owner;
+use crate::backplane::now_ms;
+use crate::storage::Snapshot;
+use chorus_protocol::StreamId;
+use std::sync::atomic::Ordering;
 
 /// How long one node may hold a document's compaction lock (snapshot + trim).
 const COMPACTION_LOCK: std::time::Duration = std::time::Duration::from_secs(30);

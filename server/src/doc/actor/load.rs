@@ -2,7 +2,17 @@
 //! a large snapshot integrates off the owner task while whole-document joins are answered
 //! from its bytes.
 
-use super::*;
+use super::{Owner, recover, refuse};
+use crate::connection::yjs;
+use crate::doc::outbox::Proto;
+use crate::doc::{Command, DocError};
+use bytes::Bytes;
+use chorus_protocol::{Position, encode};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+use yrs::updates::decoder::Decode;
+use yrs::{ReadTxn, Transact, Update};
 
 /// Snapshots at least this big are integrated off the owner task, while joins that want the
 /// whole document are answered with the stored bytes (yrs takes about 70 ms per MB to decode

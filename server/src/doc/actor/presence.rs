@@ -1,7 +1,17 @@
 //! A document's owner, presence (data-flow step 8): awareness states per client id, who may
 //! set which, relaying them to local clients and other nodes, and forgetting old tombstones.
 
-use super::*;
+use super::Owner;
+use crate::backplane::now_ms;
+use crate::doc::outbox::{Proto, awareness_frame};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use yrs::ClientID;
+use yrs::sync::Awareness;
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 
 /// Awareness client ids one connection may introduce per document. A Yjs client uses one
 /// (its document's client id); a few more leave room for clients that hold several docs
@@ -211,6 +221,8 @@ fn without_old_tombstones(awareness: &Awareness, now: u64) -> Option<Awareness> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use yrs::Doc;
 
     #[test]
     fn departed_awareness_clients_are_forgotten_after_the_grace_period() {

@@ -1,7 +1,14 @@
 //! A document's owner, answering (data-flow step 3): exact replay from the entries kept in
 //! memory, or the state diff against what the client has.
 
-use super::*;
+use super::Owner;
+use crate::connection::yjs;
+use crate::doc::SyncFrom;
+use crate::doc::outbox::Proto;
+use bytes::Bytes;
+use chorus_protocol::{Position, encode};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use yrs::{ReadTxn, StateVector, Transact, Update};
 
 /// Replays larger than this are compared with the state diff, and the smaller one is sent.
 const LARGE_REPLAY: usize = 64 * 1024;
