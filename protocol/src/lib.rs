@@ -9,6 +9,7 @@
 mod codes;
 mod docid;
 mod position;
+pub mod y_websocket;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use docid::{DocId, DocIdError, MAX_DOC_ID_LEN};

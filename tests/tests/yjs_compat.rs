@@ -275,7 +275,9 @@ fn offline_edits() -> (Vec<u8>, Vec<u8>) {
 /// read, and is admitted once the answer is in: nothing is refused, nothing stalls.
 #[tokio::test]
 async fn an_update_sent_before_the_sync_reply_it_builds_on_is_admitted_not_refused() {
-    use chorus_server::connection::yjs::{sync_step2_message, sync_update_message};
+    use chorus_protocol::y_websocket::{
+        sync_step2 as sync_step2_message, sync_update as sync_update_message,
+    };
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     // Long enough that a socket which stopped reading for it would miss the deadline below.
@@ -305,7 +307,7 @@ async fn an_update_sent_before_the_sync_reply_it_builds_on_is_admitted_not_refus
 /// y-protocols' permission-denied message, as before, and the socket keeps working.
 #[tokio::test]
 async fn an_update_whose_dependencies_never_arrive_is_refused_after_the_wait() {
-    use chorus_server::connection::yjs::sync_update_message;
+    use chorus_protocol::y_websocket::sync_update as sync_update_message;
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let server = TestServer::start(|c| {

@@ -2,9 +2,10 @@
 //! y-protocols message per WebSocket frame (stable y-websocket clients read only the first
 //! message of a frame).
 //!
-//! Messages are framed by hand here (a type byte and a length-prefixed payload, the same bytes
-//! `yrs::sync::Message` writes) so that the payload can pass our guards in `validate` before
-//! yrs decodes anything.
+//! Client messages are parsed by hand here (a type byte and a length-prefixed payload, the same
+//! bytes `yrs::sync::Message` writes) so that the payload can pass our guards in `validate`
+//! before yrs decodes anything; server messages are framed by
+//! [`chorus_protocol::y_websocket`].
 
 use super::native::{AppendDone, AppendFuture, ErrorBudget, start_append};
 use super::{ConnContext, HeldWake, Session, Step};
@@ -14,6 +15,10 @@ use crate::doc::outbox::Outbox;
 use crate::doc::{DocHandle, LOAD_WAIT, Readiness, Registry};
 use crate::validate::{self, Lib0Reader};
 use bytes::Bytes;
+use chorus_protocol::y_websocket::{
+    self as yws, MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC, MSG_SYNC_STEP_1,
+    MSG_SYNC_STEP_2, MSG_SYNC_UPDATE,
+};
 use chorus_protocol::{CloseCode, DocId};
 use futures_util::stream::FuturesUnordered;
 use std::collections::{HashMap, VecDeque};
@@ -22,43 +27,6 @@ use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use yrs::StateVector;
-use yrs::sync::protocol::{
-    MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC, MSG_SYNC_STEP_1, MSG_SYNC_STEP_2,
-    MSG_SYNC_UPDATE,
-};
-use yrs::updates::encoder::Encode;
-
-fn write_var(out: &mut Vec<u8>, mut n: usize) {
-    while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn message(tags: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(tags.len() + 5 + payload.len());
-    out.extend_from_slice(tags);
-    write_var(&mut out, payload.len());
-    out.extend_from_slice(payload);
-    out
-}
-
-pub fn sync_step1_message(sv: &StateVector) -> Vec<u8> {
-    message(&[MSG_SYNC, MSG_SYNC_STEP_1], &sv.encode_v1())
-}
-
-pub fn sync_step2_message(update: &[u8]) -> Vec<u8> {
-    message(&[MSG_SYNC, MSG_SYNC_STEP_2], update)
-}
-
-pub fn sync_update_message(update: &[u8]) -> Vec<u8> {
-    message(&[MSG_SYNC, MSG_SYNC_UPDATE], update)
-}
-
-pub fn awareness_message(update: &[u8]) -> Vec<u8> {
-    message(&[MSG_AWARENESS], update)
-}
 
 /// One y-websocket message from a client, decoded and checked by `validate`.
 #[derive(Debug)]
@@ -100,14 +68,6 @@ pub fn parse_message(bytes: &[u8], max_update_bytes: usize) -> Result<Incoming<'
         Ok(MSG_AUTH) => Ok(Incoming::Auth),
         _ => Err("unknown message type"),
     }
-}
-
-/// y-protocols `permission denied` (auth message, status 0, reason string).
-pub fn permission_denied_message(reason: &str) -> Vec<u8> {
-    message(
-        &[MSG_AUTH, yrs::sync::protocol::PERMISSION_DENIED],
-        reason.as_bytes(),
-    )
 }
 
 pub struct YjsSession {
@@ -175,9 +135,8 @@ impl YjsSession {
             // denied); later writes are dropped and counted.
             self.ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
             if !std::mem::replace(&mut self.told_read_only, true) {
-                let msg = permission_denied_message(
-                    "read-only: this token may not write to the document",
-                );
+                let msg =
+                    yws::permission_denied("read-only: this token may not write to the document");
                 self.outbox.push_control(Bytes::from(msg));
             }
             return Step::Continue;
@@ -187,7 +146,7 @@ impl YjsSession {
             // Documented: a full document is read-only; y-websocket clients are told with the
             // protocol's permission-denied message (they keep the socket and keep reading).
             let msg =
-                permission_denied_message("document size limit reached; it takes no more updates");
+                yws::permission_denied("document size limit reached; it takes no more updates");
             if !self.outbox.push_control(Bytes::from(msg)) {
                 return Step::Close(CloseCode::PolicyViolation);
             }
@@ -317,7 +276,7 @@ impl YjsSession {
         self.ctx
             .refused_missing_deps
             .fetch_add(1, Ordering::Relaxed);
-        let msg = permission_denied_message(
+        let msg = yws::permission_denied(
             "update refused: it builds on changes this document does not have",
         );
         if !self.outbox.push_control(Bytes::from(msg)) {
@@ -415,28 +374,29 @@ mod tests {
     use super::*;
     use yrs::sync::{Message, SyncMessage};
     use yrs::updates::decoder::Decode;
+    use yrs::updates::encoder::Encode;
 
     #[test]
     fn hand_framed_messages_match_yrs() {
         let sv = StateVector::default();
         assert_eq!(
-            sync_step1_message(&sv),
+            yws::sync_step1(&sv.encode_v1()),
             Message::Sync(SyncMessage::SyncStep1(sv.clone())).encode_v1()
         );
-        assert_eq!(sync_step1_message(&sv), vec![0, 0, 1, 0]);
+        assert_eq!(yws::sync_step1(&sv.encode_v1()), vec![0, 0, 1, 0]);
         let big = vec![7u8; 300];
         assert_eq!(
-            sync_update_message(&big),
+            yws::sync_update(&big),
             Message::Sync(SyncMessage::Update(big.clone())).encode_v1()
         );
         assert_eq!(
-            sync_step2_message(&[0, 0]),
+            yws::sync_step2(&[0, 0]),
             Message::Sync(SyncMessage::SyncStep2(vec![0, 0])).encode_v1()
         );
-        let decoded = Message::decode_v1(&awareness_message(&[1, 5, 1, 4, b'n', b'u', b'l', b'l']));
+        let decoded = Message::decode_v1(&yws::awareness(&[1, 5, 1, 4, b'n', b'u', b'l', b'l']));
         assert!(matches!(decoded, Ok(Message::Awareness(_))));
         assert_eq!(
-            Message::decode_v1(&permission_denied_message("full")).ok(),
+            Message::decode_v1(&yws::permission_denied("full")).ok(),
             Some(Message::Auth(Some("full".into())))
         );
     }

@@ -13,8 +13,8 @@ mod sync;
 use super::outbox::{Proto, update_frame};
 use super::{Command, DocError, DocHandle, Registry, Shared, Subscriber, SyncFrom};
 use crate::backplane::Entry;
-use crate::connection::yjs;
 use bytes::Bytes;
+use chorus_protocol::y_websocket as yws;
 use chorus_protocol::{DocId, Position, StreamId};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -406,7 +406,7 @@ impl Owner {
             Command::SyncStep1 { conn, state_vector } => {
                 if let Some(sub) = self.subs.get(&conn) {
                     let diff = self.encode_diff(&state_vector);
-                    let frame = Bytes::from(yjs::sync_step2_message(&diff));
+                    let frame = Bytes::from(yws::sync_step2(&diff));
                     sub.outbox.push_synced(&self.doc, frame, self.position());
                 }
             }
@@ -441,7 +441,7 @@ impl Owner {
             let sv = self.awareness.doc().transact().state_vector();
             if let Some(sub) = self.subs.get(&conn) {
                 sub.outbox
-                    .push_frame(&self.doc, Bytes::from(yjs::sync_step1_message(&sv)));
+                    .push_frame(&self.doc, Bytes::from(yws::sync_step1(&sv.encode_v1())));
             }
         } else {
             self.send_sync(conn, &from);

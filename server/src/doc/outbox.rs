@@ -762,14 +762,14 @@ pub fn merge_awareness<'a>(updates: impl Iterator<Item = &'a Bytes>) -> Vec<u8> 
 pub fn update_frame(proto: Proto, doc: &DocId, update: &[u8], position: Position) -> Bytes {
     match proto {
         Proto::Native => Bytes::from(encode::update(doc.as_str(), update, position)),
-        Proto::Yjs => Bytes::from(crate::connection::yjs::sync_update_message(update)),
+        Proto::Yjs => Bytes::from(chorus_protocol::y_websocket::sync_update(update)),
     }
 }
 
 pub fn awareness_frame(proto: Proto, doc: &DocId, update: &[u8]) -> Bytes {
     match proto {
         Proto::Native => Bytes::from(encode::awareness(doc.as_str(), update)),
-        Proto::Yjs => Bytes::from(crate::connection::yjs::awareness_message(update)),
+        Proto::Yjs => Bytes::from(chorus_protocol::y_websocket::awareness(update)),
     }
 }
 

@@ -2,8 +2,9 @@
 //! updates that build on the live document. Run from server/fuzz: `cargo run --bin make_corpus`.
 
 use chorus_protocol::{ClientFrame, Position, StreamId};
-use chorus_server::connection::yjs::{
-    awareness_message, sync_step1_message, sync_step2_message, sync_update_message,
+use chorus_protocol::y_websocket::{
+    awareness as awareness_message, sync_step1, sync_step2 as sync_step2_message,
+    sync_update as sync_update_message,
 };
 use std::path::Path;
 use yrs::sync::Awareness;
@@ -104,7 +105,7 @@ fn main() {
     write(
         "yjs_message",
         "step1",
-        &sync_step1_message(&StateVector::default()),
+        &sync_step1(&StateVector::default().encode_v1()),
     );
     write("yjs_message", "step2-full", &sync_step2_message(&full));
     for (i, u) in updates.iter().enumerate() {

@@ -3,15 +3,16 @@
 //! from its bytes.
 
 use super::{Owner, recover, refuse};
-use crate::connection::yjs;
 use crate::doc::outbox::Proto;
 use crate::doc::{Command, DocError};
 use bytes::Bytes;
+use chorus_protocol::y_websocket as yws;
 use chorus_protocol::{Position, encode};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, Transact, Update};
 
 /// Snapshots at least this big are integrated off the owner task, while joins that want the
@@ -124,7 +125,7 @@ impl Owner {
         }
         if !step1_owed.is_empty() {
             let sv = self.awareness.doc().transact().state_vector();
-            let frame = Bytes::from(yjs::sync_step1_message(&sv));
+            let frame = Bytes::from(yws::sync_step1(&sv.encode_v1()));
             for conn in step1_owed {
                 if let Some(sub) = self.subs.get(&conn) {
                     sub.outbox.push_frame(&self.doc, frame.clone());
@@ -179,7 +180,7 @@ impl Owner {
                 if state_vector.is_empty() && self.subs.contains_key(&conn) =>
             {
                 answered();
-                let frame = Bytes::from(yjs::sync_step2_message(state));
+                let frame = Bytes::from(yws::sync_step2(state));
                 self.subs[&conn]
                     .outbox
                     .push_synced(&self.doc, frame, position);

@@ -2,10 +2,10 @@
 //! memory, or the state diff against what the client has.
 
 use super::Owner;
-use crate::connection::yjs;
 use crate::doc::SyncFrom;
 use crate::doc::outbox::Proto;
 use bytes::Bytes;
+use chorus_protocol::y_websocket as yws;
 use chorus_protocol::{Position, encode};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use yrs::{ReadTxn, StateVector, Transact, Update};
@@ -44,7 +44,7 @@ impl Owner {
             Proto::Native => {
                 Bytes::from(encode::synced(self.doc.as_str(), &update, position, replay))
             }
-            Proto::Yjs => Bytes::from(yjs::sync_step2_message(&update)),
+            Proto::Yjs => Bytes::from(yws::sync_step2(&update)),
         };
         sub.outbox.push_synced(&self.doc, frame, position);
     }
