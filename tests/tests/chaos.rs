@@ -1,0 +1,935 @@
+//! Chaos: one document edited at once by native clients, stock Yjs clients (y-websocket in
+//! Node) and an HTTP writer, spread over three `chorus` processes on one Redis (AOF,
+//! `appendfsync always`), while a seeded schedule drops client sockets, kills nodes with
+//! SIGKILL (restarting them on the same address) and kills and restarts Redis on its AOF. The
+//! nodes compact and trim all along (`--compact-entries 20`, `--replay-window 2s`), so some
+//! resumes replay and others fall back to a state-vector sync.
+//!
+//! Every client inserts unique tokens (`[n3-17]` native, `[s2-5]` stock, `[h-9]` HTTP) at the
+//! end of its own view of the text. What counts as acknowledged: a native `ack`, an HTTP 200,
+//! or a token once seen in a fresh read from a node (the only acknowledgement a stock client
+//! has: a node serves nothing it has not read back from the log). When the faults stop, every
+//! native client reconnects and resends its whole state until it is acked, the HTTP writer
+//! posts until it gets a 200, and then:
+//! - every client (native, stock) and every node serves the same text, and
+//! - every acknowledged token is in a fresh client's view on every node: lost must be 0.
+//!
+//! It ends with a figures line: `chaos figures: seed=… written=… acked=… lost=0 converge=…`.
+//!
+//! ```sh
+//! # short form, run by `cargo test` / scripts/test.sh: 30 s of faults, 20 WebSocket clients
+//! cargo build -p chorus-server --bin chorus
+//! cargo test -p chorus-tests --test chaos -- --nocapture
+//! # long form by hand: 5 minutes, 40 WebSocket clients (the knobs below override it too)
+//! cargo test --release -p chorus-tests --test chaos -- --ignored --nocapture
+//! # knobs (both forms): replay a run by its seed, or change its length and size
+//! CHAOS_SEED=42 CHAOS_SECONDS=120 CHAOS_CLIENTS=30 cargo test -p chorus-tests --test chaos -- --nocapture
+//! ```
+//!
+//! The seed fixes the fault schedule and every client's choices (nodes, pauses); thread timing
+//! still varies from run to run, so a seed reproduces the pressure rather than the exact
+//! interleaving.
+
+use chorus_protocol::{ClientFrame, ErrorCode, Position, ServerFrame};
+use chorus_tests::multinode::node_text;
+use chorus_tests::native::{Event, NativeClient};
+use chorus_tests::redis::RedisServer;
+use chorus_tests::stock::StockClient;
+use chorus_tests::{DEADLINE, ServerProcess, http};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use yrs::{ReadTxn, StateVector, Text, Transact};
+
+const DOC: &str = "chaos";
+const NODES: usize = 3;
+
+/// How long the clients get, once the faults stop, to reconnect, finish and converge.
+const FINISH: Duration = Duration::from_secs(60);
+
+/// A client's pause before trying again (a failed connect, an `append_failed`).
+const RETRY: Duration = Duration::from_millis(200);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short() {
+    run(Knobs::from_env(30, 20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long: cargo test --release -p chorus-tests --test chaos -- --ignored --nocapture"]
+async fn chaos_long() {
+    run(Knobs::from_env(300, 40)).await;
+}
+
+/// The run's size; the environment overrides the defaults.
+struct Knobs {
+    seed: u64,
+    seconds: u64,
+    /// WebSocket clients, three fifths native and two fifths stock (the HTTP writer comes on top).
+    clients: usize,
+}
+
+impl Knobs {
+    fn from_env(seconds: u64, clients: usize) -> Self {
+        let num = |name: &str| {
+            std::env::var(name).ok().map(|v| {
+                v.parse::<u64>()
+                    .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+            })
+        };
+        let k = Knobs {
+            seed: num("CHAOS_SEED").unwrap_or_else(rand::random),
+            seconds: num("CHAOS_SECONDS").unwrap_or(seconds),
+            clients: num("CHAOS_CLIENTS").map_or(clients, |c| c as usize),
+        };
+        assert!(k.clients >= 2, "CHAOS_CLIENTS: at least one of each protocol");
+        assert!(k.seconds >= 5, "CHAOS_SECONDS: at least 5");
+        k
+    }
+}
+
+async fn run(knobs: Knobs) {
+    let wall = Instant::now();
+    // Printed first, so a run that hangs or panics can still be replayed.
+    eprintln!(
+        "chaos: seed={} seconds={} clients={} (replay with CHAOS_SEED={})",
+        knobs.seed, knobs.seconds, knobs.clients, knobs.seed
+    );
+    let mut rng = StdRng::seed_from_u64(knobs.seed);
+    let cluster = Cluster::start().await;
+    let addrs = cluster.addrs.clone();
+    let n_stock = knobs.clients * 2 / 5;
+    let n_native = knobs.clients - n_stock;
+    let drops: Arc<Vec<AtomicBool>> =
+        Arc::new((0..knobs.clients).map(|_| AtomicBool::new(false)).collect());
+    let writing = CancellationToken::new();
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+
+    let natives: Vec<_> = (0..n_native)
+        .map(|i| {
+            let c = Native::new(i, &addrs, StdRng::seed_from_u64(rng.random()));
+            tokio::spawn(c.run(writing.clone(), drops.clone()))
+        })
+        .collect();
+    let stocks: Vec<_> = (0..n_stock)
+        .map(|i| {
+            let c = Stock::new(i, n_native + i, &addrs, StdRng::seed_from_u64(rng.random()));
+            tokio::spawn(c.run(writing.clone(), drops.clone()))
+        })
+        .collect();
+    let writer = HttpWriter::new(&addrs, StdRng::seed_from_u64(rng.random()));
+    let writer = tokio::spawn(writer.run(writing.clone()));
+    let observer = tokio::spawn(observe(
+        addrs.clone(),
+        StdRng::seed_from_u64(rng.random()),
+        writing.clone(),
+        seen.clone(),
+    ));
+
+    let faults = schedule(&mut rng, knobs.seconds, knobs.clients);
+    let counts = FaultCounts::of(&faults);
+    let cluster = inject(cluster, faults, drops.clone()).await;
+
+    // Faults over: every node and Redis are up. Clients stop writing new tokens and finish.
+    let stopped = Instant::now();
+    let seen_during_faults = seen.lock().expect("seen").len();
+    writing.cancel();
+    let mut natives_done = Vec::new();
+    for t in natives {
+        natives_done.push(t.await.expect("native client task"));
+    }
+    let mut stocks_done = Vec::new();
+    for t in stocks {
+        stocks_done.push(t.await.expect("stock client task"));
+    }
+    let writer = writer.await.expect("HTTP writer task");
+    let observer_reads = observer.await.expect("observer task");
+
+    // What must survive: every native ack, every HTTP 200, every token a node once served.
+    let mut acked: BTreeSet<String> = seen.lock().expect("seen").clone();
+    for n in &natives_done {
+        acked.extend(n.acked_tokens());
+    }
+    acked.extend(writer.acked_tokens());
+    let written: usize = natives_done.iter().map(|n| n.tokens.len()).sum::<usize>()
+        + stocks_done.iter().map(|s| s.tokens.len()).sum::<usize>()
+        + writer.tokens.len();
+    let acked_during_faults = natives_done
+        .iter()
+        .map(|n| n.acked_during_faults)
+        .sum::<usize>()
+        + writer.acked_during_faults
+        + seen_during_faults;
+
+    let converged = converge(&mut natives_done, &mut stocks_done, &addrs, &acked).await;
+    let converge_time = stopped.elapsed();
+
+    // A fresh client on every node, over both read paths.
+    let mut lost = BTreeSet::new();
+    let mut final_text = None;
+    for &addr in &addrs {
+        let mut fresh = NativeClient::connect(&format!("ws://{addr}/v1/ws")).await;
+        fresh.subscribe_synced(DOC).await;
+        let over_ws = fresh.text(DOC);
+        let over_http = node_text(addr, DOC).await.unwrap_or_default();
+        for t in &acked {
+            if !over_ws.contains(t.as_str()) || !over_http.contains(t.as_str()) {
+                eprintln!(
+                    "chaos: LOST {t} on {addr} (fresh native view has it: {}, HTTP GET has it: {})",
+                    over_ws.contains(t.as_str()),
+                    over_http.contains(t.as_str())
+                );
+                lost.insert(t.clone());
+            }
+        }
+        final_text.get_or_insert(over_ws);
+    }
+
+    for n in &natives_done {
+        eprintln!("chaos: {}", n.summary());
+    }
+    for s in &stocks_done {
+        eprintln!("chaos: {}", s.summary());
+    }
+    eprintln!("chaos: {}", writer.summary());
+    eprintln!("chaos: observer read the document {observer_reads} times");
+    eprintln!(
+        "chaos figures: seed={} seconds={} clients={} (native {n_native}, stock {n_stock}, http 1) \
+         faults: drops={} node_kills={} redis_restarts={} | written={written} acked={} \
+         (during faults {acked_during_faults}) lost={} | converge={:.1}s wall={:.1}s",
+        knobs.seed,
+        knobs.seconds,
+        knobs.clients,
+        counts.drops,
+        counts.node_kills,
+        counts.redis_restarts,
+        acked.len(),
+        lost.len(),
+        converge_time.as_secs_f64(),
+        wall.elapsed().as_secs_f64(),
+    );
+    assert!(
+        lost.is_empty(),
+        "seed {}: {} acknowledged tokens lost: {lost:?}",
+        knobs.seed,
+        lost.len()
+    );
+    if let Err(why) = converged {
+        panic!("seed {}: no convergence: {why}", knobs.seed);
+    }
+    let text = final_text.expect("three nodes");
+    assert_eq!(
+        tokens_in(&text).count(),
+        tokens_in(&text).collect::<BTreeSet<_>>().len(),
+        "every token is in the text once"
+    );
+    let unexpected: Vec<&String> = natives_done.iter().flat_map(|n| &n.unexpected).collect();
+    assert!(
+        unexpected.is_empty(),
+        "seed {}: errors no fault explains: {unexpected:?}",
+        knobs.seed
+    );
+    drop(cluster);
+}
+
+/// Redis and the nodes, with what it takes to restart each where it was.
+struct Cluster {
+    redis: RedisServer,
+    nodes: Vec<Option<ServerProcess>>,
+    addrs: Vec<SocketAddr>,
+    dirs: Vec<tempfile::TempDir>,
+    args: Vec<String>,
+    _snapshots: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let redis = RedisServer::start().await;
+        let snapshots = tempfile::tempdir().expect("tempdir");
+        let args: Vec<String> = [
+            "--redis-url",
+            &redis.url(),
+            "--snapshot-dir",
+            snapshots.path().to_str().expect("utf-8 path"),
+            // Compaction (snapshot + trim) every few dozen entries, trimming all but the last
+            // 2 s: resumes meet trimmed positions.
+            "--compact-entries",
+            "20",
+            "--replay-window",
+            "2s",
+            // Appends fail fast while Redis is away, so clients retry within the run.
+            "--redis-timeout",
+            "500ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut c = Cluster {
+            redis,
+            nodes: Vec::new(),
+            addrs: Vec::new(),
+            dirs: Vec::new(),
+            args,
+            _snapshots: snapshots,
+        };
+        for _ in 0..NODES {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let node = ServerProcess::spawn(dir.path(), &c.arg_refs()).await;
+            c.addrs.push(node.addr);
+            c.nodes.push(Some(node));
+            c.dirs.push(dir);
+        }
+        c
+    }
+
+    fn arg_refs(&self) -> Vec<&str> {
+        self.args.iter().map(String::as_str).collect()
+    }
+
+    async fn kill_node(&mut self, i: usize) {
+        self.nodes[i].take().expect("node is up").kill9().await;
+    }
+
+    async fn restart_node(&mut self, i: usize) {
+        let args = self.arg_refs();
+        let node = ServerProcess::spawn_at(self.addrs[i], self.dirs[i].path(), &args).await;
+        self.nodes[i] = Some(node);
+    }
+}
+
+#[derive(Debug)]
+enum Fault {
+    /// Client `i` loses its socket (native: dropped, then resumes; stock: the process is
+    /// killed and a new client starts).
+    DropSocket(usize),
+    /// SIGKILL, down for a while, restarted on the same address and data.
+    KillNode { node: usize, down: Duration },
+    /// SIGKILL, down for a while, restarted on its AOF.
+    RestartRedis { down: Duration },
+}
+
+/// The run's faults, from the seed: about two socket drops a second, a node kill every 15 s
+/// and a Redis restart every minute (at least one of each), Redis's in the middle third.
+fn schedule(rng: &mut StdRng, seconds: u64, clients: usize) -> Vec<(Duration, Fault)> {
+    let span = Duration::from_secs(seconds);
+    let at = |rng: &mut StdRng, from: f64, to: f64| span.mul_f64(rng.random_range(from..to));
+    let mut faults = Vec::new();
+    for _ in 0..(seconds / 60).max(1) {
+        let t = at(rng, 0.3, 0.7);
+        let down = Duration::from_millis(rng.random_range(300..1500));
+        faults.push((t, Fault::RestartRedis { down }));
+    }
+    for _ in 0..(seconds / 15).max(1) {
+        let t = at(rng, 0.05, 0.9);
+        let node = rng.random_range(0..NODES);
+        let down = Duration::from_millis(rng.random_range(300..1500));
+        faults.push((t, Fault::KillNode { node, down }));
+    }
+    for _ in 0..seconds * 2 {
+        let t = at(rng, 0.0, 1.0);
+        faults.push((t, Fault::DropSocket(rng.random_range(0..clients))));
+    }
+    faults.sort_by_key(|(t, _)| *t);
+    faults
+}
+
+struct FaultCounts {
+    drops: usize,
+    node_kills: usize,
+    redis_restarts: usize,
+}
+
+impl FaultCounts {
+    fn of(faults: &[(Duration, Fault)]) -> Self {
+        let count = |f: fn(&Fault) -> bool| faults.iter().filter(|(_, x)| f(x)).count();
+        FaultCounts {
+            drops: count(|f| matches!(f, Fault::DropSocket(_))),
+            node_kills: count(|f| matches!(f, Fault::KillNode { .. })),
+            redis_restarts: count(|f| matches!(f, Fault::RestartRedis { .. })),
+        }
+    }
+}
+
+/// Runs the schedule (one fault at a time: a fault that falls inside a node's or Redis's
+/// down time waits for it to come back) and returns with everything up.
+async fn inject(
+    mut cluster: Cluster,
+    faults: Vec<(Duration, Fault)>,
+    drops: Arc<Vec<AtomicBool>>,
+) -> Cluster {
+    let start = Instant::now();
+    for (at, fault) in faults {
+        // Pacing the schedule, not waiting for an outcome.
+        tokio::time::sleep_until(start + at).await;
+        let t = start.elapsed().as_secs_f64();
+        match fault {
+            Fault::DropSocket(i) => drops[i].store(true, Ordering::Relaxed),
+            Fault::KillNode { node, down } => {
+                eprintln!("chaos: {t:6.1}s kill -9 node {node}, down {down:?}");
+                cluster.kill_node(node).await;
+                tokio::time::sleep(down).await;
+                cluster.restart_node(node).await;
+                eprintln!(
+                    "chaos: {:6.1}s node {node} is back",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Fault::RestartRedis { down } => {
+                eprintln!("chaos: {t:6.1}s kill -9 redis, down {down:?}");
+                cluster.redis.kill9().await;
+                tokio::time::sleep(down).await;
+                cluster.redis.restart().await;
+                eprintln!("chaos: {:6.1}s redis is back", start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    cluster
+}
+
+fn pick(rng: &mut StdRng, addrs: &[SocketAddr]) -> SocketAddr {
+    addrs[rng.random_range(0..addrs.len())]
+}
+
+/// The tokens in a text, in order (tokens never nest: every insert lands after a `]`).
+fn tokens_in(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split('[')
+        .skip(1)
+        .filter_map(|s| s.split_once(']').map(|(t, _)| format!("[{t}]")))
+}
+
+/// A native client that reconnects to a random node whenever its socket goes, resumes from
+/// its last position, and sends its whole state again whenever something it sent may not
+/// have been appended (a socket gone with updates in flight, `append_failed`, ...). Between
+/// such recoveries it sends only its own new items.
+struct Native {
+    name: String,
+    index: usize,
+    addrs: Vec<SocketAddr>,
+    rng: StdRng,
+    client: Option<NativeClient>,
+    /// The local document and resume position while no socket holds them.
+    docs: HashMap<String, yrs::Doc>,
+    positions: HashMap<String, Position>,
+    tokens: Vec<String>,
+    acked: Vec<bool>,
+    acked_during_faults: usize,
+    /// Tokens inserted since the last update sent.
+    unsent: Vec<usize>,
+    /// seq → the tokens that update carries.
+    inflight: HashMap<u64, Vec<usize>>,
+    /// This client's own clock at the last update sent.
+    sent_clock: u32,
+    /// `Some(t)`: send the whole state at `t`, and nothing else until it is acked.
+    resend_at: Option<Instant>,
+    resend_seq: Option<u64>,
+    next_seq: u64,
+    connects: usize,
+    drops: usize,
+    closes: BTreeMap<String, usize>,
+    errors: BTreeMap<&'static str, usize>,
+    unexpected: Vec<String>,
+}
+
+impl Native {
+    fn new(i: usize, addrs: &[SocketAddr], rng: StdRng) -> Self {
+        Native {
+            name: format!("n{i}"),
+            index: i,
+            addrs: addrs.to_vec(),
+            rng,
+            client: None,
+            docs: HashMap::new(),
+            positions: HashMap::new(),
+            tokens: Vec::new(),
+            acked: Vec::new(),
+            acked_during_faults: 0,
+            unsent: Vec::new(),
+            inflight: HashMap::new(),
+            sent_clock: 0,
+            resend_at: None,
+            resend_seq: None,
+            next_seq: 1,
+            connects: 0,
+            drops: 0,
+            closes: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            unexpected: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, writing: CancellationToken, drops: Arc<Vec<AtomicBool>>) -> Self {
+        while !writing.is_cancelled() {
+            if drops[self.index].swap(false, Ordering::Relaxed) && self.client.is_some() {
+                self.drops += 1;
+                self.disconnect();
+            }
+            self.step(true).await;
+        }
+        self.acked_during_faults = self.acked.iter().filter(|a| **a).count();
+        let until = Instant::now() + FINISH;
+        while self.client.is_none() || self.acked.iter().any(|a| !a) {
+            assert!(
+                Instant::now() < until,
+                "{}: {} tokens still unacknowledged {FINISH:?} after the faults stopped ({})",
+                self.name,
+                self.acked.iter().filter(|a| !**a).count(),
+                self.summary()
+            );
+            self.step(false).await;
+        }
+        self
+    }
+
+    /// Connects if needed, inserts a token (when `write`), sends, reads for a random pause.
+    async fn step(&mut self, write: bool) {
+        if self.client.is_none() {
+            self.reconnect().await;
+        }
+        if write {
+            self.insert_token();
+        }
+        self.send_pending().await;
+        let pace = Duration::from_millis(self.rng.random_range(100..300));
+        self.read_for(pace).await;
+    }
+
+    fn insert_token(&mut self) {
+        let token = format!("[{}-{}]", self.name, self.tokens.len());
+        let d = self.client.as_mut().expect("connected").doc(DOC);
+        let t = d.get_or_insert_text("t");
+        let mut txn = d.transact_mut();
+        let end = t.len(&txn);
+        t.insert(&mut txn, end, &token);
+        self.unsent.push(self.tokens.len());
+        self.tokens.push(token);
+        self.acked.push(false);
+    }
+
+    async fn send_pending(&mut self) {
+        let Some(c) = self.client.as_mut() else {
+            return;
+        };
+        let d = c.doc(DOC);
+        let me = d.client_id();
+        let (update, covers) = if let Some(at) = self.resend_at {
+            let unacked: Vec<usize> = (0..self.tokens.len()).filter(|&i| !self.acked[i]).collect();
+            if unacked.is_empty() {
+                self.resend_at = None;
+                return;
+            }
+            if self.resend_seq.is_some() || Instant::now() < at {
+                return;
+            }
+            self.resend_seq = Some(self.next_seq);
+            let update = d
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default());
+            (update, unacked)
+        } else if !self.unsent.is_empty() {
+            // Only this client's own items since the last send: everything else it holds came
+            // from the server.
+            let mut since = StateVector::default();
+            for (client, clock) in d.transact().state_vector().iter() {
+                since.set_max(*client, if *client == me { self.sent_clock } else { *clock });
+            }
+            let update = d.transact().encode_state_as_update_v1(&since);
+            (update, std::mem::take(&mut self.unsent))
+        } else {
+            return;
+        };
+        self.sent_clock = d.transact().state_vector().get(&me);
+        self.unsent.clear();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.insert(seq, covers);
+        let frame = ClientFrame::Update {
+            doc: DOC.to_string(),
+            update,
+            seq: Some(seq),
+        };
+        if !c.try_send(&frame).await {
+            self.disconnect();
+        }
+    }
+
+    async fn read_for(&mut self, pace: Duration) {
+        let until = Instant::now() + pace;
+        while let Some(c) = self.client.as_mut() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match c.next_event(left).await {
+                None => break,
+                Some(Event::Frame(f)) => self.answer(f),
+                Some(Event::Closed(code)) => {
+                    *self.closes.entry(format!("{code:?}")).or_default() += 1;
+                    self.disconnect();
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, frame: ServerFrame) {
+        match frame {
+            ServerFrame::Ack { seq: Some(seq), .. } => {
+                for i in self.inflight.remove(&seq).unwrap_or_default() {
+                    self.acked[i] = true;
+                }
+                if self.resend_seq == Some(seq) {
+                    self.resend_seq = None;
+                    self.resend_at = None;
+                }
+            }
+            ServerFrame::Error {
+                code, seq, message, ..
+            } => {
+                *self.errors.entry(code.as_str()).or_default() += 1;
+                // Faults explain these: Redis away (append_failed), a document that could not
+                // load (unavailable), an update built on one that failed (missing_dependencies).
+                if !code.retryable() && code != ErrorCode::MissingDependencies {
+                    self.unexpected
+                        .push(format!("{}: {code:?} {message}", self.name));
+                }
+                let was_resend = seq.is_some() && seq == self.resend_seq;
+                if let Some(s) = seq {
+                    self.inflight.remove(&s);
+                }
+                if was_resend || self.resend_at.is_none() {
+                    self.resend_seq = None;
+                    self.resend_at = Some(Instant::now() + RETRY);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops the socket without a close frame, keeping the document and position.
+    fn disconnect(&mut self) {
+        if let Some(mut c) = self.client.take() {
+            self.docs = std::mem::take(&mut c.docs);
+            self.positions = std::mem::take(&mut c.positions);
+        }
+        self.inflight.clear();
+        self.resend_seq = None;
+    }
+
+    /// Connects to a random node that is up, resumes from the last position and waits for
+    /// `synced`; then the whole state goes out again.
+    async fn reconnect(&mut self) {
+        let until = Instant::now() + FINISH;
+        loop {
+            assert!(
+                Instant::now() < until,
+                "{}: no node took a subscription for {FINISH:?}",
+                self.name
+            );
+            let addr = pick(&mut self.rng, &self.addrs);
+            let Some(mut c) = NativeClient::try_connect(&format!("ws://{addr}/v1/ws")).await else {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            };
+            c.docs = std::mem::take(&mut self.docs);
+            c.positions = std::mem::take(&mut self.positions);
+            c.doc(DOC);
+            let subscribe = ClientFrame::Subscribe {
+                doc: DOC.to_string(),
+                position: c.positions.get(DOC).copied(),
+                state_vector: None,
+            };
+            if c.try_send(&subscribe).await && self.wait_synced(&mut c).await {
+                self.connects += 1;
+                self.client = Some(c);
+                self.resend_at = Some(Instant::now());
+                self.resend_seq = None;
+                return;
+            }
+            self.docs = std::mem::take(&mut c.docs);
+            self.positions = std::mem::take(&mut c.positions);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn wait_synced(&mut self, c: &mut NativeClient) -> bool {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match c.next_event(left).await {
+                Some(Event::Frame(ServerFrame::Synced { .. })) => return true,
+                Some(Event::Frame(ServerFrame::Error { code, .. })) => {
+                    // The document could not load (Redis away): try again.
+                    *self.errors.entry(code.as_str()).or_default() += 1;
+                    return false;
+                }
+                Some(Event::Frame(_)) => {}
+                Some(Event::Closed(_)) | None => return false,
+            }
+        }
+    }
+
+    fn text(&mut self) -> String {
+        self.client.as_mut().expect("connected").text(DOC)
+    }
+
+    fn acked_tokens(&self) -> impl Iterator<Item = String> + '_ {
+        self.tokens
+            .iter()
+            .zip(&self.acked)
+            .filter(|(_, a)| **a)
+            .map(|(t, _)| t.clone())
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}: {} tokens, {} acked during faults, {} connects, {} drops, closes {:?}, errors {:?}",
+            self.name,
+            self.tokens.len(),
+            self.acked_during_faults,
+            self.connects,
+            self.drops,
+            self.closes,
+            self.errors
+        )
+    }
+}
+
+/// A stock Yjs client (y-websocket reconnects by itself, to the same node). A socket drop
+/// kills the process and starts a new client on a random node: what the dead one had not
+/// sent yet is gone with it, which is why its tokens count only once a node served them.
+struct Stock {
+    name: String,
+    index: usize,
+    addrs: Vec<SocketAddr>,
+    rng: StdRng,
+    client: Option<StockClient>,
+    tokens: Vec<String>,
+    respawns: usize,
+}
+
+impl Stock {
+    fn new(i: usize, index: usize, addrs: &[SocketAddr], rng: StdRng) -> Self {
+        Stock {
+            name: format!("s{i}"),
+            index,
+            addrs: addrs.to_vec(),
+            rng,
+            client: None,
+            tokens: Vec::new(),
+            respawns: 0,
+        }
+    }
+
+    async fn spawn(&mut self) -> StockClient {
+        let addr = pick(&mut self.rng, &self.addrs);
+        StockClient::spawn(&format!("ws://{addr}/y"), DOC).await
+    }
+
+    async fn run(mut self, writing: CancellationToken, drops: Arc<Vec<AtomicBool>>) -> Self {
+        self.client = Some(self.spawn().await);
+        while !writing.is_cancelled() {
+            if drops[self.index].swap(false, Ordering::Relaxed) {
+                self.client.take().expect("client").kill().await;
+                self.client = Some(self.spawn().await);
+                self.respawns += 1;
+            }
+            let token = format!("[{}-{}]", self.name, self.tokens.len());
+            let c = self.client.as_mut().expect("client");
+            // The text is ASCII, so its length in chars is its length in UTF-16 units.
+            let end = c.text().await.chars().count() as u32;
+            c.insert(end, &token).await;
+            self.tokens.push(token);
+            let pace = Duration::from_millis(self.rng.random_range(200..500));
+            tokio::time::sleep(pace).await;
+        }
+        self
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{}: {} tokens, {} respawns",
+            self.name,
+            self.tokens.len(),
+            self.respawns
+        )
+    }
+}
+
+/// Posts its own edits to `POST /v1/docs/{doc}/updates` on a random node: each post carries
+/// everything since the last 200, so a failed or unanswered post is simply covered by the next.
+struct HttpWriter {
+    addrs: Vec<SocketAddr>,
+    rng: StdRng,
+    doc: yrs::Doc,
+    tokens: Vec<String>,
+    acked: usize,
+    acked_during_faults: usize,
+    acked_sv: StateVector,
+    answers: BTreeMap<String, usize>,
+}
+
+impl HttpWriter {
+    fn new(addrs: &[SocketAddr], rng: StdRng) -> Self {
+        HttpWriter {
+            addrs: addrs.to_vec(),
+            rng,
+            doc: yrs::Doc::new(),
+            tokens: Vec::new(),
+            acked: 0,
+            acked_during_faults: 0,
+            acked_sv: StateVector::default(),
+            answers: BTreeMap::new(),
+        }
+    }
+
+    async fn run(mut self, writing: CancellationToken) -> Self {
+        while !writing.is_cancelled() {
+            let token = format!("[h-{}]", self.tokens.len());
+            let t = self.doc.get_or_insert_text("t");
+            {
+                let mut txn = self.doc.transact_mut();
+                let end = t.len(&txn);
+                t.insert(&mut txn, end, &token);
+            }
+            self.tokens.push(token);
+            self.post().await;
+            let pace = Duration::from_millis(self.rng.random_range(150..300));
+            tokio::time::sleep(pace).await;
+        }
+        self.acked_during_faults = self.acked;
+        let until = Instant::now() + FINISH;
+        while self.acked < self.tokens.len() {
+            assert!(
+                Instant::now() < until,
+                "HTTP writer: no 200 for {FINISH:?} after the faults stopped: {}",
+                self.summary()
+            );
+            self.post().await;
+            tokio::time::sleep(RETRY).await;
+        }
+        self
+    }
+
+    async fn post(&mut self) {
+        let (update, sv) = {
+            let txn = self.doc.transact();
+            (
+                txn.encode_state_as_update_v1(&self.acked_sv),
+                txn.state_vector(),
+            )
+        };
+        let covers = self.tokens.len();
+        let addr = pick(&mut self.rng, &self.addrs);
+        let path = format!("/v1/docs/{DOC}/updates");
+        let answer = tokio::time::timeout(DEADLINE, http::post(addr, &path, &update)).await;
+        let key = match answer {
+            Ok(Ok(r)) => {
+                if r.status == 200 {
+                    self.acked = covers;
+                    self.acked_sv = sv;
+                }
+                r.status.to_string()
+            }
+            Ok(Err(_)) => "io error".to_string(),
+            Err(_) => "timeout".to_string(),
+        };
+        *self.answers.entry(key).or_default() += 1;
+    }
+
+    fn acked_tokens(&self) -> impl Iterator<Item = String> + '_ {
+        self.tokens[..self.acked].iter().cloned()
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "http writer: {} tokens, {} acked during faults, answers {:?}",
+            self.tokens.len(),
+            self.acked_during_faults,
+            self.answers
+        )
+    }
+}
+
+/// Reads the document from a random node now and then and records every token it serves:
+/// a node serves only what it read back from the log, so each of them must survive.
+async fn observe(
+    addrs: Vec<SocketAddr>,
+    mut rng: StdRng,
+    writing: CancellationToken,
+    seen: Arc<Mutex<BTreeSet<String>>>,
+) -> usize {
+    let mut reads = 0;
+    while !writing.is_cancelled() {
+        let addr = pick(&mut rng, &addrs);
+        if let Ok(Some(text)) = tokio::time::timeout(DEADLINE, node_text(addr, DOC)).await {
+            seen.lock().expect("seen").extend(tokens_in(&text));
+            reads += 1;
+        }
+        let pace = Duration::from_millis(rng.random_range(300..800));
+        tokio::time::sleep(pace).await;
+    }
+    reads
+}
+
+/// Waits until every native client, every stock client and every node (a fresh HTTP read)
+/// holds the same text, containing every token in `acked`. Err says what differed at the end.
+async fn converge(
+    natives: &mut [Native],
+    stocks: &mut [Stock],
+    addrs: &[SocketAddr],
+    acked: &BTreeSet<String>,
+) -> Result<(), String> {
+    let until = Instant::now() + FINISH;
+    loop {
+        let mut views: Vec<(String, String)> = Vec::new();
+        for n in natives.iter_mut() {
+            if n.client.is_none() {
+                n.reconnect().await;
+            }
+            n.read_for(Duration::from_millis(5)).await;
+            if n.client.is_some() {
+                views.push((n.name.clone(), n.text()));
+            }
+        }
+        for s in stocks.iter_mut() {
+            let text = s.client.as_mut().expect("client").text().await;
+            views.push((s.name.clone(), text));
+        }
+        for addr in addrs {
+            let text = node_text(*addr, DOC).await.unwrap_or_default();
+            views.push((format!("node {addr}"), text));
+        }
+        let same = views.windows(2).all(|w| w[0].1 == w[1].1);
+        let complete = acked.iter().all(|t| views[0].1.contains(t.as_str()));
+        if same && complete && views.len() == natives.len() + stocks.len() + addrs.len() {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            let reference: BTreeSet<String> = views.iter().flat_map(|(_, t)| tokens_in(t)).collect();
+            let mut report = format!(
+                "{} tokens in the union of all views, {} acked",
+                reference.len(),
+                acked.len()
+            );
+            for (who, text) in &views {
+                let has: BTreeSet<String> = tokens_in(text).collect();
+                let missing: Vec<&String> = reference.difference(&has).collect();
+                let missing_acked = acked.iter().filter(|t| !has.contains(*t)).count();
+                report.push_str(&format!(
+                    "\n  {who}: {} tokens, missing {} ({} acked): {:?}",
+                    has.len(),
+                    missing.len(),
+                    missing_acked,
+                    missing.iter().take(10).collect::<Vec<_>>()
+                ));
+            }
+            return Err(report);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
