@@ -113,7 +113,7 @@ async fn run(knobs: Knobs) {
 
     let natives: Vec<_> = (0..n_native)
         .map(|i| {
-            let c = Native::new(i, &addrs, StdRng::seed_from_u64(rng.random()));
+            let c = Native::new(i, &addrs, StdRng::seed_from_u64(rng.random()), wall);
             tokio::spawn(c.run(writing.clone(), drops.clone()))
         })
         .collect();
@@ -138,7 +138,7 @@ async fn run(knobs: Knobs) {
 
     // Faults over: every node and Redis are up. Clients stop writing new tokens and finish.
     let stopped = Instant::now();
-    let seen_during_faults = seen.lock().expect("seen").len();
+    let mut acked_during_faults = seen.lock().expect("seen").clone();
     writing.cancel();
     let mut natives_done = Vec::new();
     for t in natives {
@@ -160,12 +160,11 @@ async fn run(knobs: Knobs) {
     let written: usize = natives_done.iter().map(|n| n.tokens.len()).sum::<usize>()
         + stocks_done.iter().map(|s| s.tokens.len()).sum::<usize>()
         + writer.tokens.len();
-    let acked_during_faults = natives_done
-        .iter()
-        .map(|n| n.acked_during_faults)
-        .sum::<usize>()
-        + writer.acked_during_faults
-        + seen_during_faults;
+    for n in &natives_done {
+        let by = stopped - wall;
+        acked_during_faults.extend(n.acked_tokens_by(by));
+    }
+    acked_during_faults.extend(writer.tokens[..writer.acked_during_faults].iter().cloned());
 
     let converged = converge(&mut natives_done, &mut stocks_done, &addrs, &acked).await;
     let converge_time = stopped.elapsed();
@@ -202,7 +201,7 @@ async fn run(knobs: Knobs) {
     eprintln!(
         "chaos figures: seed={} seconds={} clients={} (native {n_native}, stock {n_stock}, http 1) \
          faults: drops={} node_kills={} redis_restarts={} | written={written} acked={} \
-         (during faults {acked_during_faults}) lost={} | converge={:.1}s wall={:.1}s",
+         (during faults {}) lost={} | converge={:.1}s wall={:.1}s",
         knobs.seed,
         knobs.seconds,
         knobs.clients,
@@ -210,10 +209,17 @@ async fn run(knobs: Knobs) {
         counts.node_kills,
         counts.redis_restarts,
         acked.len(),
+        acked_during_faults.len(),
         lost.len(),
         converge_time.as_secs_f64(),
         wall.elapsed().as_secs_f64(),
     );
+    if let Err(why) = &converged {
+        eprintln!("chaos: NO CONVERGENCE: {why}");
+    }
+    if !lost.is_empty() {
+        explain_loss(&cluster, &natives_done, &lost).await;
+    }
     assert!(
         lost.is_empty(),
         "seed {}: {} acknowledged tokens lost: {lost:?}",
@@ -245,7 +251,7 @@ struct Cluster {
     addrs: Vec<SocketAddr>,
     dirs: Vec<tempfile::TempDir>,
     args: Vec<String>,
-    _snapshots: tempfile::TempDir,
+    snapshots: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -276,7 +282,7 @@ impl Cluster {
             addrs: Vec::new(),
             dirs: Vec::new(),
             args,
-            _snapshots: snapshots,
+            snapshots,
         };
         for _ in 0..NODES {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -416,9 +422,12 @@ struct Native {
     /// The local document and resume position while no socket holds them.
     docs: HashMap<String, yrs::Doc>,
     positions: HashMap<String, Position>,
+    /// The node the socket is on.
+    node: Option<SocketAddr>,
+    start: Instant,
     tokens: Vec<String>,
-    acked: Vec<bool>,
-    acked_during_faults: usize,
+    /// Per token, its first acknowledgement.
+    acks: Vec<Option<AckRecord>>,
     /// Tokens inserted since the last update sent.
     unsent: Vec<usize>,
     /// seq → the tokens that update carries.
@@ -437,7 +446,7 @@ struct Native {
 }
 
 impl Native {
-    fn new(i: usize, addrs: &[SocketAddr], rng: StdRng) -> Self {
+    fn new(i: usize, addrs: &[SocketAddr], rng: StdRng, start: Instant) -> Self {
         Native {
             name: format!("n{i}"),
             index: i,
@@ -446,9 +455,10 @@ impl Native {
             client: None,
             docs: HashMap::new(),
             positions: HashMap::new(),
+            node: None,
+            start,
             tokens: Vec::new(),
-            acked: Vec::new(),
-            acked_during_faults: 0,
+            acks: Vec::new(),
             unsent: Vec::new(),
             inflight: HashMap::new(),
             sent_clock: 0,
@@ -471,14 +481,13 @@ impl Native {
             }
             self.step(true).await;
         }
-        self.acked_during_faults = self.acked.iter().filter(|a| **a).count();
         let until = Instant::now() + FINISH;
-        while self.client.is_none() || self.acked.iter().any(|a| !a) {
+        while self.client.is_none() || self.acks.iter().any(Option::is_none) {
             assert!(
                 Instant::now() < until,
                 "{}: {} tokens still unacknowledged {FINISH:?} after the faults stopped ({})",
                 self.name,
-                self.acked.iter().filter(|a| !**a).count(),
+                self.acks.iter().filter(|a| a.is_none()).count(),
                 self.summary()
             );
             self.step(false).await;
@@ -508,7 +517,7 @@ impl Native {
         t.insert(&mut txn, end, &token);
         self.unsent.push(self.tokens.len());
         self.tokens.push(token);
-        self.acked.push(false);
+        self.acks.push(None);
     }
 
     async fn send_pending(&mut self) {
@@ -518,7 +527,9 @@ impl Native {
         let d = c.doc(DOC);
         let me = d.client_id();
         let (update, covers) = if let Some(at) = self.resend_at {
-            let unacked: Vec<usize> = (0..self.tokens.len()).filter(|&i| !self.acked[i]).collect();
+            let unacked: Vec<usize> = (0..self.tokens.len())
+                .filter(|&i| self.acks[i].is_none())
+                .collect();
             if unacked.is_empty() {
                 self.resend_at = None;
                 return;
@@ -578,9 +589,20 @@ impl Native {
 
     fn answer(&mut self, frame: ServerFrame) {
         match frame {
-            ServerFrame::Ack { seq: Some(seq), .. } => {
+            ServerFrame::Ack {
+                seq: Some(seq),
+                position,
+                ..
+            } => {
+                let record = AckRecord {
+                    at: self.start.elapsed(),
+                    node: self.node.expect("connected"),
+                    position,
+                    seq,
+                    whole_state: self.resend_seq == Some(seq),
+                };
                 for i in self.inflight.remove(&seq).unwrap_or_default() {
-                    self.acked[i] = true;
+                    self.acks[i].get_or_insert(record);
                 }
                 if self.resend_seq == Some(seq) {
                     self.resend_seq = None;
@@ -645,6 +667,7 @@ impl Native {
             };
             if c.try_send(&subscribe).await && self.wait_synced(&mut c).await {
                 self.connects += 1;
+                self.node = Some(addr);
                 self.client = Some(c);
                 self.resend_at = Some(Instant::now());
                 self.resend_seq = None;
@@ -678,24 +701,106 @@ impl Native {
     }
 
     fn acked_tokens(&self) -> impl Iterator<Item = String> + '_ {
+        self.acked_tokens_by(Duration::MAX)
+    }
+
+    /// Tokens acknowledged within `by` of the start.
+    fn acked_tokens_by(&self, by: Duration) -> impl Iterator<Item = String> + '_ {
         self.tokens
             .iter()
-            .zip(&self.acked)
-            .filter(|(_, a)| **a)
+            .zip(&self.acks)
+            .filter(move |(_, a)| a.as_ref().is_some_and(|a| a.at <= by))
             .map(|(t, _)| t.clone())
     }
 
     fn summary(&self) -> String {
         format!(
-            "{}: {} tokens, {} acked during faults, {} connects, {} drops, closes {:?}, errors {:?}",
+            "{}: {} tokens, {} connects, {} drops, closes {:?}, errors {:?}",
             self.name,
             self.tokens.len(),
-            self.acked_during_faults,
             self.connects,
             self.drops,
             self.closes,
             self.errors
         )
+    }
+}
+
+/// Which acknowledgement first covered a native client's token.
+#[derive(Debug, Clone, Copy)]
+struct AckRecord {
+    /// Since the test started.
+    at: Duration,
+    node: SocketAddr,
+    position: Position,
+    seq: u64,
+    /// The update was the client's whole state (sent after a reconnect or a failure).
+    whole_state: bool,
+}
+
+/// Prints what is known about lost tokens: who acknowledged each, when and at which
+/// position, and whether its bytes are still in the Redis log or in a snapshot file.
+async fn explain_loss(cluster: &Cluster, natives: &[Native], lost: &BTreeSet<String>) {
+    let key = format!("chorus:{{{DOC}}}:log");
+    let log = cluster
+        .redis
+        .cli(&["--raw", "XRANGE", &key, "-", "+"])
+        .await;
+    let meta = cluster
+        .redis
+        .cli(&["HGETALL", &format!("chorus:{{{DOC}}}:meta")])
+        .await;
+    let first = cluster.redis.cli(&["XRANGE", &key, "-", "+", "COUNT", "1"]).await;
+    eprintln!(
+        "chaos: redis log: {} entries, meta {:?}, first entry id {:?}",
+        cluster.redis.cli(&["XLEN", &key]).await.trim(),
+        meta.split_whitespace().collect::<Vec<_>>(),
+        first.lines().next().unwrap_or_default()
+    );
+    let mut snapshots = Vec::new();
+    for entry in std::fs::read_dir(cluster.snapshots.path()).expect("snapshot dir").flatten() {
+        let path = entry.path();
+        let files: Vec<std::path::PathBuf> = if path.is_dir() {
+            std::fs::read_dir(&path)
+                .expect("dir")
+                .flatten()
+                .map(|e| e.path())
+                .collect()
+        } else {
+            vec![path]
+        };
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            snapshots.push((f, String::from_utf8_lossy(&bytes).into_owned()));
+        }
+    }
+    for (f, _) in &snapshots {
+        eprintln!("chaos: snapshot file {}", f.display());
+    }
+    for t in lost {
+        let ack = natives
+            .iter()
+            .find_map(|n| n.tokens.iter().position(|x| x == t).map(|i| n.acks[i]))
+            .flatten()
+            .map_or("none (a token a node once served)".to_string(), |a| {
+                format!(
+                    "at {:.2}s by {} at {} (seq {}{})",
+                    a.at.as_secs_f64(),
+                    a.node,
+                    a.position,
+                    a.seq,
+                    if a.whole_state { ", whole state" } else { "" }
+                )
+            });
+        let in_snapshot: Vec<String> = snapshots
+            .iter()
+            .filter(|(_, body)| body.contains(t.as_str()))
+            .map(|(f, _)| f.display().to_string())
+            .collect();
+        eprintln!(
+            "chaos: lost {t}: ack {ack}; in the redis log: {}; in snapshots: {in_snapshot:?}",
+            log.contains(t.as_str())
+        );
     }
 }
 
