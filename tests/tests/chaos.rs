@@ -73,6 +73,9 @@ struct Knobs {
     seconds: u64,
     /// WebSocket clients, three fifths native and two fifths stock (the HTTP writer comes on top).
     clients: usize,
+    /// Which kinds of fault to inject (`CHAOS_FAULTS=drops,nodes,redis`, the default: all;
+    /// `none` runs the load alone), for narrowing a failure down.
+    faults: Vec<String>,
 }
 
 impl Knobs {
@@ -87,7 +90,18 @@ impl Knobs {
             seed: num("CHAOS_SEED").unwrap_or_else(rand::random),
             seconds: num("CHAOS_SECONDS").unwrap_or(seconds),
             clients: num("CHAOS_CLIENTS").map_or(clients, |c| c as usize),
+            faults: std::env::var("CHAOS_FAULTS")
+                .unwrap_or_else(|_| "drops,nodes,redis".into())
+                .split(',')
+                .map(|f| f.trim().to_string())
+                .collect(),
         };
+        for f in &k.faults {
+            assert!(
+                ["drops", "nodes", "redis", "none"].contains(&f.as_str()),
+                "CHAOS_FAULTS: {f:?} is none of drops, nodes, redis, none"
+            );
+        }
         assert!(k.clients >= 2, "CHAOS_CLIENTS: at least one of each protocol");
         assert!(k.seconds >= 5, "CHAOS_SECONDS: at least 5");
         k
@@ -98,8 +112,12 @@ async fn run(knobs: Knobs) {
     let wall = Instant::now();
     // Printed first, so a run that hangs or panics can still be replayed.
     eprintln!(
-        "chaos: seed={} seconds={} clients={} (replay with CHAOS_SEED={})",
-        knobs.seed, knobs.seconds, knobs.clients, knobs.seed
+        "chaos: seed={} seconds={} clients={} faults={} (replay with CHAOS_SEED={})",
+        knobs.seed,
+        knobs.seconds,
+        knobs.clients,
+        knobs.faults.join(","),
+        knobs.seed
     );
     let mut rng = StdRng::seed_from_u64(knobs.seed);
     let cluster = Cluster::start().await;
@@ -132,9 +150,11 @@ async fn run(knobs: Knobs) {
         seen.clone(),
     ));
 
-    let faults = schedule(&mut rng, knobs.seconds, knobs.clients);
+    let mut faults = schedule(&mut rng, knobs.seconds, knobs.clients);
+    faults.retain(|(_, f)| knobs.faults.iter().any(|k| k == f.kind()));
     let counts = FaultCounts::of(&faults);
-    let cluster = inject(cluster, faults, drops.clone()).await;
+    let span = Duration::from_secs(knobs.seconds);
+    let cluster = inject(cluster, faults, span, drops.clone()).await;
 
     // Faults over: every node and Redis are up. Clients stop writing new tokens and finish.
     let stopped = Instant::now();
@@ -345,6 +365,16 @@ fn schedule(rng: &mut StdRng, seconds: u64, clients: usize) -> Vec<(Duration, Fa
     faults
 }
 
+impl Fault {
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::DropSocket(_) => "drops",
+            Fault::KillNode { .. } => "nodes",
+            Fault::RestartRedis { .. } => "redis",
+        }
+    }
+}
+
 struct FaultCounts {
     drops: usize,
     node_kills: usize,
@@ -363,10 +393,12 @@ impl FaultCounts {
 }
 
 /// Runs the schedule (one fault at a time: a fault that falls inside a node's or Redis's
-/// down time waits for it to come back) and returns with everything up.
+/// down time waits for it to come back) and returns with everything up, `span` after the start
+/// at the earliest.
 async fn inject(
     mut cluster: Cluster,
     faults: Vec<(Duration, Fault)>,
+    span: Duration,
     drops: Arc<Vec<AtomicBool>>,
 ) -> Cluster {
     let start = Instant::now();
@@ -395,6 +427,7 @@ async fn inject(
             }
         }
     }
+    tokio::time::sleep_until(start + span).await;
     cluster
 }
 
