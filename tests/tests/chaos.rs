@@ -249,10 +249,23 @@ async fn run(knobs: Knobs) {
     if let Err(why) = converged {
         panic!("seed {}: no convergence: {why}", knobs.seed);
     }
+    // Whole tokens only, each once: an insert landing inside another token would show here.
     let text = final_text.expect("three nodes");
+    let all_written: BTreeSet<&String> = natives_done
+        .iter()
+        .flat_map(|n| &n.tokens)
+        .chain(stocks_done.iter().flat_map(|s| &s.tokens))
+        .chain(&writer.tokens)
+        .collect();
+    let in_text: Vec<String> = tokens_in(&text).collect();
+    let unknown: Vec<&String> = in_text
+        .iter()
+        .filter(|t| !all_written.contains(t))
+        .collect();
+    assert!(unknown.is_empty(), "text holds tokens nobody wrote: {unknown:?}");
     assert_eq!(
-        tokens_in(&text).count(),
-        tokens_in(&text).collect::<BTreeSet<_>>().len(),
+        in_text.len(),
+        in_text.iter().collect::<BTreeSet<_>>().len(),
         "every token is in the text once"
     );
     let unexpected: Vec<&String> = natives_done.iter().flat_map(|n| &n.unexpected).collect();
@@ -877,10 +890,7 @@ impl Stock {
                 self.respawns += 1;
             }
             let token = format!("[{}-{}]", self.name, self.tokens.len());
-            let c = self.client.as_mut().expect("client");
-            // The text is ASCII, so its length in chars is its length in UTF-16 units.
-            let end = c.text().await.chars().count() as u32;
-            c.insert(end, &token).await;
+            self.client.as_mut().expect("client").append(&token).await;
             self.tokens.push(token);
             let pace = Duration::from_millis(self.rng.random_range(200..500));
             tokio::time::sleep(pace).await;
