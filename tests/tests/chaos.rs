@@ -761,13 +761,17 @@ impl Native {
 
     fn summary(&self) -> String {
         format!(
-            "{}: {} tokens, {} connects, {} drops, closes {:?}, errors {:?}",
+            "{}: {} tokens, {} connects, {} drops, closes {:?}, errors {:?}{}",
             self.name,
             self.tokens.len(),
             self.connects,
             self.drops,
             self.closes,
-            self.errors
+            self.errors,
+            match self.unexpected.first() {
+                Some(first) => format!(", first unexpected error: {first}"),
+                None => String::new(),
+            }
         )
     }
 }
