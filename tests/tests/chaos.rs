@@ -24,6 +24,8 @@
 //! cargo test --release -p chorus-tests --test chaos -- --ignored --nocapture
 //! # knobs (both forms): replay a run by its seed, or change its length and size
 //! CHAOS_SEED=42 CHAOS_SECONDS=120 CHAOS_CLIENTS=30 cargo test -p chorus-tests --test chaos -- --nocapture
+//! # narrowing a failure down: only some kinds of fault (drops, nodes, redis), or none
+//! CHAOS_SEED=42 CHAOS_FAULTS=drops,redis cargo test -p chorus-tests --test chaos -- --nocapture
 //! ```
 //!
 //! The seed fixes the fault schedule and every client's choices (nodes, pauses); thread timing
