@@ -201,9 +201,7 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::spawn`], with extra environment variables.
     pub async fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         Self::spawn_at_env(addr, data_dir, extra, env).await
     }
 

@@ -104,7 +104,10 @@ impl Knobs {
                 "CHAOS_FAULTS: {f:?} is none of drops, nodes, redis, none"
             );
         }
-        assert!(k.clients >= 2, "CHAOS_CLIENTS: at least one of each protocol");
+        assert!(
+            k.clients >= 2,
+            "CHAOS_CLIENTS: at least one of each protocol"
+        );
         assert!(k.seconds >= 5, "CHAOS_SECONDS: at least 5");
         k
     }
@@ -264,7 +267,10 @@ async fn run(knobs: Knobs) {
         .iter()
         .filter(|t| !all_written.contains(t))
         .collect();
-    assert!(unknown.is_empty(), "text holds tokens nobody wrote: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "text holds tokens nobody wrote: {unknown:?}"
+    );
     assert_eq!(
         in_text.len(),
         in_text.iter().collect::<BTreeSet<_>>().len(),
@@ -438,7 +444,10 @@ async fn inject(
                 cluster.redis.kill9().await;
                 tokio::time::sleep(down).await;
                 cluster.redis.restart().await;
-                eprintln!("chaos: {:6.1}s redis is back", start.elapsed().as_secs_f64());
+                eprintln!(
+                    "chaos: {:6.1}s redis is back",
+                    start.elapsed().as_secs_f64()
+                );
             }
         }
     }
@@ -595,7 +604,14 @@ impl Native {
             // from the server.
             let mut since = StateVector::default();
             for (client, clock) in d.transact().state_vector().iter() {
-                since.set_max(*client, if *client == me { self.sent_clock } else { *clock });
+                since.set_max(
+                    *client,
+                    if *client == me {
+                        self.sent_clock
+                    } else {
+                        *clock
+                    },
+                );
             }
             let update = d.transact().encode_state_as_update_v1(&since);
             (update, std::mem::take(&mut self.unsent))
@@ -802,7 +818,10 @@ async fn explain_loss(cluster: &Cluster, natives: &[Native], lost: &BTreeSet<Str
         .redis
         .cli(&["HGETALL", &format!("chorus:{{{DOC}}}:meta")])
         .await;
-    let first = cluster.redis.cli(&["XRANGE", &key, "-", "+", "COUNT", "1"]).await;
+    let first = cluster
+        .redis
+        .cli(&["XRANGE", &key, "-", "+", "COUNT", "1"])
+        .await;
     eprintln!(
         "chaos: redis log: {} entries, meta {:?}, first entry id {:?}",
         cluster.redis.cli(&["XLEN", &key]).await.trim(),
@@ -810,7 +829,10 @@ async fn explain_loss(cluster: &Cluster, natives: &[Native], lost: &BTreeSet<Str
         first.lines().next().unwrap_or_default()
     );
     let mut snapshots = Vec::new();
-    for entry in std::fs::read_dir(cluster.snapshots.path()).expect("snapshot dir").flatten() {
+    for entry in std::fs::read_dir(cluster.snapshots.path())
+        .expect("snapshot dir")
+        .flatten()
+    {
         let path = entry.path();
         let files: Vec<std::path::PathBuf> = if path.is_dir() {
             std::fs::read_dir(&path)
@@ -1064,7 +1086,8 @@ async fn converge(
             return Ok(());
         }
         if Instant::now() >= until {
-            let reference: BTreeSet<String> = views.iter().flat_map(|(_, t)| tokens_in(t)).collect();
+            let reference: BTreeSet<String> =
+                views.iter().flat_map(|(_, t)| tokens_in(t)).collect();
             let mut report = format!(
                 "{} tokens in the union of all views, {} acked",
                 reference.len(),
