@@ -294,7 +294,22 @@ async fn run(knobs: Knobs) {
         in_text.iter().collect::<BTreeSet<_>>().len(),
         "every token is in the text once"
     );
-    let pending: Vec<&String> = natives_done.iter().flat_map(|n| &n.pending).collect();
+    let pending: Vec<String> = natives_done
+        .iter()
+        .flat_map(|n| n.pending.iter().cloned())
+        .collect();
+    if !pending.is_empty() {
+        let mut ids: Vec<String> = natives_done
+            .iter_mut()
+            .map(|n| {
+                let id = n.yrs_client();
+                format!("{}={id}", n.name)
+            })
+            .collect();
+        ids.extend(stocks_done.iter().map(|s| format!("{}={:?}", s.name, s.yrs_clients)));
+        ids.push(format!("h={}", writer.doc.client_id()));
+        eprintln!("chaos: writers' yrs client ids: {}", ids.join(" "));
+    }
     assert!(
         pending.is_empty(),
         "seed {}: clients received updates they could not integrate (a log entry whose \
@@ -701,21 +716,27 @@ impl Native {
     /// dependencies it lacks. Such a client's whole state then carries a gap, which nodes
     /// refuse (`bad_update`), so it could never resend what it has.
     fn check_integrated(&mut self, what: &'static str) {
-        let Some(c) = self.client.as_mut() else {
-            return;
-        };
-        let stuck = c.doc(DOC).transact().has_missing_updates();
-        if stuck && !self.holding_pending {
+        if let Some(mut c) = self.client.take() {
+            self.note_pending(&mut c, what);
+            self.client = Some(c);
+        }
+    }
+
+    fn note_pending(&mut self, c: &mut NativeClient, what: &'static str) {
+        let missing = missing_dependencies(c.doc(DOC));
+        if let Some(missing) = &missing
+            && !self.holding_pending
+        {
             let position = c.positions.get(DOC).map(|p| p.to_string());
             self.pending.push(format!(
-                "{} at {:.2}s on {} after {what} (position {})",
+                "{} at {:.2}s on {} after {what} (position {}): {missing}",
                 self.name,
                 self.start.elapsed().as_secs_f64(),
                 self.node.map_or("?".into(), |a| a.to_string()),
                 position.unwrap_or_default()
             ));
         }
-        self.holding_pending = stuck;
+        self.holding_pending = missing.is_some();
     }
 
     fn answer(&mut self, frame: ServerFrame) {
@@ -810,26 +831,13 @@ impl Native {
         }
     }
 
-    fn client_check_synced(&mut self, c: &mut NativeClient) {
-        let stuck = c.doc(DOC).transact().has_missing_updates();
-        if stuck && !self.holding_pending {
-            self.pending.push(format!(
-                "{} at {:.2}s after synced (position {})",
-                self.name,
-                self.start.elapsed().as_secs_f64(),
-                c.positions.get(DOC).map(|p| p.to_string()).unwrap_or_default()
-            ));
-        }
-        self.holding_pending = stuck;
-    }
-
     async fn wait_synced(&mut self, c: &mut NativeClient) -> bool {
         let until = Instant::now() + DEADLINE;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             match c.next_event(left).await {
                 Some(Event::Frame(ServerFrame::Synced { .. })) => {
-                    self.client_check_synced(c);
+                    self.note_pending(c, "synced");
                     return true;
                 }
                 Some(Event::Frame(ServerFrame::Error { code, .. })) => {
@@ -845,6 +853,14 @@ impl Native {
 
     fn text(&mut self) -> String {
         self.client.as_mut().expect("connected").text(DOC)
+    }
+
+    fn yrs_client(&mut self) -> u64 {
+        let doc = match self.client.as_mut() {
+            Some(c) => c.doc(DOC),
+            None => self.docs.entry(DOC.to_string()).or_default(),
+        };
+        doc.client_id().get()
     }
 
     fn acked_tokens(&self) -> impl Iterator<Item = String> + '_ {
@@ -876,6 +892,29 @@ impl Native {
             }
         )
     }
+}
+
+/// What a document waits for, if it holds updates it could not integrate: per yrs client
+/// (writers' ids are listed at the end of a run), the clock it needs and the clock it has.
+fn missing_dependencies(doc: &yrs::Doc) -> Option<String> {
+    let txn = doc.transact();
+    if !txn.has_missing_updates() {
+        return None;
+    }
+    let have = txn.state_vector();
+    let needs: Vec<String> = txn
+        .store()
+        .pending_update()
+        .map(|p| {
+            p.missing
+                .iter()
+                .map(|(client, clock)| {
+                    format!("client {client} clock {clock} (has {})", have.get(client))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(format!("needs {}", needs.join(", ")))
 }
 
 fn frame_kind(f: &ServerFrame) -> &'static str {
@@ -983,6 +1022,8 @@ struct Stock {
     client: Option<StockClient>,
     tokens: Vec<String>,
     respawns: usize,
+    /// The yrs client id of each process this client ran as.
+    yrs_clients: Vec<u64>,
 }
 
 impl Stock {
@@ -995,12 +1036,15 @@ impl Stock {
             client: None,
             tokens: Vec::new(),
             respawns: 0,
+            yrs_clients: Vec::new(),
         }
     }
 
     async fn spawn(&mut self) -> StockClient {
         let addr = pick(&mut self.rng, &self.addrs);
-        StockClient::spawn(&format!("ws://{addr}/y"), DOC).await
+        let mut c = StockClient::spawn(&format!("ws://{addr}/y"), DOC).await;
+        self.yrs_clients.push(c.client_id().await);
+        c
     }
 
     async fn run(mut self, writing: CancellationToken, drops: Arc<Vec<AtomicBool>>) -> Self {
