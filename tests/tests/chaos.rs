@@ -11,8 +11,13 @@
 //! has: a node serves nothing it has not read back from the log). When the faults stop, every
 //! native client reconnects and resends its whole state until it is acked, the HTTP writer
 //! posts until it gets a 200, and then:
-//! - every client (native, stock) and every node serves the same text, and
-//! - every acknowledged token is in a fresh client's view on every node: lost must be 0.
+//! - every client (native, stock) and every node serves the same text,
+//! - every acknowledged token is in a fresh client's view on every node: lost must be 0,
+//! - the text is made of whole written tokens, each once, and
+//! - no native client ever held an update it could not integrate: nodes send only log
+//!   entries in log order, so one that waits for missing dependencies means the log holds an
+//!   entry without what it builds on (and that client's whole-state resends, carrying the gap,
+//!   would be refused).
 //!
 //! It ends with a figures line: `chaos figures: seed=… written=… acked=… lost=0 converge=…`.
 //!
@@ -306,7 +311,11 @@ async fn run(knobs: Knobs) {
                 format!("{}={id}", n.name)
             })
             .collect();
-        ids.extend(stocks_done.iter().map(|s| format!("{}={:?}", s.name, s.yrs_clients)));
+        ids.extend(
+            stocks_done
+                .iter()
+                .map(|s| format!("{}={:?}", s.name, s.yrs_clients)),
+        );
         ids.push(format!("h={}", writer.doc.client_id()));
         eprintln!("chaos: writers' yrs client ids: {}", ids.join(" "));
     }
