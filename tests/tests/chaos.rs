@@ -66,13 +66,25 @@ const RETRY: Duration = Duration::from_millis(200);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short() {
-    run(Knobs::from_env(30, 20, ALL_FAULTS, 60)).await;
+    run(Knobs::from_env(Defaults {
+        seconds: 30,
+        clients: 20,
+        faults: ALL_FAULTS,
+        redis_every: 60,
+    }))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long: cargo test --release -p chorus-tests --test chaos chaos_long -- --ignored --nocapture"]
 async fn chaos_long() {
-    run(Knobs::from_env(300, 40, ALL_FAULTS, 60)).await;
+    run(Knobs::from_env(Defaults {
+        seconds: 300,
+        clients: 40,
+        faults: ALL_FAULTS,
+        redis_every: 60,
+    }))
+    .await;
 }
 
 /// The narrowed-down form of what `chaos_short` found now and then: Redis restarted every
@@ -84,10 +96,24 @@ async fn chaos_long() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reproduces a server bug (an entry appended without its dependencies after a Redis restart)"]
 async fn redis_restarts_leave_no_entry_without_its_dependencies() {
-    run(Knobs::from_env(30, 12, "redis", 3)).await;
+    run(Knobs::from_env(Defaults {
+        seconds: 30,
+        clients: 12,
+        faults: "redis",
+        redis_every: 3,
+    }))
+    .await;
 }
 
 const ALL_FAULTS: &str = "drops,nodes,redis";
+
+/// A test's size when the environment does not say otherwise (see [`Knobs`]).
+struct Defaults {
+    seconds: u64,
+    clients: usize,
+    faults: &'static str,
+    redis_every: u64,
+}
 
 /// The run's size; the environment overrides the defaults.
 struct Knobs {
@@ -103,7 +129,7 @@ struct Knobs {
 }
 
 impl Knobs {
-    fn from_env(seconds: u64, clients: usize, faults: &str, redis_every: u64) -> Self {
+    fn from_env(d: Defaults) -> Self {
         let num = |name: &str| {
             std::env::var(name).ok().map(|v| {
                 v.parse::<u64>()
@@ -112,14 +138,14 @@ impl Knobs {
         };
         let k = Knobs {
             seed: num("CHAOS_SEED").unwrap_or_else(rand::random),
-            seconds: num("CHAOS_SECONDS").unwrap_or(seconds),
-            clients: num("CHAOS_CLIENTS").map_or(clients, |c| c as usize),
+            seconds: num("CHAOS_SECONDS").unwrap_or(d.seconds),
+            clients: num("CHAOS_CLIENTS").map_or(d.clients, |c| c as usize),
             faults: std::env::var("CHAOS_FAULTS")
-                .unwrap_or_else(|_| faults.into())
+                .unwrap_or_else(|_| d.faults.into())
                 .split(',')
                 .map(|f| f.trim().to_string())
                 .collect(),
-            redis_every: num("CHAOS_REDIS_EVERY").unwrap_or(redis_every).max(1),
+            redis_every: num("CHAOS_REDIS_EVERY").unwrap_or(d.redis_every).max(1),
         };
         for f in &k.faults {
             assert!(
