@@ -5,7 +5,7 @@
 //   (y-websocket builds the URL as serverBaseWsUrl + '/' + docName)
 //
 // Protocol: newline-delimited JSON on both sides.
-//   stdin  (commands): insert, delete, text, awareness, peers, state, quit (see handleCommand)
+//   stdin  (commands): insert, append, delete, text, awareness, peers, state, quit (see handleCommand)
 //   stdout (replies + events): one JSON object per line, nothing else is ever written there.
 //   stderr: free-form diagnostics only.
 //
@@ -132,6 +132,12 @@ const handleCommand = (msg) => {
     case 'insert':
       text.insert(msg.index, String(msg.text))
       emit({ ok: 'insert' })
+      break
+    case 'append':
+      // Index and insert in one step: an index read with `text` first may be stale by the
+      // time `insert` runs (remote updates arrive in between) and land inside another insert.
+      text.insert(text.length, String(msg.text))
+      emit({ ok: 'append' })
       break
     case 'delete':
       text.delete(msg.index, msg.len)

@@ -202,8 +202,22 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::spawn`], with extra environment variables.
     pub async fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Self {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::spawn_at_env(addr, data_dir, extra, env).await
+    }
+
+    /// Like [`ServerProcess::spawn`], on a given address: a killed node restarted where its
+    /// clients (stock Yjs clients reconnect to the same URL) expect it.
+    pub async fn spawn_at(addr: SocketAddr, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_at_env(addr, data_dir, extra, &[]).await
+    }
+
+    async fn spawn_at_env(
+        addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let child = tokio::process::Command::new(chorus_bin())
             .arg("serve")
             .arg("--listen")

@@ -51,6 +51,17 @@ impl NativeClient {
         Self::from_stream(ws)
     }
 
+    /// Connects, or `None` if the node refuses or is gone (for clients that reconnect to
+    /// whichever node is up).
+    pub async fn try_connect(url: &str) -> Option<Self> {
+        let connect =
+            tokio_tungstenite::connect_async_with_config(url, Some(client_config()), false);
+        match tokio::time::timeout(DEADLINE, connect).await {
+            Ok(Ok((ws, _))) => Some(Self::from_stream(ws)),
+            _ => None,
+        }
+    }
+
     /// Connects with a small, fixed kernel receive buffer (no autotuning), like a client on a
     /// slow link: when it stops reading, backpressure reaches the server within kilobytes
     /// instead of the tens of megabytes loopback autotuning would absorb.

@@ -115,6 +115,12 @@ impl StockClient {
             .await;
     }
 
+    /// Inserts at the end of the text as it is when the command runs (one step in the client,
+    /// unlike `text` + `insert`, between which remote updates may arrive).
+    pub async fn append(&mut self, text: &str) {
+        self.cmd(json!({"cmd": "append", "text": text})).await;
+    }
+
     pub async fn text(&mut self) -> String {
         self.cmd(json!({"cmd": "text"})).await["text"]
             .as_str()
