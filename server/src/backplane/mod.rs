@@ -8,9 +8,8 @@
 
 pub mod embedded;
 pub mod redis;
-mod wal;
 
-pub use wal::{Damage, WalError};
+pub use embedded::wal_replay::{Damage, WalError};
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
@@ -99,7 +98,7 @@ pub enum BackplaneError {
     /// The embedded log's write-ahead segments cannot be replayed without losing
     /// acknowledged entries.
     #[error(transparent)]
-    Wal(#[from] wal::WalError),
+    Wal(#[from] WalError),
 }
 
 pub type BackplaneResult<T> = Result<T, BackplaneError>;

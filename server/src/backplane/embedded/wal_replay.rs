@@ -1,10 +1,4 @@
-//! The embedded log's write-ahead file (data-flow step 4): a group of appends is one write and one fdatasync here before it is acknowledged; redb takes the entries later, in bulk.
-//!
-//! A segment is a header (magic, the id of the redb file it belongs to, and a cut: see
-//! below) followed by groups, each one write and one fdatasync: `GROUP_MAGIC u32 | len u32 |
-//! records`, a record being `len u32 | crc32 u32 | body`. The header's id keeps a segment
-//! from ever being replayed into another database (a log file deleted or restored from a
-//! backup beside a left-over segment).
+//! Embedded log, recovery (before data-flow step 4 resumes at startup): reads write-ahead segments back, telling a torn tail from damage.
 //!
 //! Replay tells a torn tail from damage. The writer starts a group only once the one before
 //! it is on disk, so only the last group of the log can be half written by a crash (in any
@@ -17,206 +11,11 @@
 //! segment's number and where its acknowledged bytes end), so that junk is not mistaken for
 //! damage.
 
-use super::LogHead;
-use bytes::{BufMut, Bytes, BytesMut};
-use chorus_protocol::{DocId, StreamId};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use super::wal::{
+    Cut, Format, HEADER, HEADER_V1, MAGIC, MAGIC_V1, Record, list_segments, parent_dir, unit_at,
+};
+use std::io;
 use std::path::{Path, PathBuf};
-
-const MAGIC: &[u8; 8] = b"CHWAL\0\0\x02";
-/// Segments an earlier version wrote: a 16-byte header (no cut) and records without groups.
-const MAGIC_V1: &[u8; 8] = b"CHWAL\0\0\x01";
-const HEADER_V1: usize = 16;
-/// Magic, database id, cut segment number (0: none), cut length.
-const HEADER: u64 = 32;
-const RECORD_HEADER: usize = 8;
-/// Not ASCII and not a small number, so neither text nor zeros look like a group.
-const GROUP_MAGIC: [u8; 4] = [0xc7, 0x1a, 0xe5, 0x93];
-const GROUP_HEADER: usize = 8;
-/// A record can hold the largest update a node accepts, with room to spare; a length above
-/// this is a torn or foreign tail, not a record.
-const MAX_RECORD: usize = 1 << 30;
-
-const KIND_APPEND: u8 = 1;
-const KIND_TRIM: u8 = 2;
-const KIND_HEAD: u8 = 3;
-
-/// What one record says happened to a document. Each carries the document's head after it,
-/// so replay restores the metadata without reading anything else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
-    /// An entry with id `head.last`; `value` is the log table's row (origin header + update).
-    Append {
-        doc: DocId,
-        head: LogHead,
-        value: Bytes,
-    },
-    /// Entries below `before` were removed.
-    Trim {
-        doc: DocId,
-        head: LogHead,
-        before: StreamId,
-    },
-    /// A new log (a first open): its epoch must survive before anyone is told it.
-    Head { doc: DocId, head: LogHead },
-}
-
-impl Record {
-    pub fn doc(&self) -> &DocId {
-        match self {
-            Record::Append { doc, .. } | Record::Trim { doc, .. } | Record::Head { doc, .. } => doc,
-        }
-    }
-
-    pub fn head(&self) -> LogHead {
-        match self {
-            Record::Append { head, .. } | Record::Trim { head, .. } | Record::Head { head, .. } => {
-                *head
-            }
-        }
-    }
-
-    /// Appends this record, framed, to `buf`.
-    pub fn encode_into(&self, buf: &mut BytesMut) {
-        let start = buf.len();
-        buf.put_u32_le(0);
-        buf.put_u32_le(0);
-        let (kind, doc, head) = match self {
-            Record::Append { doc, head, .. } => (KIND_APPEND, doc, head),
-            Record::Trim { doc, head, .. } => (KIND_TRIM, doc, head),
-            Record::Head { doc, head } => (KIND_HEAD, doc, head),
-        };
-        buf.put_u8(kind);
-        let name = doc.as_str().as_bytes();
-        buf.put_u16_le(name.len() as u16);
-        buf.put_slice(name);
-        for v in [
-            head.epoch,
-            head.last.ms,
-            head.last.seq,
-            head.floor.ms,
-            head.floor.seq,
-        ] {
-            buf.put_u64_le(v);
-        }
-        match self {
-            Record::Append { value, .. } => buf.put_slice(value),
-            Record::Trim { before, .. } => {
-                buf.put_u64_le(before.ms);
-                buf.put_u64_le(before.seq);
-            }
-            Record::Head { .. } => {}
-        }
-        let body = start + RECORD_HEADER;
-        let len = (buf.len() - body) as u32;
-        let crc = crc32fast::hash(&buf[body..]);
-        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        buf[start + 4..body].copy_from_slice(&crc.to_le_bytes());
-    }
-
-    fn decode(body: &[u8]) -> Option<Record> {
-        let mut r = Cursor(body);
-        let kind = r.u8()?;
-        let name_len = usize::from(r.u16()?);
-        let name = std::str::from_utf8(r.take(name_len)?).ok()?;
-        let doc = DocId::parse(name).ok()?;
-        let head = LogHead {
-            epoch: r.u64()?,
-            last: StreamId::new(r.u64()?, r.u64()?),
-            floor: StreamId::new(r.u64()?, r.u64()?),
-        };
-        let record = match kind {
-            KIND_APPEND => Record::Append {
-                doc,
-                head,
-                value: Bytes::copy_from_slice(r.0),
-            },
-            KIND_TRIM => {
-                let before = StreamId::new(r.u64()?, r.u64()?);
-                r.end()?;
-                Record::Trim { doc, head, before }
-            }
-            KIND_HEAD => {
-                r.end()?;
-                Record::Head { doc, head }
-            }
-            _ => return None,
-        };
-        Some(record)
-    }
-}
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Some(u64::from_le_bytes(a))
-    }
-    fn end(&self) -> Option<()> {
-        self.0.is_empty().then_some(())
-    }
-}
-
-/// `log.redb` → `log.redb.wal-0000000042`.
-pub fn segment_path(base: &Path, seq: u64) -> PathBuf {
-    let mut name = base.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".wal-{seq:010}"));
-    base.with_file_name(name)
-}
-
-/// The segments beside `base`, oldest first.
-pub fn list_segments(base: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let dir = parent_dir(base);
-    let prefix = format!(
-        "{}.wal-",
-        base.file_name().unwrap_or_default().to_string_lossy()
-    );
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(seq) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        found.push((seq, entry.path()));
-    }
-    found.sort();
-    Ok(found)
-}
-
-fn parent_dir(base: &Path) -> &Path {
-    match base.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Makes a new or removed directory entry survive a power loss.
-pub fn sync_dir(base: &Path) -> io::Result<()> {
-    File::open(parent_dir(base))?.sync_all()
-}
 
 /// Why the write-ahead log cannot be replayed. Either way the node must not start: what is
 /// missing was acknowledged.
@@ -254,32 +53,16 @@ pub enum Damage {
     NoHeader,
 }
 
-/// Where a write that failed and could not be undone left segment `seq`: its acknowledged
-/// bytes end at `len`, and what lies past it was never acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cut {
-    pub seq: u64,
-    pub len: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Groups after a 32-byte header.
-    Groups,
-    /// Bare records after a 16-byte header (an earlier version).
-    Records,
-}
-
 /// A segment as replay will read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Planned {
-    pub seq: u64,
-    pub path: PathBuf,
-    pub what: Holds,
+pub(super) struct Planned {
+    pub(super) seq: u64,
+    pub(super) path: PathBuf,
+    pub(super) what: Holds,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Holds {
+pub(super) enum Holds {
     /// Written for another database (or created by a crash before its header was whole):
     /// nothing to replay.
     Nothing(Skipped),
@@ -292,7 +75,7 @@ pub enum Holds {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skipped {
+pub(super) enum Skipped {
     OtherDatabase,
     /// A header cut short (or zeros where it should be) and nothing after it.
     UnfinishedHeader,
@@ -336,7 +119,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, WalError> {
 
 /// Reads every segment beside `base` and decides what replay takes from each: all whole
 /// groups, with the log's torn tail cut off. Fails if anything acknowledged is damaged.
-pub fn plan_replay(base: &Path, wal_id: u64) -> Result<Vec<Planned>, WalError> {
+pub(super) fn plan_replay(base: &Path, wal_id: u64) -> Result<Vec<Planned>, WalError> {
     let segments = list_segments(base).map_err(|source| WalError::Io {
         path: parent_dir(base).to_path_buf(),
         source,
@@ -381,7 +164,7 @@ pub fn plan_replay(base: &Path, wal_id: u64) -> Result<Vec<Planned>, WalError> {
 }
 
 /// The records a planned segment holds, oldest first.
-pub fn read_planned(planned: &Planned) -> Result<Vec<Record>, WalError> {
+pub(super) fn read_planned(planned: &Planned) -> Result<Vec<Record>, WalError> {
     let Holds::Records { format, whole, .. } = &planned.what else {
         return Ok(Vec::new());
     };
@@ -479,155 +262,15 @@ pub(super) fn group_starts(path: &Path) -> Vec<u64> {
     starts
 }
 
-/// The whole group (or, in the older format, record) at `at`: its records, and where the
-/// next one starts.
-fn unit_at(data: &[u8], at: usize, format: Format) -> Option<(Vec<Record>, usize)> {
-    if format == Format::Records {
-        let (record, next) = record_at(data, at)?;
-        return Some((vec![record], next));
-    }
-    if data.get(at..at + 4)? != GROUP_MAGIC {
-        return None;
-    }
-    let len = u32::from_le_bytes(data.get(at + 4..at + GROUP_HEADER)?.try_into().ok()?) as usize;
-    let end = (at + GROUP_HEADER).checked_add(len)?;
-    let group = data.get(..end)?;
-    let mut records = Vec::new();
-    let mut r = at + GROUP_HEADER;
-    while r < end {
-        let (record, next) = record_at(group, r)?;
-        records.push(record);
-        r = next;
-    }
-    // The writer never writes an empty group.
-    (!records.is_empty()).then_some((records, end))
-}
-
-/// The whole record at `at` within `data`, and where the next one starts.
-fn record_at(data: &[u8], at: usize) -> Option<(Record, usize)> {
-    let header = data.get(at..at + RECORD_HEADER)?;
-    let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
-    if len > MAX_RECORD {
-        return None;
-    }
-    let body = data.get(at + RECORD_HEADER..at + RECORD_HEADER + len)?;
-    if crc32fast::hash(body) != crc {
-        return None;
-    }
-    Some((Record::decode(body)?, at + RECORD_HEADER + len))
-}
-
-/// Records that go to disk with one write and one fdatasync: the unit a crash can tear.
-pub struct Group {
-    buf: BytesMut,
-}
-
-impl Default for Group {
-    fn default() -> Self {
-        let mut buf = BytesMut::with_capacity(4096);
-        buf.put_slice(&GROUP_MAGIC);
-        buf.put_u32_le(0);
-        Group { buf }
-    }
-}
-
-impl Group {
-    pub fn push(&mut self, record: &Record) {
-        record.encode_into(&mut self.buf);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.len() == GROUP_HEADER
-    }
-
-    /// The group as it goes to disk.
-    fn framed(&mut self) -> &[u8] {
-        let len = (self.buf.len() - GROUP_HEADER) as u32;
-        self.buf[4..GROUP_HEADER].copy_from_slice(&len.to_le_bytes());
-        &self.buf
-    }
-}
-
-/// The segment being appended to.
-pub struct Segment {
-    file: File,
-    pub seq: u64,
-    /// Bytes written and synced, header included.
-    pub len: u64,
-}
-
-impl Segment {
-    /// Creates segment `seq` for the database `wal_id`, carrying `cut` (an earlier segment a
-    /// failed write left junk in); its header and directory entry are durable when this
-    /// returns.
-    pub fn create(base: &Path, seq: u64, wal_id: u64, cut: Option<Cut>) -> io::Result<Segment> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(segment_path(base, seq))?;
-        let mut header = BytesMut::with_capacity(HEADER as usize);
-        header.put_slice(MAGIC);
-        header.put_u64_le(wal_id);
-        let cut = cut.unwrap_or(Cut { seq: 0, len: 0 });
-        header.put_u64_le(cut.seq);
-        header.put_u64_le(cut.len);
-        file.write_all(&header)?;
-        file.sync_all()?;
-        sync_dir(base)?;
-        Ok(Segment {
-            file,
-            seq,
-            len: HEADER,
-        })
-    }
-
-    /// Writes `group` and waits until it is on disk. On failure the segment is cut back to
-    /// what was synced before, durably, so a later group never follows a half-written one; if
-    /// even that fails the segment must not be written again (`poisoned` says where its
-    /// acknowledged bytes end, for the next segment's header).
-    pub fn append(&mut self, group: &mut Group) -> Result<(), AppendError> {
-        let bytes = group.framed();
-        let written = self
-            .file
-            .write_all(bytes)
-            .and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.len += bytes.len() as u64;
-                Ok(())
-            }
-            Err(error) => {
-                // Synced too: a cut the disk forgets would leave the failed group's bytes in
-                // front of the next one, which replay would take for damage.
-                let restored = self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop))
-                    .and_then(|()| self.file.sync_data());
-                Err(AppendError {
-                    error,
-                    poisoned: restored.is_err().then_some(Cut {
-                        seq: self.seq,
-                        len: self.len,
-                    }),
-                })
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct AppendError {
-    pub error: io::Error,
-    /// Set when the segment could not be cut back and must not be written again.
-    pub poisoned: Option<Cut>,
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::wal::{GROUP_HEADER, Group, RECORD_HEADER, Segment, segment_path};
     use super::*;
+    use crate::backplane::LogHead;
+    use bytes::{Bytes, BytesMut};
+    use chorus_protocol::{DocId, StreamId};
+    use std::fs::OpenOptions;
+    use std::io::Write;
 
     fn head(last: u64) -> LogHead {
         LogHead {

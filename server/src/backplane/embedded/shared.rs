@@ -1,0 +1,118 @@
+//! Embedded log, between the write and redb (data-flow steps 4–5): acknowledged changes redb does not hold yet, and the segment being written.
+
+use super::wal::{self, Segment};
+use crate::backplane::{Entry, LogHead};
+use chorus_protocol::{DocId, StreamId};
+use redb::Database;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What an entry costs in the pending set beyond its update bytes.
+pub(super) const ENTRY_OVERHEAD: usize = 96;
+
+/// Acknowledged changes that redb does not hold yet, by document.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) docs: HashMap<DocId, PendingDoc>,
+    /// Update bytes (plus overhead) of every entry in `docs`.
+    pub(super) bytes: usize,
+}
+
+pub(super) struct PendingDoc {
+    /// The document's head as its newest change left it: authoritative over redb's row.
+    pub(super) head: LogHead,
+    /// The segment that holds the newest change to `head`.
+    pub(super) head_seg: u64,
+    /// Oldest first, each with the segment that holds it.
+    pub(super) entries: VecDeque<(u64, Entry)>,
+    /// Trims redb has not applied yet, with their segments.
+    pub(super) trims: Vec<(u64, StreamId)>,
+}
+
+/// What the writer, the checkpoint thread and readers share.
+pub(super) struct Shared {
+    pub(super) db: Database,
+    pub(super) pending: Mutex<Pending>,
+    /// The segment being written. Lock order: `active`, then `pending`.
+    pub(super) active: Mutex<Active>,
+    /// The write-ahead segments are named after the redb file.
+    pub(super) base: PathBuf,
+    /// Written in every segment's header, so segments only ever replay into this database.
+    pub(super) wal_id: u64,
+    pub(super) checkpoint_after: Duration,
+}
+
+pub(super) struct Active {
+    /// `None` after a write failed and the segment could not be cut back, or once closed.
+    pub(super) segment: Option<Segment>,
+    pub(super) next_seq: u64,
+    /// When the segment got its first record.
+    pub(super) dirty_since: Option<Instant>,
+    /// Where the acknowledged bytes of a segment a failed write left junk in end, until a new
+    /// segment's header carries it.
+    pub(super) cut: Option<wal::Cut>,
+}
+
+impl Active {
+    /// Creates the next segment, carrying the pending cut. A number whose creation failed is
+    /// not used again (its file may exist, unfinished).
+    pub(super) fn start_segment(&mut self, base: &Path, wal_id: u64) -> std::io::Result<Segment> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let segment = Segment::create(base, seq, wal_id, self.cut)?;
+        self.cut = None;
+        Ok(segment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::embedded::wal::Record;
+    use crate::backplane::embedded::wal_replay;
+
+    #[test]
+    fn the_segment_after_a_poisoned_one_carries_its_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("log.redb");
+        let doc = DocId::parse("d").expect("doc id");
+        let head = LogHead {
+            epoch: 1,
+            last: StreamId::new(1, 0),
+            floor: StreamId::ZERO,
+        };
+        let mut seg = Segment::create(&base, 1, 7, None).expect("create");
+        let mut records = wal::Group::default();
+        records.push(&Record::Head { doc, head });
+        seg.append(&mut records).expect("append");
+        // What a write that failed and could not be cut back left behind it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(wal::segment_path(&base, 1))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"half a group"))
+            .expect("junk");
+        let mut active = Active {
+            segment: None,
+            next_seq: 2,
+            dirty_since: None,
+            cut: Some(wal::Cut {
+                seq: 1,
+                len: seg.len,
+            }),
+        };
+        let next = active.start_segment(&base, 7).expect("next segment");
+        assert_eq!((next.seq, active.next_seq, active.cut), (2, 3, None));
+        let mut more = wal::Group::default();
+        more.push(&Record::Head {
+            doc: DocId::parse("e").expect("doc id"),
+            head,
+        });
+        let mut next = next;
+        next.append(&mut more).expect("append");
+        let planned =
+            wal_replay::plan_replay(&base, 7).expect("the junk is known not to be damage");
+        assert_eq!(planned.len(), 2);
+    }
+}
