@@ -1,4 +1,4 @@
-//! Embedded log, write-ahead segments into redb (after data-flow step 4): the checkpoint thread, and replay at startup.
+//! Embedded log, checkpoint side (after data-flow step 4): moves write-ahead segments into redb, and replays those a crash left at startup.
 
 use super::shared::{ENTRY_OVERHEAD, Pending, Shared};
 use super::store::{LOG, META, encode_value, head_from, head_to, trim};

@@ -1,4 +1,4 @@
-//! The embedded log's write-ahead file (data-flow step 4): a group of appends is one write and one fdatasync here before it is acknowledged; redb takes the entries later, in bulk.
+//! Embedded log, write-ahead file (data-flow step 4): a group of appends is one write and one fdatasync here before it is acknowledged; redb takes the entries later, in bulk.
 //!
 //! This file holds the format and the writing; `wal_replay.rs` reads segments back.
 //!

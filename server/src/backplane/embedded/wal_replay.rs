@@ -1,4 +1,4 @@
-//! Embedded log, recovery (before data-flow step 4 resumes at startup): reads write-ahead segments back, telling a torn tail from damage.
+//! Embedded log, recovery (at startup, before data-flow step 4 resumes): reads write-ahead segments back and tells a torn tail from damage.
 //!
 //! Replay tells a torn tail from damage. The writer starts a group only once the one before
 //! it is on disk, so only the last group of the log can be half written by a crash (in any
