@@ -25,6 +25,9 @@ pub struct Origin {
     pub conn: u64,
     /// The client's `seq` for the update, echoed in the ack.
     pub seq: Option<u64>,
+    /// The connection's append chain for this document (see [`Chains`]). Only the writing
+    /// node's log writer reads it; it is not stored in the log (read back as 0).
+    pub chain: u64,
 }
 
 /// One log entry: a validated yrs v1 update.
@@ -95,6 +98,12 @@ pub enum BackplaneError {
     Overloaded,
     #[error("the backplane is shut down")]
     Closed,
+    /// An earlier append of the same connection to the same document failed and the
+    /// connection had not heard of it when it made this one (see [`Chains`]).
+    #[error(
+        "an earlier update of this connection to this document was not appended, and this one may build on it; send your state again"
+    )]
+    EarlierAppendFailed,
     /// The embedded log's write-ahead segments cannot be replayed without losing
     /// acknowledged entries.
     #[error(transparent)]
@@ -222,6 +231,71 @@ pub trait Backplane: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'static, ()>;
 }
 
+/// Keeps one connection's appends to one document a prefix of what it sent.
+///
+/// A connection admits an update that builds on one of its own appends still in flight (that
+/// is what lets one socket pipeline its writes). If that append then fails (Redis away, a full
+/// disk) while a later one goes through once the log is back, the log holds an update without
+/// what it builds on: every document parks it as pending and every client that receives it
+/// holds an update it cannot integrate (found by the chaos test). So a log writer that fails
+/// an append remembers its (document, connection, chain), and refuses every later append of
+/// that chain with [`BackplaneError::EarlierAppendFailed`]. The connection starts a new chain
+/// once it has heard of the failure, from when on it refuses updates that build on the failed
+/// one itself (`lost` in the sessions). Only a failed write adds an entry; entries go once the
+/// connection moves on, or after [`CHAIN_MEMORY`] (an append is written or failed long before).
+#[derive(Default)]
+pub(crate) struct Chains {
+    failed: std::collections::HashMap<(DocId, u64), (u64, std::time::Instant)>,
+}
+
+/// How long a failed chain is remembered: far longer than any append waits in a writer's queue.
+const CHAIN_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Failed chains remembered at most (a burst of failures across many connections).
+const MAX_CHAINS: usize = 65_536;
+
+impl Chains {
+    /// Whether an append may be written: not if an earlier append of its chain failed.
+    pub fn admits(&mut self, doc: &DocId, origin: Option<&Origin>) -> bool {
+        let Some(o) = origin else {
+            return true;
+        };
+        if self.failed.is_empty() {
+            return true;
+        }
+        let key = (doc.clone(), o.conn);
+        match self.failed.get(&key) {
+            Some((chain, _)) if o.chain <= *chain => false,
+            Some(_) => {
+                self.failed.remove(&key); // the connection heard and moved on
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// An append of this chain failed (or was refused): later ones of the chain must not go.
+    pub fn fail(&mut self, doc: &DocId, origin: Option<&Origin>) {
+        let Some(o) = origin else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if self.failed.len() >= MAX_CHAINS {
+            self.failed
+                .retain(|_, (_, at)| now.duration_since(*at) < CHAIN_MEMORY);
+        }
+        if self.failed.len() >= MAX_CHAINS {
+            // Still full of fresh failures: forget the oldest half rather than grow.
+            let mut ages: Vec<std::time::Instant> = self.failed.values().map(|(_, at)| *at).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            self.failed.retain(|_, (_, at)| *at > cut);
+        }
+        let entry = self.failed.entry((doc.clone(), o.conn)).or_insert((o.chain, now));
+        *entry = (entry.0.max(o.chain), now);
+    }
+}
+
 /// The future of a queued write: `admitted` is whether the bounded queue took it (admission
 /// happens at call time, which is what keeps appends in call order); the answer comes from
 /// the writer once the write is durable.
@@ -279,6 +353,31 @@ mod tests {
         assert_eq!(next_id(a, 100), StreamId::new(100, 1));
         assert_eq!(next_id(StreamId::new(100, 1), 50), StreamId::new(100, 2));
         assert_eq!(next_id(StreamId::new(100, 1), 101), StreamId::new(101, 0));
+    }
+
+    #[test]
+    fn a_failed_append_fails_the_rest_of_its_chain_until_the_connection_moves_on() {
+        let doc = DocId::parse("d").expect("doc id");
+        let other = DocId::parse("e").expect("doc id");
+        let origin = |conn, chain| Origin {
+            node: 1,
+            conn,
+            seq: None,
+            chain,
+        };
+        let mut chains = Chains::default();
+        assert!(chains.admits(&doc, Some(&origin(7, 0))));
+        chains.fail(&doc, Some(&origin(7, 0)));
+        assert!(!chains.admits(&doc, Some(&origin(7, 0))), "same chain");
+        assert!(chains.admits(&doc, Some(&origin(8, 0))), "another connection");
+        assert!(chains.admits(&other, Some(&origin(7, 0))), "another document");
+        assert!(chains.admits(&doc, None), "appends without an origin (HTTP)");
+        assert!(chains.admits(&doc, Some(&origin(7, 1))), "the connection moved on");
+        assert!(chains.admits(&doc, Some(&origin(7, 0))), "and the entry is gone");
+        for conn in 0..(MAX_CHAINS as u64 + 10) {
+            chains.fail(&doc, Some(&origin(conn, 0)));
+        }
+        assert!(chains.failed.len() <= MAX_CHAINS, "bounded");
     }
 
     #[test]

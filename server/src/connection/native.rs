@@ -22,6 +22,8 @@ use std::time::Instant;
 pub struct AppendDone {
     pub doc: DocId,
     pub seq: Option<u64>,
+    /// The append chain it belonged to (see `backplane::Chains`).
+    pub chain: u64,
     pub result: Result<Position, BackplaneError>,
 }
 
@@ -35,7 +37,7 @@ pub fn start_append(
     origin: Origin,
 ) -> AppendFuture {
     let fut = registry.backplane().append(doc, update, Some(origin));
-    let (doc, seq) = (doc.clone(), origin.seq);
+    let (doc, seq, chain) = (doc.clone(), origin.seq, origin.chain);
     let started = std::time::Instant::now();
     fut.map(move |result| {
         let hot = crate::metrics::hot();
@@ -45,7 +47,12 @@ pub fn start_append(
             Err(_) => &hot.append_errors,
         }
         .increment(1);
-        AppendDone { doc, seq, result }
+        AppendDone {
+            doc,
+            seq,
+            chain,
+            result,
+        }
     })
     .boxed()
 }
@@ -101,6 +108,10 @@ pub struct NativeSession {
     /// Per document, the yrs clients whose appends from this socket failed: their next updates
     /// build on something that will never arrive unless the client resends it.
     lost: HashMap<DocId, std::collections::HashSet<u64>>,
+    /// Per document, this socket's append chain: a new one starts when an append failed, so
+    /// the log refuses the appends made before we heard (they may build on the failed one)
+    /// and takes those made after (see `backplane::Chains`).
+    chains: HashMap<DocId, u64>,
     /// New subscriptions (`--max-subscribes-per-second`): unsubscribing frees a place under
     /// `--max-docs-per-connection`, and without this a loop of both would load a document
     /// each turn.
@@ -125,6 +136,7 @@ impl NativeSession {
             errors: ErrorBudget::new(),
             own: HashMap::new(),
             lost: HashMap::new(),
+            chains: HashMap::new(),
             subscribes,
         }
     }
@@ -358,6 +370,7 @@ impl NativeSession {
             node: self.registry.node(),
             conn: self.outbox.conn,
             seq,
+            chain: self.chains.get(&id).copied().unwrap_or(0),
         };
         self.inflight.push(start_append(
             &self.registry,
@@ -416,6 +429,7 @@ impl Session for NativeSession {
                 {
                     self.own.remove(&id);
                     self.lost.remove(&id);
+                    self.chains.remove(&id);
                     handle.unsubscribe(self.outbox.conn).await;
                 }
                 Step::Continue
@@ -450,6 +464,10 @@ impl Session for NativeSession {
             Ok(_) => Step::Continue,
             Err(e) => {
                 tracing::warn!(doc = %done.doc, error = %e, "append failed");
+                let chain = self.chains.entry(done.doc.clone()).or_default();
+                if *chain == done.chain {
+                    *chain += 1;
+                }
                 // What this socket's later updates may build on did not make it into the log.
                 if let Some(own) = self.own.remove(&done.doc) {
                     self.lost

@@ -196,6 +196,9 @@ impl YjsSession {
             node: self.registry.node(),
             conn: self.outbox.conn,
             seq: None,
+            // One chain for the socket's life: a failed append closes it (see `on_appended`),
+            // and the log refuses the appends still queued behind the failed one.
+            chain: 0,
         };
         self.inflight
             .push(start_append(&self.registry, &self.doc, update, origin));

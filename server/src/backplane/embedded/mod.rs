@@ -116,6 +116,7 @@ impl EmbeddedBackplane {
             shared: shared.clone(),
             sink: sink.clone(),
             checkpoints,
+            chains: Default::default(),
         };
         tracker.spawn_blocking(move || {
             writer.run(rx);
@@ -269,6 +270,7 @@ mod tests {
                     node: 1,
                     conn: 2,
                     seq: Some(u64::from(i)),
+                    chain: 0,
                 };
                 let p = bp
                     .append(&doc, Bytes::from(vec![i]), Some(origin))

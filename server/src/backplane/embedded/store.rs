@@ -157,6 +157,7 @@ pub(super) fn encode_value(origin: Option<Origin>, update: &[u8]) -> BytesMut {
         node: 0,
         conn: 0,
         seq: None,
+        chain: 0,
     });
     v.put_u8(flags);
     v.put_u64_le(o.node);
@@ -183,6 +184,7 @@ pub(super) fn decode_value(v: &[u8]) -> BackplaneResult<(Option<Origin>, Bytes)>
             node: u64_at(1),
             conn: u64_at(9),
             seq: (flags & 2 != 0).then(|| u64_at(17)),
+            chain: 0,
         }),
     };
     Ok((origin, Bytes::copy_from_slice(&v[ORIGIN_HEADER..])))

@@ -6,7 +6,8 @@ use super::store::{encode_value, head_in, stored_newest_below};
 use super::wal::{self, Record};
 use super::{lock, storage};
 use crate::backplane::{
-    BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, new_epoch, next_id, now_ms,
+    BackplaneError, BackplaneResult, Chains, Entry, EntrySink, LogHead, Origin, new_epoch, next_id,
+    now_ms,
 };
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
@@ -65,6 +66,8 @@ pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,
     pub(super) sink: Arc<OnceLock<Weak<dyn EntrySink>>>,
     pub(super) checkpoints: Arc<Checkpoints>,
+    /// Appends whose chain broke are refused (see [`Chains`]).
+    pub(super) chains: Chains,
 }
 
 /// What a written group hands out once the fsync returned.
@@ -104,7 +107,13 @@ impl Writer {
     fn commit_group(&mut self, group: Vec<WriteOp>) {
         let mut done = Vec::with_capacity(group.len());
         let mut delivered: Vec<(DocId, u64, Vec<Entry>)> = Vec::new();
+        let (group, chained) = self.refuse_broken_chains(group);
         let result = self.write(group, &mut done, &mut delivered);
+        if result.is_err() {
+            for (doc, origin) in &chained {
+                self.chains.fail(doc, Some(origin));
+            }
+        }
         match result {
             Ok(()) => {
                 for d in done {
@@ -131,6 +140,31 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Answers the appends whose chain broke (an earlier one failed) and returns the rest, with
+    /// the chains of those that have one (to break them if this group fails).
+    fn refuse_broken_chains(&mut self, group: Vec<WriteOp>) -> (Vec<WriteOp>, Vec<(DocId, Origin)>) {
+        let mut kept = Vec::with_capacity(group.len());
+        let mut chained = Vec::new();
+        for op in group {
+            if let WriteOp::Append {
+                doc,
+                origin: Some(origin),
+                ..
+            } = &op
+            {
+                if !self.chains.admits(doc, Some(origin)) {
+                    if let WriteOp::Append { reply, .. } = op {
+                        let _ = reply.send(Err(BackplaneError::EarlierAppendFailed));
+                    }
+                    continue;
+                }
+                chained.push((doc.clone(), *origin));
+            }
+            kept.push(op);
+        }
+        (kept, chained)
     }
 
     /// The head `doc` has now: the pending set's, else redb's (`None`: no log yet).
