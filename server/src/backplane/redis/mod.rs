@@ -39,10 +39,10 @@ pub use conn::commands_sent;
 
 use self::cluster::{Shards, Topology, cluster_topology, run_topology};
 use self::conn::{Conn, lock, query, storage};
-use self::keys::{REVOCATIONS_KEY, lock_key, node_key};
+use self::keys::{lock_key, node_key};
 use self::nodes::{run_heartbeat, run_waker};
 use self::reader::{Reader, spawn_reader};
-use self::reply::{as_array, parse_entries, parse_id, parse_u64};
+use self::reply::parse_read;
 use self::revocations::run_revocations;
 use self::scripts::{READ_LUA, TRIM_LUA, UNLOCK_LUA, eval, script};
 use self::writer::{QUEUE_CAPACITY, WriteOp, run_writer};
@@ -278,24 +278,7 @@ impl Backplane for RedisBackplane {
         let timeout = self.inner.settings.timeout;
         let mut cmd = eval(&script(READ_LUA), doc);
         cmd.arg(after.to_string());
-        async move {
-            let v = query(&mut conn, &cmd, timeout).await?;
-            let mut parts = as_array(v)?.into_iter();
-            let head = LogHead {
-                epoch: parse_u64(parts.next().as_ref())?,
-                floor: parse_id(parts.next().as_ref())?,
-                last: parse_id(parts.next().as_ref())?,
-            };
-            let entries = match parts.next() {
-                Some(v) => parse_entries(v)?
-                    .into_iter()
-                    .map(|(_, e)| e)
-                    .collect::<Vec<_>>(),
-                None => Vec::new(),
-            };
-            Ok((head, entries))
-        }
-        .boxed()
+        async move { parse_read(query(&mut conn, &cmd, timeout).await?) }.boxed()
     }
 
     fn trim(&self, doc: &DocId, before: StreamId) -> BoxFuture<'static, BackplaneResult<()>> {
@@ -389,31 +372,7 @@ impl Backplane for RedisBackplane {
     }
 
     fn publish_revocation(&self, rev: Revocation) -> BoxFuture<'static, BackplaneResult<()>> {
-        let mut conn = self.inner.conn.clone();
-        let timeout = self.inner.settings.timeout;
-        async move {
-            let mut cmd = redis::cmd("XADD");
-            // Kept generously: a subject revocation matters for as long as tokens issued before
-            // it live, and entries are tiny.
-            cmd.arg(REVOCATIONS_KEY)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(100_000)
-                .arg("*")
-                .arg("t")
-                .arg(rev.at);
-            if let Some(sub) = &rev.sub {
-                cmd.arg("s").arg(sub);
-            }
-            if let Some(jti) = &rev.jti {
-                cmd.arg("j").arg(jti);
-            }
-            if let Some(exp) = rev.exp {
-                cmd.arg("x").arg(exp);
-            }
-            query(&mut conn, &cmd, timeout).await.map(drop)
-        }
-        .boxed()
+        revocations::publish(self.inner.conn.clone(), self.inner.settings.timeout, rev).boxed()
     }
 
     fn watch_revocations(&self, apply: RevocationSink) -> BoxFuture<'static, ()> {

@@ -1,6 +1,6 @@
 //! Redis backplane, wire format (data-flow steps 4–5): replies parsed to entries; the origin field.
 
-use crate::backplane::{BackplaneError, BackplaneResult, Entry, Origin};
+use crate::backplane::{BackplaneError, BackplaneResult, Entry, LogHead, Origin};
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus_protocol::StreamId;
 use redis::Value;
@@ -123,8 +123,26 @@ pub(super) fn entry_from(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<
     ))
 }
 
+/// READ_LUA reply → the log's head and the entries after the cursor.
+pub(super) fn parse_read(v: Value) -> BackplaneResult<(LogHead, Vec<Entry>)> {
+    let mut parts = as_array(v)?.into_iter();
+    let head = LogHead {
+        epoch: parse_u64(parts.next().as_ref())?,
+        floor: parse_id(parts.next().as_ref())?,
+        last: parse_id(parts.next().as_ref())?,
+    };
+    let entries = match parts.next() {
+        Some(v) => parse_entries(v)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>(),
+        None => Vec::new(),
+    };
+    Ok((head, entries))
+}
+
 /// XRANGE reply → (epoch, entry) pairs.
-pub(super) fn parse_entries(v: Value) -> BackplaneResult<Vec<(u64, Entry)>> {
+fn parse_entries(v: Value) -> BackplaneResult<Vec<(u64, Entry)>> {
     Ok(parse_raw_entries(v)?
         .iter()
         .filter_map(|(id, f)| entry_from(id, f))

@@ -4,10 +4,38 @@ use super::conn::{Conn, query};
 use super::keys::REVOCATIONS_KEY;
 use super::reader::{BLOCK, ReadConn, Reader};
 use super::reply::parse_xread;
-use crate::backplane::{Revocation, RevocationSink};
+use crate::backplane::{BackplaneResult, Revocation, RevocationSink};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::oneshot;
+
+/// Appends one revocation to the stream every node follows.
+pub(super) async fn publish(
+    mut conn: Conn,
+    timeout: Duration,
+    rev: Revocation,
+) -> BackplaneResult<()> {
+    let mut cmd = redis::cmd("XADD");
+    // Kept generously: a subject revocation matters for as long as tokens issued before
+    // it live, and entries are tiny.
+    cmd.arg(REVOCATIONS_KEY)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(100_000)
+        .arg("*")
+        .arg("t")
+        .arg(rev.at);
+    if let Some(sub) = &rev.sub {
+        cmd.arg("s").arg(sub);
+    }
+    if let Some(jti) = &rev.jti {
+        cmd.arg("j").arg(jti);
+    }
+    if let Some(exp) = rev.exp {
+        cmd.arg("x").arg(exp);
+    }
+    query(&mut conn, &cmd, timeout).await.map(drop)
+}
 
 /// Follows the revocation stream from its start for as long as the node runs, reconnecting
 /// after Redis failures and continuing after the last entry applied. Until it has read to the

@@ -109,39 +109,47 @@ async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>) {
             }
         })
     });
-    let presence = awareness.into_iter().map(|(doc, update)| {
-        let mut conn = inner.conn.clone();
-        let timeout = inner.settings.timeout;
-        let ttl = inner.settings.presence_ttl.as_millis() as u64;
-        let node = inner.node;
-        async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("XADD")
-                .arg(aw_key(&doc))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(256)
-                .arg("*")
-                .arg("n")
-                .arg(node.to_string())
-                .arg("u")
-                .arg(update.as_ref())
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(aw_key(&doc))
-                .arg(ttl.max(1000) * 2)
-                .ignore();
-            if let Ok(Err(e)) =
-                tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await
-            {
-                tracing::debug!(doc = %doc, error = %e, "awareness publish failed");
-            }
-        }
-    });
+    let presence = awareness
+        .into_iter()
+        .map(|(doc, update)| publish_awareness(inner, doc, update));
     let written: Vec<DocId> = index.into_keys().collect();
     futures_util::join!(join_all(appends), join_all(presence));
     // After the appends returned, so a woken reader finds the entries.
     wake_shards(inner, &written).await;
+}
+
+/// One awareness update: XADD to the document's awareness stream (kept short) and a fresh
+/// expiry, in one pipeline. Best-effort: a failure is only logged.
+fn publish_awareness(
+    inner: &Inner,
+    doc: DocId,
+    update: Bytes,
+) -> impl std::future::Future<Output = ()> + 'static {
+    let mut conn = inner.conn.clone();
+    let timeout = inner.settings.timeout;
+    let ttl = inner.settings.presence_ttl.as_millis() as u64;
+    let node = inner.node;
+    async move {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(aw_key(&doc))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(256)
+            .arg("*")
+            .arg("n")
+            .arg(node.to_string())
+            .arg("u")
+            .arg(update.as_ref())
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(aw_key(&doc))
+            .arg(ttl.max(1000) * 2)
+            .ignore();
+        if let Ok(Err(e)) = tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await {
+            tracing::debug!(doc = %doc, error = %e, "awareness publish failed");
+        }
+    }
 }
 
 async fn append_batch(conn: &mut Conn, body: &str, batch: DocBatch, timeout: Duration) {
