@@ -8,7 +8,7 @@ use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use chorus_server::backplane::embedded::EmbeddedBackplane;
 use chorus_server::backplane::redis::{RedisBackplane, RedisSettings};
-use chorus_server::backplane::{Backplane, Entry, EntrySink, LogHead, Origin};
+use chorus_server::backplane::{Backplane, BackplaneError, Entry, EntrySink, LogHead, Origin};
 use chorus_tests::redis::RedisServer;
 use chorus_tests::{DEADLINE, eventually};
 use std::sync::{Arc, Mutex};
@@ -122,6 +122,7 @@ fn origin(seq: u64) -> Option<Origin> {
         node: 7,
         conn: 9,
         seq: Some(seq),
+        chain: 0,
     })
 }
 
@@ -477,5 +478,62 @@ async fn redis_cluster_reader_rechecks_its_documents_after_a_stall() {
         .await;
     }
     sink.wait_rechecked("stalled").await;
+    bp.close().await;
+}
+
+/// A connection's appends to a document succeed as a prefix: once one fails (Redis away),
+/// the ones it made before it heard of the failure are refused even after Redis is back —
+/// they may build on the failed one, and a log holding an update without what it builds on
+/// leaves every reader with an update it cannot integrate. A new chain goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refuses_the_rest_of_a_chain_whose_append_failed() {
+    let mut server = RedisServer::start().await;
+    let tracker = TaskTracker::new();
+    let bp = RedisBackplane::connect(
+        RedisSettings::from_urls(
+            &[server.url()],
+            Duration::from_millis(500),
+            Duration::from_secs(2),
+        ),
+        1,
+        &tracker,
+    )
+    .await
+    .expect("connect");
+    let d = DocId::parse("chain").expect("doc");
+    let from = |conn, chain| {
+        Some(Origin {
+            node: 7,
+            conn,
+            seq: None,
+            chain,
+        })
+    };
+    bp.append(&d, Bytes::from_static(b"1"), from(1, 0))
+        .await
+        .expect("append");
+    server.kill9().await;
+    let failed = bp.append(&d, Bytes::from_static(b"2"), from(1, 0)).await;
+    assert!(failed.is_err(), "no ack without Redis: {failed:?}");
+    server.restart().await;
+    // Another connection's appends are not held back: they show Redis is back.
+    eventually(
+        "appends work again after Redis is back",
+        DEADLINE,
+        || async {
+            bp.append(&d, Bytes::from_static(b"x"), from(2, 0))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let same_chain = bp.append(&d, Bytes::from_static(b"3"), from(1, 0)).await;
+    assert!(
+        matches!(same_chain, Err(BackplaneError::EarlierAppendFailed)),
+        "the failed append's chain is broken: {same_chain:?}"
+    );
+    bp.append(&d, Bytes::from_static(b"4"), from(1, 1))
+        .await
+        .expect("a new chain is written");
     bp.close().await;
 }

@@ -286,12 +286,16 @@ impl Chains {
         }
         if self.failed.len() >= MAX_CHAINS {
             // Still full of fresh failures: forget the oldest half rather than grow.
-            let mut ages: Vec<std::time::Instant> = self.failed.values().map(|(_, at)| *at).collect();
+            let mut ages: Vec<std::time::Instant> =
+                self.failed.values().map(|(_, at)| *at).collect();
             ages.sort_unstable();
             let cut = ages[ages.len() / 2];
             self.failed.retain(|_, (_, at)| *at > cut);
         }
-        let entry = self.failed.entry((doc.clone(), o.conn)).or_insert((o.chain, now));
+        let entry = self
+            .failed
+            .entry((doc.clone(), o.conn))
+            .or_insert((o.chain, now));
         *entry = (entry.0.max(o.chain), now);
     }
 }
@@ -369,11 +373,26 @@ mod tests {
         assert!(chains.admits(&doc, Some(&origin(7, 0))));
         chains.fail(&doc, Some(&origin(7, 0)));
         assert!(!chains.admits(&doc, Some(&origin(7, 0))), "same chain");
-        assert!(chains.admits(&doc, Some(&origin(8, 0))), "another connection");
-        assert!(chains.admits(&other, Some(&origin(7, 0))), "another document");
-        assert!(chains.admits(&doc, None), "appends without an origin (HTTP)");
-        assert!(chains.admits(&doc, Some(&origin(7, 1))), "the connection moved on");
-        assert!(chains.admits(&doc, Some(&origin(7, 0))), "and the entry is gone");
+        assert!(
+            chains.admits(&doc, Some(&origin(8, 0))),
+            "another connection"
+        );
+        assert!(
+            chains.admits(&other, Some(&origin(7, 0))),
+            "another document"
+        );
+        assert!(
+            chains.admits(&doc, None),
+            "appends without an origin (HTTP)"
+        );
+        assert!(
+            chains.admits(&doc, Some(&origin(7, 1))),
+            "the connection moved on"
+        );
+        assert!(
+            chains.admits(&doc, Some(&origin(7, 0))),
+            "and the entry is gone"
+        );
         for conn in 0..(MAX_CHAINS as u64 + 10) {
             chains.fail(&doc, Some(&origin(conn, 0)));
         }

@@ -144,7 +144,10 @@ impl Writer {
 
     /// Answers the appends whose chain broke (an earlier one failed) and returns the rest, with
     /// the chains of those that have one (to break them if this group fails).
-    fn refuse_broken_chains(&mut self, group: Vec<WriteOp>) -> (Vec<WriteOp>, Vec<(DocId, Origin)>) {
+    fn refuse_broken_chains(
+        &mut self,
+        group: Vec<WriteOp>,
+    ) -> (Vec<WriteOp>, Vec<(DocId, Origin)>) {
         let mut kept = Vec::with_capacity(group.len());
         let mut chained = Vec::new();
         for op in group {

@@ -32,6 +32,7 @@ fn decode_origin(v: &[u8]) -> Option<Origin> {
         node: u64_at(1),
         conn: u64_at(9),
         seq: (v[0] & 2 != 0).then(|| u64_at(17)),
+        chain: 0,
     })
 }
 
@@ -183,11 +184,13 @@ mod tests {
                 node: 1,
                 conn: 2,
                 seq: Some(3),
+                chain: 0,
             }),
             Some(Origin {
                 node: u64::MAX,
                 conn: 0,
                 seq: None,
+                chain: 0,
             }),
         ] {
             assert_eq!(decode_origin(&encode_origin(o)), o);

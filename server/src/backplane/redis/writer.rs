@@ -5,7 +5,7 @@ use super::conn::{Conn, query, query_op, storage};
 use super::keys::{aw_key, log_key, meta_key};
 use super::reply::{as_array, encode_origin, parse_id, parse_u64};
 use super::scripts::{APPEND_LUA, script};
-use crate::backplane::{BackplaneError, BackplaneResult, Origin, new_epoch};
+use crate::backplane::{BackplaneError, BackplaneResult, Chains, Origin, new_epoch};
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position};
 use futures_util::future::join_all;
@@ -44,6 +44,7 @@ struct DocBatch {
 }
 
 pub(super) async fn run_writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut chains = Chains::default();
     while let Some(first) = rx.recv().await {
         let mut group = Vec::with_capacity(64);
         group.push(first);
@@ -53,13 +54,15 @@ pub(super) async fn run_writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteOp
                 Err(_) => break,
             }
         }
-        write_group(&inner, group).await;
+        write_group(&inner, group, &mut chains).await;
     }
 }
 
 /// Writes one group: per document one EVAL with all its updates (in admission order), all
 /// documents concurrently, so a group costs about one round trip however many updates it has.
-async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>) {
+/// Appends whose chain broke are refused, and a failed batch breaks its appends' chains (see
+/// [`Chains`]).
+async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>, chains: &mut Chains) {
     let mut batches: Vec<DocBatch> = Vec::new();
     let mut index: HashMap<DocId, usize> = HashMap::new();
     let mut awareness: Vec<(DocId, Bytes)> = Vec::new();
@@ -71,6 +74,10 @@ async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>) {
                 origin,
                 reply,
             } => {
+                if !chains.admits(&doc, origin.as_ref()) {
+                    let _ = reply.send(Err(BackplaneError::EarlierAppendFailed));
+                    continue;
+                }
                 let i = match index.get(&doc) {
                     Some(&i) if batches[i].updates.len() < MAX_PER_EVAL => i,
                     _ => {
@@ -104,16 +111,27 @@ async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>) {
         let timeout = inner.settings.timeout;
         let body = append_script.clone();
         Some(async move {
-            for b in batches {
-                append_batch(&mut conn, &body, b, timeout).await;
+            // A later batch of the same document holds appends made after the failed ones.
+            let mut broken: Vec<Origin> = Vec::new();
+            for mut b in batches {
+                b.refuse_chains_of(&broken);
+                if let Err(origins) = append_batch(&mut conn, &body, b, timeout).await {
+                    broken.extend(origins);
+                }
             }
+            (doc, broken)
         })
     });
     let presence = awareness
         .into_iter()
         .map(|(doc, update)| publish_awareness(inner, doc, update));
     let written: Vec<DocId> = index.into_keys().collect();
-    futures_util::join!(join_all(appends), join_all(presence));
+    let (broken, _) = futures_util::join!(join_all(appends), join_all(presence));
+    for (doc, origins) in broken {
+        for o in &origins {
+            chains.fail(&doc, Some(o));
+        }
+    }
     // After the appends returned, so a woken reader finds the entries.
     wake_shards(inner, &written).await;
 }
@@ -152,7 +170,41 @@ fn publish_awareness(
     }
 }
 
-async fn append_batch(conn: &mut Conn, body: &str, batch: DocBatch, timeout: Duration) {
+impl DocBatch {
+    /// Answers the appends whose chain is among `broken` (an earlier batch of this document
+    /// failed them) and drops them from the batch.
+    fn refuse_chains_of(&mut self, broken: &[Origin]) {
+        if broken.is_empty() {
+            return;
+        }
+        let mut kept = Vec::with_capacity(self.updates.len());
+        for (update, origin, reply) in self.updates.drain(..) {
+            let hit = origin.is_some_and(|o| {
+                broken
+                    .iter()
+                    .any(|b| b.conn == o.conn && b.node == o.node && o.chain <= b.chain)
+            });
+            if hit {
+                let _ = reply.send(Err(BackplaneError::EarlierAppendFailed));
+            } else {
+                kept.push((update, origin, reply));
+            }
+        }
+        self.updates = kept;
+    }
+}
+
+/// Sends one batch. On failure answers every append in it with the error and returns their
+/// origins (their chains are broken).
+async fn append_batch(
+    conn: &mut Conn,
+    body: &str,
+    batch: DocBatch,
+    timeout: Duration,
+) -> Result<(), Vec<Origin>> {
+    if batch.updates.is_empty() {
+        return Ok(());
+    }
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(body)
         .arg(2)
@@ -179,13 +231,17 @@ async fn append_batch(conn: &mut Conn, body: &str, batch: DocBatch, timeout: Dur
             for ((_, _, reply), id) in batch.updates.into_iter().zip(ids) {
                 let _ = reply.send(Ok(Position::new(epoch, id)));
             }
+            Ok(())
         }
         Err(e) => {
             tracing::warn!(doc = %batch.doc, error = %e, "append to redis failed; nothing in this batch is acknowledged");
             let msg = e.to_string();
-            for (_, _, reply) in batch.updates {
+            let mut origins = Vec::new();
+            for (_, origin, reply) in batch.updates {
                 let _ = reply.send(Err(BackplaneError::Storage(msg.clone())));
+                origins.extend(origin);
             }
+            Err(origins)
         }
     }
 }
