@@ -289,6 +289,21 @@ async fn redis_backplane_conforms() {
     .await;
 }
 
+/// A Redis backplane that gives up on a round trip after 500 ms (faults show quickly).
+async fn redis_with_short_timeout(server: &RedisServer, tracker: &TaskTracker) -> RedisBackplane {
+    RedisBackplane::connect(
+        RedisSettings::from_urls(
+            &[server.url()],
+            Duration::from_millis(500),
+            Duration::from_secs(2),
+        ),
+        1,
+        tracker,
+    )
+    .await
+    .expect("connect")
+}
+
 /// Redis specifics the shared suite cannot express: a log whose stream key alone was deleted
 /// is a lost log too (new epoch), and appends with Redis down fail within the bound and are
 /// never acknowledged.
@@ -296,17 +311,7 @@ async fn redis_backplane_conforms() {
 async fn redis_detects_a_deleted_stream_and_fails_appends_when_down() {
     let mut server = RedisServer::start().await;
     let tracker = TaskTracker::new();
-    let bp = RedisBackplane::connect(
-        RedisSettings::from_urls(
-            &[server.url()],
-            Duration::from_millis(500),
-            Duration::from_secs(2),
-        ),
-        1,
-        &tracker,
-    )
-    .await
-    .expect("connect");
+    let bp = redis_with_short_timeout(&server, &tracker).await;
     let d = DocId::parse("del").expect("doc");
     let p1 = bp
         .append(&d, Bytes::from_static(b"1"), None)
@@ -489,17 +494,7 @@ async fn redis_cluster_reader_rechecks_its_documents_after_a_stall() {
 async fn redis_refuses_the_rest_of_a_chain_whose_append_failed() {
     let mut server = RedisServer::start().await;
     let tracker = TaskTracker::new();
-    let bp = RedisBackplane::connect(
-        RedisSettings::from_urls(
-            &[server.url()],
-            Duration::from_millis(500),
-            Duration::from_secs(2),
-        ),
-        1,
-        &tracker,
-    )
-    .await
-    .expect("connect");
+    let bp = redis_with_short_timeout(&server, &tracker).await;
     let d = DocId::parse("chain").expect("doc");
     let from = |conn, chain| {
         Some(Origin {

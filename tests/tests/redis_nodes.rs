@@ -381,6 +381,13 @@ async fn a_node_cut_off_while_another_trims_reloads_from_the_snapshot_and_loses_
     };
     write(&mut on_a, 0).await;
     on_b.wait_text(DOC, "[0]").await;
+    // The first write made both nodes save a snapshot under the compaction lock; B must not be
+    // cut off while it holds it (A could not compact until it expires, 30 s later).
+    let lock = format!("chorus:{{{DOC}}}:lock");
+    chorus_tests::eventually("no node holds the compaction lock", DEADLINE, || async {
+        (redis.cli(&["EXISTS", &lock]).await.trim() == "0").then_some(())
+    })
+    .await;
 
     proxy.cut();
     let mut last_b_lacks = chorus_protocol::StreamId::ZERO;
