@@ -56,12 +56,17 @@ pub(super) struct Active {
 }
 
 impl Active {
-    /// Creates the next segment, carrying the pending cut. A number whose creation failed is
-    /// not used again (its file may exist, unfinished).
+    /// Creates the next segment, carrying the pending cut, or else where the segment it
+    /// follows ends (replay reads that one exactly that far: past it are only zeros it grew
+    /// by). A number whose creation failed is not used again (its file may exist, unfinished).
     pub(super) fn start_segment(&mut self, base: &Path, wal_id: u64) -> std::io::Result<Segment> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let segment = Segment::create(base, seq, wal_id, self.cut)?;
+        let ends = self.segment.as_ref().map(|s| wal::Cut {
+            seq: s.seq,
+            len: s.len,
+        });
+        let segment = Segment::create(base, seq, wal_id, self.cut.or(ends))?;
         self.cut = None;
         Ok(segment)
     }
@@ -72,6 +77,48 @@ mod tests {
     use super::*;
     use crate::backplane::embedded::wal::Record;
     use crate::backplane::embedded::wal_replay;
+
+    #[test]
+    fn a_rotated_segment_is_read_exactly_as_far_as_its_successor_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("log.redb");
+        let head = LogHead {
+            epoch: 1,
+            last: StreamId::new(1, 0),
+            floor: StreamId::ZERO,
+        };
+        let mut active = Active {
+            segment: None,
+            next_seq: 1,
+            dirty_since: None,
+            cut: None,
+        };
+        let mut first = active.start_segment(&base, 7).expect("first segment");
+        let mut group = wal::Group::default();
+        group.push(&Record::Head {
+            doc: DocId::parse("d").expect("doc id"),
+            head,
+        });
+        first.append(&mut group).expect("append");
+        let written = first.len;
+        active.segment = Some(first);
+        let second = active.start_segment(&base, 7).expect("rotate");
+        active.segment = Some(second);
+        assert_eq!(wal_replay::plan_replay(&base, 7).expect("plan").len(), 2);
+        // Its group zeroed: without the recorded end it would read as the zeros it grew by.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(wal::segment_path(&base, 1))
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&vec![0; (written - wal::HEADER) as usize], wal::HEADER)
+            })
+            .expect("zero");
+        assert!(matches!(
+            wal_replay::plan_replay(&base, 7),
+            Err(wal_replay::WalError::Corrupt { .. })
+        ));
+    }
 
     #[test]
     fn the_segment_after_a_poisoned_one_carries_its_cut() {

@@ -7,12 +7,17 @@
 //! records`, a record being `len u32 | crc32 u32 | body`. The header's id keeps a segment
 //! from ever being replayed into another database (a log file deleted or restored from a
 //! backup beside a left-over segment).
+//!
+//! A segment grows in zeroed steps of [`PREALLOCATE`] ahead of its groups, so a group lands
+//! inside the file and its fdatasync has no size change to journal. Replay stops at zeros
+//! after the last group (no group starts with zero bytes); a segment that ended by rotation is
+//! read exactly up to the length its successor's header records.
 
 use crate::backplane::LogHead;
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus_protocol::{DocId, StreamId};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub(super) const MAGIC: &[u8; 8] = b"CHWAL\0\0\x02";
@@ -28,6 +33,11 @@ pub(super) const GROUP_HEADER: usize = 8;
 /// A record can hold the largest update a node accepts, with room to spare; a length above
 /// this is a torn or foreign tail, not a record.
 const MAX_RECORD: usize = 1 << 30;
+
+/// Zeroed bytes a segment grows by ahead of its groups. Measured on this machine (300-byte
+/// writes, each followed by fdatasync): ~100 µs per fdatasync inside a zeroed file against
+/// 140–240 µs when every write grows it; one step covers thousands of small groups.
+pub(super) const PREALLOCATE: u64 = 1 << 20;
 
 const KIND_APPEND: u8 = 1;
 const KIND_TRIM: u8 = 2;
@@ -301,6 +311,8 @@ pub(super) struct Segment {
     pub(super) seq: u64,
     /// Bytes written and synced, header included.
     pub(super) len: u64,
+    /// The file's length: zeros from `len` on.
+    allocated: u64,
 }
 
 impl Segment {
@@ -331,7 +343,27 @@ impl Segment {
             file,
             seq,
             len: HEADER,
+            allocated: HEADER,
         })
+    }
+
+    /// Makes the file at least `end` bytes long, zeros past what was written, growing it by
+    /// [`PREALLOCATE`] steps. Not synced here: the next group's fdatasync carries it.
+    fn reserve(&mut self, end: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.div_ceil(PREALLOCATE).saturating_mul(PREALLOCATE);
+        let mut at = self.allocated;
+        while at < target {
+            let n = (target - at).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        self.allocated = target;
+        Ok(())
     }
 
     /// Writes `group` and waits until it is on disk. On failure the segment is cut back to
@@ -339,10 +371,12 @@ impl Segment {
     /// even that fails the segment must not be written again (`poisoned` says where its
     /// acknowledged bytes end, for the next segment's header).
     pub(super) fn append(&mut self, group: &mut Group) -> Result<(), AppendError> {
+        use std::os::unix::fs::FileExt;
         let bytes = group.framed();
+        let end = self.len + bytes.len() as u64;
         let written = self
-            .file
-            .write_all(bytes)
+            .reserve(end)
+            .and_then(|()| self.file.write_all_at(bytes, self.len))
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
@@ -352,10 +386,10 @@ impl Segment {
             Err(error) => {
                 // Synced too: a cut the disk forgets would leave the failed group's bytes in
                 // front of the next one, which replay would take for damage.
+                self.allocated = self.len;
                 let restored = self
                     .file
                     .set_len(self.len)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop))
                     .and_then(|()| self.file.sync_data());
                 Err(AppendError {
                     error,

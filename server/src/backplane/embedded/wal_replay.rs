@@ -153,7 +153,7 @@ pub(super) fn plan_replay(base: &Path, wal_id: u64) -> Result<Vec<Planned>, WalE
                 Holds::Records {
                     format,
                     whole: start..whole_end,
-                    torn_bytes: (data.len() - whole_end) as u64,
+                    torn_bytes: torn_bytes(&data, whole_end),
                 }
             }
         };
@@ -235,7 +235,9 @@ fn scan_groups(data: &[u8], format: Format, start: usize, limit: Option<u64>) ->
         } else {
             Tail::Clean
         }
-    } else if at == data.len() {
+    } else if data[at..].iter().all(|&b| b == 0) {
+        // The end of the groups, or zeros the segment grew by ahead of them (no group starts
+        // with a zero byte): nothing was written there.
         Tail::Clean
     } else if (at + 1..data.len()).any(|o| unit_at(data, o, format).is_some()) {
         // The writer starts a group only once the one before is on disk: this one was.
@@ -247,6 +249,13 @@ fn scan_groups(data: &[u8], format: Format, start: usize, limit: Option<u64>) ->
         Tail::Torn { at }
     };
     (at, tail)
+}
+
+/// Bytes after the whole groups that are not the zeros a segment grows by.
+fn torn_bytes(data: &[u8], whole_end: usize) -> u64 {
+    let tail = &data[whole_end.min(data.len())..];
+    let zeros = tail.iter().rev().take_while(|&&b| b == 0).count();
+    (tail.len() - zeros) as u64
 }
 
 /// Where each whole group of the segment at `path` starts.
@@ -270,7 +279,6 @@ mod tests {
     use bytes::{Bytes, BytesMut};
     use chorus_protocol::{DocId, StreamId};
     use std::fs::OpenOptions;
-    use std::io::Write;
 
     fn head(last: u64) -> LogHead {
         LogHead {
@@ -348,9 +356,23 @@ mod tests {
         std::fs::write(path, data).expect("write");
     }
 
+    /// Where the segment's whole groups end (past them: the zeros it grew by ahead of them).
+    fn data_end(path: &Path) -> u64 {
+        let data = std::fs::read(path).expect("read");
+        let mut at = HEADER as usize;
+        while let Some((_, next)) = unit_at(&data, at, Format::Groups) {
+            at = next;
+        }
+        at as u64
+    }
+
+    /// Writes `bytes` where the segment's bytes end, as the next write would (over the zeros
+    /// it grew by, and past them if need be).
     fn extend(path: &Path, bytes: &[u8]) {
-        let mut f = OpenOptions::new().append(true).open(path).expect("open");
-        f.write_all(bytes).expect("write");
+        use std::os::unix::fs::FileExt;
+        let at = data_end(path);
+        let f = OpenOptions::new().write(true).open(path).expect("open");
+        f.write_all_at(bytes, at).expect("write");
     }
 
     /// A group's bytes as `Segment::append` writes them.
@@ -403,7 +425,10 @@ mod tests {
         assert_eq!(torn_bytes(&base), vec![half as u64]);
 
         // And the file grew past it with zeros (its size reached the disk, its pages did not).
-        extend(&segment_path(&base, 3), &[0; 4096]);
+        let path = segment_path(&base, 3);
+        let len = std::fs::metadata(&path).expect("meta").len();
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(len + 4096).expect("grow");
         assert_eq!(replayed(&base).expect("replay"), all, "zeros are not data");
     }
 
@@ -422,7 +447,10 @@ mod tests {
         }
         extend(&path, &last);
         assert_eq!(replayed(&base).expect("replay"), all[..1].to_vec());
-        assert_eq!(torn_bytes(&base), vec![last.len() as u64]);
+        // Counted up to its last non-zero byte: trailing zeros of a torn group look like the
+        // zeros the segment grew by (and neither is data).
+        let torn = torn_bytes(&base)[0];
+        assert!(torn > 0 && torn <= last.len() as u64, "{torn}");
         // Its header lost too.
         for b in &mut last[..GROUP_HEADER] {
             *b = 0;
@@ -477,10 +505,45 @@ mod tests {
         std::fs::remove_file(segment_path(&base, 2)).expect("rm");
         write_segment(&base, 2, None, &[]);
         assert_eq!(replayed(&base).expect("torn").len(), 1);
-        assert_eq!(
-            torn_bytes(&base)[0],
-            std::fs::metadata(&older).expect("meta").len() - starts[1]
+        let torn = torn_bytes(&base)[0];
+        let group = framed(&all[1..]).len() as u64;
+        assert!(torn > 0 && torn <= group, "{torn}");
+    }
+
+    #[test]
+    fn segments_grow_in_zeroed_steps_that_replay_as_nothing_and_a_rotated_one_ends_where_its_successor_says()
+     {
+        use super::super::wal::PREALLOCATE;
+        let all = records();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("log.redb");
+        let older = segment_path(&base, 1);
+        let (starts, acked) = write_segment(&base, 1, None, &[&all[..1], &all[1..]]);
+        let size = std::fs::metadata(&older).expect("meta").len();
+        assert!(
+            size >= PREALLOCATE && size > acked,
+            "grown ahead of its groups ({size} bytes for {acked})"
         );
+        assert_eq!(replayed(&base).expect("replay"), all);
+        assert_eq!(
+            torn_bytes(&base),
+            vec![0],
+            "the zeros it grew by are not torn"
+        );
+        // Rotation: the next segment's header records where this one ends.
+        write_segment(&base, 2, Some(Cut { seq: 1, len: acked }), &[&all[..1]]);
+        let mut expected = all.clone();
+        expected.push(all[0].clone());
+        assert_eq!(replayed(&base).expect("replay"), expected);
+        assert_eq!(torn_bytes(&base), vec![0, 0]);
+        // An acknowledged group of the older segment turned to zeros is damage, not the end.
+        let f = OpenOptions::new().write(true).open(&older).expect("open");
+        {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; (acked - starts[1]) as usize];
+            f.write_all_at(&zeros, starts[1]).expect("zero");
+        }
+        expect_corrupt(replayed(&base), &older, starts[1], Damage::CutPartDamaged);
     }
 
     #[test]
