@@ -161,18 +161,6 @@ impl ServerFrame {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         Ok(rmp_serde::to_vec_named(self)?)
     }
-
-    /// The frame's `type` as it appears on the wire (for logs and metrics).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ServerFrame::Synced { .. } => "synced",
-            ServerFrame::Update { .. } => "update",
-            ServerFrame::Awareness { .. } => "awareness",
-            ServerFrame::Ack { .. } => "ack",
-            ServerFrame::AuthExpiring { .. } => "auth_expiring",
-            ServerFrame::Error { .. } => "error",
-        }
-    }
 }
 
 /// Borrowed encoders for the server's hot path: they write the same bytes as

@@ -135,12 +135,6 @@ impl<'a> Lib0Reader<'a> {
     pub fn string(&mut self) -> Scan<&'a str> {
         std::str::from_utf8(self.buf()?).map_err(|_| Rejected::Malformed("invalid UTF-8"))
     }
-
-    pub fn rest(&mut self) -> &'a [u8] {
-        let rest = &self.buf[self.pos..];
-        self.pos = self.buf.len();
-        rest
-    }
 }
 
 /// What an update needs from a document before yrs can integrate it.

@@ -81,12 +81,11 @@ impl LogHead {
         floor: StreamId::ZERO,
     };
 
-    /// Whether the log still holds every entry after `position` (so replay is exact).
-    pub fn can_replay_after(&self, position: Position) -> bool {
-        self.epoch != 0
-            && position.epoch == self.epoch
-            && position.id >= self.floor
-            && position.id <= self.last
+    /// Whether the log still holds every entry after `id` of its epoch: nothing after it was
+    /// trimmed. A reader that applied up to `id` and finds this false has a gap (see
+    /// `doc::actor::recover`), and a snapshot at `id` cannot be the base of this log.
+    pub fn holds_after(&self, id: StreamId) -> bool {
+        self.floor <= id
     }
 }
 

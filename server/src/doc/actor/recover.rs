@@ -83,7 +83,7 @@ impl Owner {
                 entries,
             };
             let covered = whole.covered();
-            if whole.head.floor <= covered {
+            if whole.head.holds_after(covered) {
                 return Ok(whole);
             }
             attempt += 1;
@@ -114,7 +114,7 @@ impl Owner {
             .read_after(&self.doc, self.applied)
             .await
         {
-            Ok((head, _)) if head.epoch == self.epoch && head.floor > self.applied => {
+            Ok((head, _)) if head.epoch == self.epoch && !head.holds_after(self.applied) => {
                 tracing::warn!(doc = %self.doc, applied = %self.applied, floor = %head.floor,
                     "the log was trimmed past what this node applied; reloading from the newest snapshot");
                 self.recover_gap().await;
@@ -144,7 +144,7 @@ impl Owner {
             .read_after(&self.doc, self.applied)
             .await
         {
-            Ok((head, _)) => head.epoch == self.epoch && head.floor > before,
+            Ok((head, _)) => head.epoch == self.epoch && !head.holds_after(before),
             // Unknown: take it as a gap. A reload that finds none costs one resync.
             Err(e) => {
                 tracing::warn!(doc = %self.doc, error = %e, "could not read the log's floor; reloading to be safe");
@@ -195,7 +195,7 @@ impl Owner {
             .read_after(&self.doc, StreamId::ZERO)
             .await
         {
-            Ok((head, entries)) if head.floor == StreamId::ZERO => Whole {
+            Ok((head, entries)) if head.holds_after(StreamId::ZERO) => Whole {
                 snapshot: None,
                 head,
                 entries,
@@ -310,7 +310,7 @@ impl Owner {
             .read_after(&self.doc, self.applied)
             .await
         {
-            Ok((head, entries)) if head.epoch == self.epoch && head.floor <= self.applied => {
+            Ok((head, entries)) if head.epoch == self.epoch && head.holds_after(self.applied) => {
                 let fresh = self.ingest(entries);
                 for e in &fresh {
                     self.fan_out(e);
