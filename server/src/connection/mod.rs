@@ -40,7 +40,7 @@ pub struct ConnContext {
     pub refused_writes: AtomicU64,
     /// Updates refused because what they build on never reached the document.
     pub refused_missing_deps: AtomicU64,
-    /// HTTP writes answered before this node applied them (see `http::post_update`).
+    /// HTTP writes answered before this node applied them (see `http::docs::post_update`).
     pub applied_late: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,

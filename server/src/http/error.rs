@@ -1,0 +1,108 @@
+//! Where a failed HTTP request ends: errors and refusals become statuses with JSON bodies.
+
+use crate::auth::AuthError;
+use crate::backplane::BackplaneError;
+use crate::connection::Refused;
+use crate::connection::sse;
+use crate::doc::DocError;
+use crate::validate::Rejected;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chorus_protocol::{DocIdError, PositionParseError};
+use serde_json::json;
+
+/// Errors of the HTTP API, each with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    BadDocId(#[from] DocIdError),
+    #[error("update rejected: {0}")]
+    BadUpdate(Rejected),
+    #[error("update too large: {0}")]
+    TooLarge(Rejected),
+    #[error("the log could not take the update; retry: {0}")]
+    Append(#[from] BackplaneError),
+    #[error("the document is unavailable; retry")]
+    Unavailable,
+    #[error("the document reached the {0}-byte limit and takes no more updates")]
+    DocumentTooLarge(usize),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("admin key missing or wrong")]
+    Admin,
+    #[error("the update builds on changes this document does not have")]
+    MissingDependencies,
+    #[error("bad position in {0}: {1}")]
+    BadPosition(&'static str, PositionParseError),
+    #[error("wait must be a number of seconds from 0 to {}", sse::MAX_WAIT.as_secs())]
+    BadWait,
+    #[error("{}", DocError::Full)]
+    NodeFull,
+    #[error("more than --max-api-requests-per-second requests from this address; retry in {}s", .0.as_secs().max(1))]
+    RateLimited(std::time::Duration),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::BadDocId(_) => (StatusCode::BAD_REQUEST, "bad_doc_id"),
+            ApiError::BadUpdate(_) => (StatusCode::BAD_REQUEST, "bad_update"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Append(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::DocumentTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "document_too_large"),
+            ApiError::Auth(AuthError::Forbidden | AuthError::Origin) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
+            ApiError::Auth(AuthError::Expired) => (StatusCode::UNAUTHORIZED, "token_expired"),
+            ApiError::Auth(AuthError::Revoked) => (StatusCode::UNAUTHORIZED, "token_revoked"),
+            ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
+            ApiError::Admin => (StatusCode::UNAUTHORIZED, "bad_admin_key"),
+            ApiError::MissingDependencies => (StatusCode::CONFLICT, "missing_dependencies"),
+            ApiError::BadPosition(..) => (StatusCode::BAD_REQUEST, "bad_position"),
+            ApiError::BadWait => (StatusCode::BAD_REQUEST, "bad_wait"),
+            ApiError::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "node_full"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        };
+        let retry_after = match &self {
+            ApiError::RateLimited(wait) => Some(wait.as_secs().max(1)),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        let mut resp = (
+            status,
+            axum::Json(json!({"error": code, "message": self.to_string()})),
+        )
+            .into_response();
+        if let Some(v) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+impl From<DocError> for ApiError {
+    fn from(e: DocError) -> Self {
+        match e {
+            DocError::Full => ApiError::NodeFull,
+            DocError::Gone | DocError::Unavailable => ApiError::Unavailable,
+        }
+    }
+}
+
+pub(super) fn refused(r: Refused) -> Response {
+    let (status, retry, code) = match r {
+        Refused::RateLimited(wait) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            wait.as_secs().max(1),
+            "rate_limited",
+        ),
+        Refused::Full => (StatusCode::SERVICE_UNAVAILABLE, 5, "too_many_connections"),
+        Refused::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, 1, "shutting_down"),
+    };
+    let mut resp = (status, axum::Json(json!({"error": code}))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&retry.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
