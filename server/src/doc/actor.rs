@@ -73,6 +73,10 @@ pub(crate) struct Owner {
     /// state sent to a joining client), reused while the document stays at that position:
     /// joins of a large idle document don't each re-encode it.
     full_state: std::cell::RefCell<Option<(Position, Bytes)>>,
+    /// The whole-document answer as each wire frames it (native `synced`, y-websocket step 2),
+    /// at a position: every client that joins with nothing gets the same bytes, so a join
+    /// storm on a large document holds one framed copy, not one per joiner.
+    whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; 2]>,
 }
 
 /// Callers waiting for one document to apply an entry (read-your-writes, a position from
@@ -110,6 +114,7 @@ impl Owner {
             awareness_owner: HashMap::new(),
             departed: 0,
             full_state: std::cell::RefCell::new(None),
+            whole_answers: std::cell::RefCell::new([None, None]),
         }
     }
 
@@ -281,7 +286,7 @@ impl Owner {
         };
         if !fresh.is_empty() {
             // The document moved on; don't hold a stale copy of it.
-            *self.full_state.get_mut() = None;
+            self.forget_encoded();
         }
         match pending {
             Some(sv) => self
@@ -405,8 +410,11 @@ impl Owner {
             Command::Awareness { conn, update } => self.apply_awareness(conn, update),
             Command::SyncStep1 { conn, state_vector } => {
                 if let Some(sub) = self.subs.get(&conn) {
-                    let diff = self.encode_diff(&state_vector);
-                    let frame = Bytes::from(yws::sync_step2(&diff));
+                    let frame = if state_vector.is_empty() {
+                        self.whole_answer(Proto::Yjs)
+                    } else {
+                        Bytes::from(yws::sync_step2(&self.encode_diff(&state_vector)))
+                    };
                     sub.outbox.push_synced(&self.doc, frame, self.position());
                 }
             }

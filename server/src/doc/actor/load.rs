@@ -7,7 +7,7 @@ use crate::doc::outbox::Proto;
 use crate::doc::{Command, DocError};
 use bytes::Bytes;
 use chorus_protocol::y_websocket as yws;
-use chorus_protocol::{Position, encode};
+use chorus_protocol::Position;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
@@ -44,8 +44,10 @@ impl Owner {
             // The snapshot is the whole document when the log holds nothing after it.
             let whole = current && entries.iter().all(|e| e.id <= s.position.id);
             if whole && s.state.len() >= ANSWER_WHILE_LOADING {
-                self.integrate_answering(s.state.clone(), commands).await?;
-                *self.full_state.borrow_mut() = Some((s.position, s.state));
+                // The snapshot's bytes are the whole document at its position: joins answered
+                // while it integrates take their frames from them (`whole_answer`).
+                *self.full_state.get_mut() = Some((s.position, s.state.clone()));
+                self.integrate_answering(s.state, commands).await?;
             } else {
                 let update = Update::decode_v1(&s.state)
                     .map_err(|e| format!("snapshot does not decode: {e}"))?;
@@ -163,11 +165,7 @@ impl Owner {
                 match proto {
                     Proto::Native => {
                         answered();
-                        outbox.push_synced(
-                            &self.doc,
-                            Bytes::from(encode::synced(self.doc.as_str(), state, position, false)),
-                            position,
-                        )
+                        outbox.push_synced(&self.doc, self.whole_answer(proto), position)
                     }
                     // A y-websocket client asks with its own step 1; ours follows once we have
                     // a state vector.
@@ -180,7 +178,7 @@ impl Owner {
                 if state_vector.is_empty() && self.subs.contains_key(&conn) =>
             {
                 answered();
-                let frame = Bytes::from(yws::sync_step2(state));
+                let frame = self.whole_answer(Proto::Yjs);
                 self.subs[&conn]
                     .outbox
                     .push_synced(&self.doc, frame, position);

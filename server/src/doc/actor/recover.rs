@@ -237,7 +237,7 @@ impl Owner {
         self.recent_bytes = 0;
         self.recent_floor = self.applied;
         self.since_snapshot = (0, 0);
-        *self.full_state.get_mut() = None;
+        self.forget_encoded();
         let fresh = self.ingest(whole.entries);
         self.gap = false;
         self.retry_at = None;

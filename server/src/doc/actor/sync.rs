@@ -24,8 +24,15 @@ impl Owner {
             return;
         };
         let position = self.position();
+        let wants_all = from.state_vector.as_ref().is_none_or(|sv| sv.is_empty());
+        let replay = from.position.and_then(|p| self.replay_after(p));
+        if replay.is_none() && wants_all {
+            let frame = self.whole_answer(sub.outbox.proto);
+            sub.outbox.push_synced(&self.doc, frame, position);
+            return;
+        }
         let state_diff = || self.encode_diff(&from.state_vector.clone().unwrap_or_default());
-        let (update, replay) = match from.position.and_then(|p| self.replay_after(p)) {
+        let (update, replay) = match replay {
             Some(update) if update.len() <= LARGE_REPLAY => (update, true),
             Some(update) => {
                 // A long replay can be far larger than the state it leads to (a value
@@ -82,6 +89,35 @@ impl Owner {
             tracing::error!(doc = %self.doc, "document failed to encode");
             Update::EMPTY_V1.to_vec()
         })
+    }
+
+    /// The whole document framed for `proto` at the current position (cached: see
+    /// `Owner::whole_answers`).
+    pub(super) fn whole_answer(&self, proto: Proto) -> Bytes {
+        let position = self.position();
+        let slot = match proto {
+            Proto::Native => 0,
+            Proto::Yjs => 1,
+        };
+        if let Some((at, frame)) = &self.whole_answers.borrow()[slot]
+            && *at == position
+        {
+            return frame.clone();
+        }
+        let state = self.encode_whole();
+        let frame = Bytes::from(match proto {
+            Proto::Native => encode::synced(self.doc.as_str(), &state, position, false),
+            Proto::Yjs => yws::sync_step2(&state),
+        });
+        self.whole_answers.borrow_mut()[slot] = Some((position, frame.clone()));
+        frame
+    }
+
+    /// The document changed without its position moving past the cached copies (a reload):
+    /// drop them.
+    pub(super) fn forget_encoded(&mut self) {
+        *self.full_state.get_mut() = None;
+        *self.whole_answers.get_mut() = [None, None];
     }
 
     /// The whole document, from the cache when it is still at the current position.
