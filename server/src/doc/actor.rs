@@ -74,8 +74,10 @@ pub(crate) struct Owner {
     /// joins of a large idle document don't each re-encode it.
     full_state: std::cell::RefCell<Option<(Position, Bytes)>>,
     /// The whole-document answer as each wire frames it (native `synced`, y-websocket step 2),
-    /// at a position: every client that joins with nothing gets the same bytes, so a join
-    /// storm on a large document holds one framed copy, not one per joiner.
+    /// at a position: every client that joins with nothing gets the same bytes, so the owner
+    /// encodes and frames a large document once per join storm, not once per joiner. (Each
+    /// socket's writer still copies the frame into its own buffer while it sends it: 100 joins
+    /// of a 5 MB document peaked at +490 MB before and after this cache.)
     whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; 2]>,
 }
 
