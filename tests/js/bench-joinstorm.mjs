@@ -1,6 +1,12 @@
-// Join storm probe: C stock-protocol joins (sync step 1, empty state vector) at once on a
-// document of about MB megabytes; prints p50/max time to the whole document and the server's
-// peak RSS growth. Usage: node joinstorm.mjs PORT PID C MB
+// Benchmark (not a test; data-flow step 3 under a join storm): C stock-protocol clients join a
+// document of about MB megabytes at once (y-websocket sync step 1 with an empty state vector)
+// and wait for the whole document. Prints p50/max time to the whole document and the server's
+// peak RSS growth (VmHWM, so run it on a fresh server process).
+//
+// Usage (from tests/js, against a running chorus with raised limits, e.g.
+// CHORUS_MAX_CONNECTIONS_PER_IP=0 CHORUS_MAX_API_REQUESTS_PER_SECOND=0
+// CHORUS_MAX_UPDATE_BYTES=67108864 CHORUS_MAX_MESSAGE_BYTES=67108864):
+//   node bench-joinstorm.mjs PORT SERVER_PID C MB
 import * as Y from 'yjs'
 import WebSocket from 'ws'
 import fs from 'node:fs'
