@@ -110,7 +110,8 @@ pub struct NativeSession {
     lost: HashMap<DocId, std::collections::HashSet<u64>>,
     /// Per document, this socket's append chain: a new one starts when an append failed, so
     /// the log refuses the appends made before we heard (they may build on the failed one)
-    /// and takes those made after (see `backplane::Chains`).
+    /// and takes those made after (see `backplane::Chains`). An entry exists only for a
+    /// document one of whose appends failed.
     chains: HashMap<DocId, u64>,
     /// New subscriptions (`--max-subscribes-per-second`): unsubscribing frees a place under
     /// `--max-docs-per-connection`, and without this a loop of both would load a document
@@ -429,7 +430,8 @@ impl Session for NativeSession {
                 {
                     self.own.remove(&id);
                     self.lost.remove(&id);
-                    self.chains.remove(&id);
+                    // `chains` stays: the log may still remember this socket's failed chain for
+                    // the document, and a re-subscription must not start that chain over.
                     handle.unsubscribe(self.outbox.conn).await;
                 }
                 Step::Continue
