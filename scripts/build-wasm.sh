@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the browser package: client-wasm (release, wasm32) → wasm-bindgen --target web → web-demo/pkg.
-# Used by run.sh and test.sh; installs the wasm32 target and wasm-bindgen-cli when missing and says so.
+# Builds the browser package: client-wasm (release, wasm32) → wasm-bindgen --target web → web-demo/pkg,
+# plus the Y.Doc provider (client-wasm/js) beside it, then bundles the demo's editor (esbuild) into
+# web-demo/dist. Used by run.sh and test.sh; installs the wasm32 target, wasm-bindgen-cli and the
+# demo's npm packages (npm ci) when missing and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,3 +51,20 @@ fi
 
 wasm=web-demo/pkg/chorus_client_bg.wasm
 say "wasm package ready: $wasm is $(wc -c <"$wasm") bytes, $(gzip -9c "$wasm" | wc -c) gzipped"
+
+say "Copying the Y.Doc provider (client-wasm/js: ChorusProvider + its .d.ts) into web-demo/pkg"
+cp client-wasm/js/chorus-provider.js client-wasm/js/chorus-provider.d.ts web-demo/pkg/
+
+# The demo's editor (CodeMirror 6, y-codemirror.next, yjs) comes from npm, pinned by
+# web-demo/package-lock.json, and is bundled here: the page fetches nothing from a CDN.
+if [ ! -x web-demo/node_modules/.bin/esbuild ] || [ web-demo/package-lock.json -nt web-demo/node_modules/.package-lock.json ]; then
+  say "Installing the demo's editor packages (npm ci in web-demo: codemirror, y-codemirror.next, yjs, esbuild)"
+  (cd web-demo && npm ci --no-audit --no-fund --loglevel=error)
+fi
+say "Bundling the demo page (esbuild web-demo/src/app.js → web-demo/dist/app.js; the wasm glue in pkg/ stays a separate module)"
+# ../pkg/chorus_client.js stays external: it finds its .wasm by import.meta.url, which must be pkg/.
+# dist/lib.js: ChorusClient + ChorusProvider + yjs for pages that have no bundler (and the tests).
+web-demo/node_modules/.bin/esbuild web-demo/src/app.js web-demo/src/lib.js --bundle --format=esm --minify \
+  --target=es2022 --external:../pkg/chorus_client.js --outdir=web-demo/dist --log-level=warning
+js=web-demo/dist/app.js
+say "demo bundle ready: $js is $(wc -c <"$js") bytes, $(gzip -9c "$js" | wc -c) gzipped"

@@ -72,7 +72,7 @@ cargo build -p chorus-server --bin chorus
 say "Running all tests (unit + integration, against real sockets and processes)"
 cargo test --workspace
 
-say "Running the browser tests (node --test: real chorus processes, the demo page and an EventSource reader behind nginx in headless chromium)"
-(cd tests/browser && node --test --test-concurrency=1 demo.test.mjs sse.test.mjs)
+say "Running the browser tests (node --test: real chorus processes; the demo page and its CodeMirror editor, ChorusProvider beside a stock y-websocket client, and an EventSource reader behind nginx, in headless chromium)"
+(cd tests/browser && node --test --test-concurrency=1 demo.test.mjs editor.test.mjs sse.test.mjs)
 
 say "All tests passed in $(( $(date +%s) - started ))s"

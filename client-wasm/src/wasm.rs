@@ -26,6 +26,9 @@ struct DocListeners {
     remote_update: Vec<Function>,
     presence: Vec<Function>,
     synced: Vec<Function>,
+    pending: Vec<Function>,
+    /// The unacknowledged-update count last reported to `pending` listeners.
+    last_pending: usize,
 }
 
 /// The closures of the current socket, kept alive as long as it may call them.
@@ -53,6 +56,17 @@ struct Inner {
     persist_scheduled: bool,
     /// The server warned that the token expires: ask the provider for a fresh one.
     refresh_due: bool,
+    /// The window's `online`/`offline` listeners, removed by `close()`.
+    network: Option<NetworkHandlers>,
+}
+
+/// Follows the browser's network state: `offline` drops the socket at once (a socket across a
+/// lost network is usually dead, and the browser may take minutes to notice; until the close,
+/// edits would sit in its send buffer looking sent), `online` reconnects without waiting out
+/// the backoff. Edits made meanwhile stay pending and are resent on the next socket.
+struct NetworkHandlers {
+    online: Closure<dyn FnMut()>,
+    offline: Closure<dyn FnMut()>,
 }
 
 /// A connection to a Chorus server (`ws://host/v1/ws`), carrying any number of documents.
@@ -237,7 +251,10 @@ fn collect_calls(inner: &mut Inner, ev: Event, calls: &mut Vec<(Function, JsValu
             }
         }
         Event::TextChanged { doc, ops } => {
-            if let Some(l) = inner.docs.get(&doc) {
+            // A document bound to a Y.Doc has no text listeners: skip the JSON round trip.
+            if let Some(l) = inner.docs.get(&doc)
+                && !l.change.is_empty()
+            {
                 let delta = serde_json::to_string(&ops)
                     .ok()
                     .and_then(|s| JSON::parse(&s).ok())
@@ -289,6 +306,15 @@ fn collect_calls(inner: &mut Inner, ev: Event, calls: &mut Vec<(Function, JsValu
         }
         Event::TokenExpiring { .. } => inner.refresh_due = true,
         Event::Dirty { doc } => {
+            // Every change of the pending set (a local update queued, an ack, a refusal) comes
+            // with `Dirty`: tell `onPending` listeners when the count moved.
+            let pending = inner.session.doc(&doc).map_or(0, |d| d.pending.len());
+            if let Some(l) = inner.docs.get_mut(&doc)
+                && l.last_pending != pending
+            {
+                l.last_pending = pending;
+                push(&l.pending, (pending as u32).into(), JsValue::UNDEFINED);
+            }
             if inner.storage_prefix.is_some() {
                 inner.dirty.insert(doc);
             }
@@ -457,6 +483,42 @@ fn on_closed(shared: &Shared, generation: u64, code: u16) {
     }
 }
 
+fn reconnect_now(shared: &Shared) {
+    {
+        let mut inner = shared.borrow_mut();
+        if inner.ws.is_some() {
+            return;
+        }
+        // Invalidates the pending backoff timer.
+        inner.generation += 1;
+    }
+    connect(shared);
+}
+
+/// The browser lost the network: treat the socket as closed now (1006, so the usual backoff
+/// applies until `online`). Does nothing between sockets, so repeated events are harmless.
+fn drop_socket(shared: &Shared) {
+    let (ws, generation) = {
+        let inner = shared.borrow();
+        (inner.ws.clone(), inner.generation)
+    };
+    let Some(ws) = ws else { return };
+    // Its close event carries an old generation once `on_closed` ran, and is ignored.
+    let _ = ws.close();
+    on_closed(shared, generation, 1006);
+}
+
+fn watch_network(shared: &Shared) {
+    let Some(w) = web_sys::window() else { return };
+    let s = shared.clone();
+    let online = Closure::<dyn FnMut()>::new(move || reconnect_now(&s));
+    let s = shared.clone();
+    let offline = Closure::<dyn FnMut()>::new(move || drop_socket(&s));
+    let _ = w.add_event_listener_with_callback("online", online.as_ref().unchecked_ref());
+    let _ = w.add_event_listener_with_callback("offline", offline.as_ref().unchecked_ref());
+    shared.borrow_mut().network = Some(NetworkHandlers { online, offline });
+}
+
 #[wasm_bindgen]
 impl ChorusClient {
     /// `url`: the server's native endpoint, e.g. `ws://localhost:8080/v1/ws`. `options`:
@@ -509,7 +571,9 @@ impl ChorusClient {
             dirty: BTreeSet::new(),
             persist_scheduled: false,
             refresh_due: false,
+            network: None,
         }));
+        watch_network(&inner);
         connect(&inner);
         Ok(ChorusClient { inner })
     }
@@ -531,7 +595,9 @@ impl ChorusClient {
                 if !restored {
                     inner.session.open(name).map_err(js_err)?;
                 }
-                inner.docs.entry(name.to_string()).or_default();
+                // A restored document may start with unacknowledged updates.
+                let pending = inner.session.doc(name).map_or(0, |d| d.pending.len());
+                inner.docs.entry(name.to_string()).or_default().last_pending = pending;
             }
         }
         pump(&self.inner);
@@ -564,17 +630,10 @@ impl ChorusClient {
         self.inner.borrow().status.clone()
     }
 
-    /// Reconnects now (e.g. when the browser reports it is online again) instead of waiting
-    /// out the backoff.
+    /// Reconnects now instead of waiting out the backoff (the client already does this when
+    /// the browser reports it is online again).
     pub fn reconnect(&self) {
-        {
-            let mut inner = self.inner.borrow_mut();
-            if inner.ws.is_some() {
-                return;
-            }
-            inner.generation += 1;
-        }
-        connect(&self.inner);
+        reconnect_now(&self.inner);
     }
 
     /// Writes every changed document to localStorage now instead of after the debounce (call
@@ -588,6 +647,16 @@ impl ChorusClient {
         let ws = {
             let mut inner = self.inner.borrow_mut();
             inner.session.shutdown();
+            if let (Some(n), Some(w)) = (inner.network.take(), web_sys::window()) {
+                let _ = w.remove_event_listener_with_callback(
+                    "online",
+                    n.online.as_ref().unchecked_ref(),
+                );
+                let _ = w.remove_event_listener_with_callback(
+                    "offline",
+                    n.offline.as_ref().unchecked_ref(),
+                );
+            }
             inner.ws.clone()
         };
         match ws {
@@ -689,6 +758,13 @@ impl ChorusDoc {
     #[wasm_bindgen(js_name = onSynced)]
     pub fn on_synced(&self, cb: Function) {
         self.listeners(|l| l.synced.push(cb));
+    }
+
+    /// `cb(count)` when the number of local updates the server has not acknowledged changes
+    /// (`0`: every local change is saved on the server).
+    #[wasm_bindgen(js_name = onPending)]
+    pub fn on_pending(&self, cb: Function) {
+        self.listeners(|l| l.pending.push(cb));
     }
 
     /// `cb(update: Uint8Array)` with every yrs v1 update received from the server.

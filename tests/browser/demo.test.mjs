@@ -1,67 +1,13 @@
 // Browser end-to-end tests: real `chorus` processes serving web-demo/, driven through Debian's chromium with Playwright (run by node --test).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
-
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const CHORUS = path.join(ROOT, 'target/debug/chorus');
-const WEB = path.join(ROOT, 'web-demo');
-const ARTIFACTS = path.join(ROOT, 'test-artifacts');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const DEADLINE = 15_000;
-
-async function freePort() {
-  const srv = net.createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const { port } = srv.address();
-  srv.close();
-  await once(srv, 'close');
-  return port;
-}
-
-/** A `chorus` process on a fixed port and data dir, so it can be killed and started again. */
-class ChorusProcess {
-  constructor(port, dataDir) {
-    this.port = port;
-    this.dataDir = dataDir;
-    this.proc = null;
-    this.log = '';
-  }
-
-  async start() {
-    this.proc = spawn(CHORUS, ['serve', '--listen', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir, '--static-dir', WEB], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...process.env, RUST_LOG: 'warn' },
-    });
-    this.proc.stderr.on('data', (d) => { this.log += d; });
-    const until = Date.now() + DEADLINE;
-    for (;;) {
-      if (this.proc.exitCode !== null) throw new Error(`chorus exited early:\n${this.log}`);
-      try {
-        const r = await fetch(`http://127.0.0.1:${this.port}/healthz`);
-        if (r.ok) return;
-      } catch { /* not listening yet */ }
-      if (Date.now() > until) throw new Error(`chorus did not answer /healthz within ${DEADLINE} ms:\n${this.log}`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
-  }
-
-  /** kill -9: no goodbye to the clients, they see the socket drop. */
-  async kill() {
-    if (!this.proc || this.proc.exitCode !== null) return;
-    const exited = once(this.proc, 'exit');
-    this.proc.kill('SIGKILL');
-    await exited;
-  }
-}
+import {
+  ARTIFACTS, DEADLINE, ChorusProcess, checkBuilt, freePort, launch, room, typeAtEnd, typeAtStart, waitForText, waitStatus,
+  watchErrors, editorText,
+} from './harness.mjs';
 
 let browser;
 let server;
@@ -69,18 +15,11 @@ let dataDir;
 const pageErrors = [];
 
 before(async () => {
-  await fs.access(CHORUS).catch(() => { throw new Error(`${CHORUS} missing: build it with cargo build -p chorus-server --bin chorus`); });
-  await fs.access(path.join(WEB, 'pkg/chorus_client_bg.wasm')).catch(() => { throw new Error('web-demo/pkg missing: run scripts/build-wasm.sh'); });
+  await checkBuilt();
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'chorus-browser-'));
   server = new ChorusProcess(await freePort(), dataDir);
   await server.start();
-  // Playwright gives every launch a fresh, throwaway user-data dir.
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launch();
 });
 
 after(async () => {
@@ -93,11 +32,7 @@ after(async () => {
 async function visitor(room) {
   const context = await browser.newContext({ viewport: { width: 1200, height: 760 } });
   const page = await context.newPage();
-  page.on('pageerror', (e) => pageErrors.push(`${room}: ${e.message}`));
-  page.on('console', (m) => {
-    // Chromium logs every refused WebSocket attempt; during the restart test that is expected.
-    if (m.type() === 'error' && !/WebSocket connection to .* failed/.test(m.text())) pageErrors.push(`${room}: console: ${m.text()}`);
-  });
+  watchErrors(page, room, pageErrors);
   const loaded = Date.now();
   await page.goto(`http://127.0.0.1:${server.port}/?room=${room}`);
   await waitStatus(page, 'synced');
@@ -105,22 +40,7 @@ async function visitor(room) {
   return page;
 }
 
-const waitStatus = (page, state) =>
-  page.waitForFunction((s) => window.chorusDemo?.status === s, state, { timeout: DEADLINE });
-
 const text = (page) => page.evaluate(() => window.chorusDemo.doc.text());
-
-/** Waits until the page's textarea (what the user sees) contains every string. */
-const waitForText = (page, parts) =>
-  page.waitForFunction((ps) => ps.every((p) => document.getElementById('text').value.includes(p)), parts, { timeout: DEADLINE });
-
-async function typeAtEnd(page, s) {
-  await page.click('#text');
-  await page.keyboard.press('Control+End');
-  await page.keyboard.type(s);
-}
-
-const room = () => `e2e-${Math.random().toString(36).slice(2, 10)}`;
 
 test('the demo loads, syncs, and shows the page-load-to-synced time', async (t) => {
   const page = await visitor(room());
@@ -140,7 +60,7 @@ test('two pages on one room converge when both type', async () => {
   // At the same time: A appends, B types at the start.
   await Promise.all([
     typeAtEnd(a, ' Alpha types here.'),
-    (async () => { await b.click('#text'); await b.keyboard.press('Control+Home'); await b.keyboard.type('Bravo types too. '); })(),
+    typeAtStart(b, 'Bravo types too. '),
   ]);
   const parts = ['Bravo types too. [middle] Alpha types here.'];
   await Promise.all([waitForText(a, parts), waitForText(b, parts)]);
@@ -149,15 +69,15 @@ test('two pages on one room converge when both type', async () => {
   const before = (await text(a)).length;
   await Promise.all([typeAtEnd(a, ' 1111'), typeAtEnd(b, ' 2222')]);
   const converged = (p) => p.waitForFunction((n) => {
-    const v = document.getElementById('text').value;
+    const v = window.chorusDemo.text();
     return v.length === n && (v.match(/1/g) || []).length === 4 && (v.match(/2/g) || []).length === 4;
   }, before + 10, { timeout: DEADLINE });
   await Promise.all([converged(a), converged(b)]);
   const [ta, tb] = [await text(a), await text(b)];
   assert.equal(ta, tb);
   // What each user sees is the document's text.
-  assert.equal(await a.inputValue('#text'), ta);
-  assert.equal(await b.inputValue('#text'), tb);
+  assert.equal(await editorText(a), ta);
+  assert.equal(await editorText(b), tb);
   await Promise.all([a.context().close(), b.context().close()]);
 });
 
@@ -170,7 +90,7 @@ test('a reload resumes from the saved position instead of refetching', async () 
   await a.reload();
   await waitStatus(a, 'synced');
   assert.deepEqual(await a.evaluate(() => window.chorusDemo.syncs), [true], 'answered by replay from the saved position');
-  assert.equal(await a.inputValue('#text'), 'persisted locally.');
+  assert.equal(await editorText(a), 'persisted locally.');
   await a.context().close();
 });
 
@@ -190,9 +110,9 @@ test("page A's cursor, caret and name appear on page B; screenshot of two users;
     return m && Math.abs(+m[1] - 700) < 2 && Math.abs(+m[2] - 520) < 2;
   }, nameA, { timeout: DEADLINE });
   // A's caret (at the end of the text) is drawn in B's editor with A's name.
-  await a.click('#text');
+  await a.click('.cm-content');
   await a.keyboard.press('Control+End');
-  await b.waitForFunction((n) => [...document.querySelectorAll('#carets .caret')].some((c) => c.textContent === n), nameA, { timeout: DEADLINE });
+  await b.waitForFunction((n) => [...document.querySelectorAll('.cm-ySelectionInfo')].some((c) => c.textContent === n), nameA, { timeout: DEADLINE });
   // And the other way round, for the picture.
   await b.mouse.move(380, 300, { steps: 8 });
   await a.waitForFunction((n) => [...document.querySelectorAll('.cursor')].some((el) => el.textContent === n && el.style.opacity === '1'), nameB, { timeout: DEADLINE });
