@@ -22,15 +22,25 @@
 //     between the two writes would resume from a position the stored state does not reach;
 //   - documents opened without a Y.Doc (the client's own text API, presence-only rooms) keep working
 //     the same way, through one code path.
-// What it costs, measured by tests/browser/bench-replica.mjs (node 20, this machine, an edit trace
-// of 20,000 single-character insertions, each one update as an editor produces them):
-//   - memory: the yrs replica takes ≈ 1.0 MB of wasm linear memory for the 20,000-edit document,
-//     against ≈ 2.5 MB of JS heap for the Y.Doc the editor holds anyway (≈ 40% on top of the editor's
-//     own copy, not 2×: yrs stores blocks more compactly than Yjs objects);
-//   - CPU: relaying an update into the replica (decode + integrate + queue + frame) takes ≈ 14 µs
-//     per keystroke, against ≈ 9 µs for Yjs to make and apply the same keystroke; a 60 Hz typist
-//     spends < 0.1% of a frame on it. A 2 MB document loaded once costs ≈ 25 ms more on join.
-// Figures are reproduced in the README (`node tests/browser/bench-replica.mjs`).
+// What it costs, measured with `node --expose-gc tests/browser/bench-replica.mjs` (the real wasm
+// package in node 20 against a scripted server, on the shared 2-core build machine; ranges over
+// four runs). Trace: 20,000 keystrokes, one update each as an editor makes them (15,660
+// characters, 85 KB final state):
+//   - CPU per keystroke: Yjs itself takes 11–22 µs to make one in the editor's Y.Doc and 7–12 µs
+//     to apply one; the client takes 9–15 µs to take a local one through the replica (apply,
+//     queue, frame, ack) and 13–18 µs for a remote one from frame to Y.Doc. Most of that (frame,
+//     seq, ack, position) a relay would pay too; at 60 keystrokes a second it is < 0.1% of a core.
+//   - memory: the replica grew wasm memory by 0.79 MB for that trace (64 KiB pages, so rounded
+//     up), against 0.17–0.41 MB of JS heap for the Y.Doc. For a 2.25 MB document joined in one
+//     answer, wasm memory grew 6.9 MB (the frame, the decoded update and the document coexist
+//     during the apply; wasm memory never shrinks) against 2.1 MB of JS heap for the Y.Doc, and
+//     the join took 7–13 ms in the client plus 2 ms in Y.applyUpdate.
+// So the replica costs little CPU and about three times the document's size in wasm memory. For
+// the documents editors hold (kilobytes to a few megabytes) that buys the guarantees above; an
+// application that binds tens of megabytes would want a relay mode (not built). One saving was
+// made from these figures: the client no longer builds text deltas for documents nobody reads
+// them from (`onChange` turns them on); before, every update was also turned into a delta,
+// which tripled the per-keystroke cost (30 µs) and made the 2.25 MB join peak at 11.5 MB.
 //
 // Echoes: updates the provider applies to the Y.Doc carry the provider as transaction origin, and
 // the Y.Doc 'update' listener skips that origin, so server updates are never sent back. Updates

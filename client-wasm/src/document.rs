@@ -4,6 +4,7 @@ use crate::presence::Presence;
 use chorus_protocol::Position;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use yrs::types::Delta;
 use yrs::types::text::TextEvent;
@@ -63,6 +64,10 @@ pub struct DocState {
     pub(crate) synced: bool,
     pub(crate) presence: Presence,
     deltas: Arc<Mutex<Vec<Vec<TextOp>>>>,
+    /// Whether remote text changes are turned into deltas at all. A document bound to a
+    /// Y.Doc (ChorusProvider) has nobody reading them, and computing a delta copies every
+    /// inserted string (a 2 MB join built a 2 MB delta nobody read).
+    text_events: Arc<AtomicBool>,
 }
 
 impl DocState {
@@ -74,11 +79,13 @@ impl DocState {
         let text = doc.get_or_insert_text(TEXT_NAME);
         let deltas: Arc<Mutex<Vec<Vec<TextOp>>>> = Arc::default();
         let sink = deltas.clone();
+        let text_events = Arc::new(AtomicBool::new(true));
+        let wanted = text_events.clone();
         text.observe("chorus", move |txn, event: &TextEvent| {
             let local = txn
                 .origin()
                 .is_some_and(|o| o.as_ref() == LOCAL_TEXT.as_bytes());
-            if local {
+            if local || !wanted.load(Ordering::Relaxed) {
                 return;
             }
             let ops = event.delta(txn).iter().map(to_op).collect();
@@ -96,6 +103,7 @@ impl DocState {
             synced: false,
             presence,
             deltas,
+            text_events,
         }
     }
 
@@ -156,6 +164,12 @@ impl DocState {
         let mut txn = self.doc.transact_mut();
         txn.apply_update(update)
             .map_err(|e| DocError::Apply(e.to_string()))
+    }
+
+    /// Turns text-change deltas ([`DocState::take_deltas`], `Event::TextChanged`) on or off
+    /// (on by default).
+    pub fn set_text_events(&mut self, on: bool) {
+        self.text_events.store(on, Ordering::Relaxed);
     }
 
     pub fn take_deltas(&mut self) -> Vec<Vec<TextOp>> {

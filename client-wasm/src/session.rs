@@ -291,6 +291,13 @@ impl Session {
         self.update_status();
     }
 
+    /// Whether `Event::TextChanged` is produced for this document (on by default; off when
+    /// the application mirrors the document elsewhere and reads raw updates instead).
+    pub fn set_text_events(&mut self, name: &str, on: bool) -> Result<(), SessionError> {
+        self.doc_mut(name)?.set_text_events(on);
+        Ok(())
+    }
+
     pub fn doc(&self, name: &str) -> Option<&DocState> {
         self.docs.get(name)
     }

@@ -595,6 +595,9 @@ impl ChorusClient {
                 if !restored {
                     inner.session.open(name).map_err(js_err)?;
                 }
+                // Text deltas cost a copy of every remote insertion; they are computed only
+                // once someone listens (`onChange`).
+                let _ = inner.session.set_text_events(name, false);
                 // A restored document may start with unacknowledged updates.
                 let pending = inner.session.doc(name).map_or(0, |d| d.pending.len());
                 inner.docs.entry(name.to_string()).or_default().last_pending = pending;
@@ -751,6 +754,11 @@ impl ChorusDoc {
     /// a Quill-style delta, `[{retain: n}, {insert: "s"}, {delete: n}]`, in UTF-16 units.
     #[wasm_bindgen(js_name = onChange)]
     pub fn on_change(&self, cb: Function) {
+        let _ = self
+            .inner
+            .borrow_mut()
+            .session
+            .set_text_events(&self.name, true);
         self.listeners(|l| l.change.push(cb));
     }
 

@@ -258,6 +258,38 @@ fn remote_changes_become_deltas_and_local_ones_do_not() {
 }
 
 #[test]
+fn text_events_can_be_turned_off_for_documents_mirrored_elsewhere() {
+    let mut s = session();
+    s.open("d").expect("open");
+    s.set_text_events("d", false).expect("open doc");
+    s.connecting();
+    s.opened();
+    synced(&mut s, "d", peer_update("mirrored"), pos(1, 1, 0), false);
+    let ev = events(&mut s);
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::TextChanged { .. })),
+        "no delta is built when nobody reads it"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::RemoteUpdate { .. })),
+        "raw updates still flow"
+    );
+    assert_eq!(s.doc("d").expect("doc").text(), "mirrored");
+    s.set_text_events("d", true).expect("open doc");
+    s.received(&frame(ServerFrame::Update {
+        doc: "d".into(),
+        update: peer_update("x"),
+        position: pos(1, 2, 0),
+    }));
+    assert!(
+        events(&mut s)
+            .iter()
+            .any(|e| matches!(e, Event::TextChanged { .. }))
+    );
+    assert!(s.set_text_events("missing", true).is_err());
+}
+
+#[test]
 fn refused_updates_are_dropped_unless_retrying_can_help() {
     let mut s = session();
     s.open("d").expect("open");
