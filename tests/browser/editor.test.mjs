@@ -90,6 +90,10 @@ test('two pages type concurrently in the editor and converge; a remote caret sta
   const at = await caretOffset(b, nameA);
   assert.equal(textB.slice(at - '[middle]'.length, at), '[middle]');
 
+  // A selects "[middle]": B highlights it in A's colour.
+  for (let i = 0; i < '[middle]'.length; i++) await a.keyboard.press('Shift+ArrowLeft');
+  await b.waitForFunction(() => [...document.querySelectorAll('.cm-ySelection')].map((el) => el.textContent).join('') === '[middle]', null, { timeout: DEADLINE });
+
   await fs.mkdir(ARTIFACTS, { recursive: true });
   await b.mouse.move(640, 330, { steps: 4 });
   await a.mouse.move(760, 420, { steps: 4 });
