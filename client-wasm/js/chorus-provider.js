@@ -119,6 +119,7 @@ export class ChorusProvider extends ObservableV2 {
       if (this._destroyed) return;
       this._setSynced(true, replay);
     });
+    // The client has no way to unregister a status listener: after destroy() it stays, inert.
     client.onStatus((s) => {
       if (this._destroyed) return;
       const status = linkOf(s.state);
