@@ -499,7 +499,7 @@ mod tests {
             tokio::spawn(async move {
                 for i in 0..400u32 {
                     let p = bp
-                        .append(&doc, Bytes::from(i.to_le_bytes().to_vec()), None)
+                        .append(&doc, Bytes::from(i.to_le_bytes().to_vec()), None, None)
                         .await
                         .expect("append");
                     lock(&acked).push(p.id);

@@ -88,6 +88,7 @@ pub(super) fn read_after(
             id: StreamId::new(ms, seq),
             update,
             origin,
+            reach: None,
         });
     }
     if let Some((_, newer)) = pending {

@@ -9,6 +9,7 @@ use crate::backplane::{
     BackplaneError, BackplaneResult, Chains, Entry, EntrySink, LogHead, Origin, new_epoch, next_id,
     now_ms,
 };
+use crate::validate::Reach;
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use redb::ReadableDatabase;
@@ -30,6 +31,8 @@ pub(super) enum WriteOp {
     Append {
         doc: DocId,
         update: Bytes,
+        /// Handed to the owner with the entry (see [`Entry::reach`]); not written.
+        reach: Option<Reach>,
         origin: Option<Origin>,
         reply: oneshot::Sender<BackplaneResult<Position>>,
     },
@@ -299,6 +302,7 @@ impl Writer {
             match op {
                 WriteOp::Append {
                     update,
+                    reach,
                     origin,
                     reply,
                     ..
@@ -312,10 +316,21 @@ impl Writer {
                         value: encode_value(origin, &update).freeze(),
                     });
                     done.push(Done::Append(reply, Position::new(head.epoch, id)));
-                    let entry = Entry { id, update, origin };
+                    let entry = Entry {
+                        id,
+                        update,
+                        origin,
+                        reach: None,
+                    };
+                    // Only the owner reads the reach: the pending set (which reads serve from
+                    // until redb has the entry) does not keep it.
+                    let fresh = Entry {
+                        reach,
+                        ..entry.clone()
+                    };
                     match delivered.last_mut() {
-                        Some((d, _, entries)) if *d == doc => entries.push(entry.clone()),
-                        _ => delivered.push((doc.clone(), head.epoch, vec![entry.clone()])),
+                        Some((d, _, entries)) if *d == doc => entries.push(fresh),
+                        _ => delivered.push((doc.clone(), head.epoch, vec![fresh])),
                     }
                     changes.push(Change::Append(doc.clone(), head, entry));
                     heads.insert(doc, Some(head));
