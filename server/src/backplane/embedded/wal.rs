@@ -1,6 +1,8 @@
 //! Embedded log, write-ahead file (data-flow step 4): a group of appends is one write and one fdatasync here before it is acknowledged; redb takes the entries later, in bulk.
 //!
-//! This file holds the format and the writing; `wal_replay.rs` reads segments back.
+//! This file holds the format and the writing; `wal_replay.rs` reads segments back. An append's
+//! record is encoded straight into its group's buffer (`Group::push_append`), so the update is
+//! copied once on its way to disk: into the bytes the group's one write takes.
 //!
 //! A segment is a header (magic, the id of the redb file it belongs to, and a cut: see
 //! below) followed by groups, each one write and one fdatasync: `GROUP_MAGIC u32 | len u32 |
