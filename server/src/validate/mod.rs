@@ -5,14 +5,16 @@
 //! update of nested arrays overflows the stack, an abort `catch_unwind` cannot catch), and it
 //! pre-allocates from attacker-chosen counts (a 4-byte state vector made it reserve ~500 MB).
 //! `scan_update` walks the lib0 v1 update format exactly as `Update::decode_v1` does, with an
-//! explicit nesting limit and every count checked against the bytes that remain. Then the
-//! update is applied to a scratch document and re-encoded, which rejects updates after which a
-//! document could no longer be encoded (see ../shared/research/reliability.md §2).
+//! explicit nesting limit and every count checked against the bytes that remain; it also
+//! refuses the content after which a document could no longer be encoded (legacy JSON, see
+//! ../shared/research/reliability.md §2). Then the update is applied to a scratch document
+//! (`trial_apply`), which refuses what yrs cannot decode or apply.
 //!
-//! What walks an update, per update, on the node whose client sent it: here, one scan and two
-//! decodes (the trial: the update, then the scratch document's re-encoding, which is the check
-//! that the document still encodes); in the owner, one decode to apply it (yrs's
-//! `apply_update` consumes the decoded update, so the trial's copy cannot serve twice). The
+//! What walks an update, per update, on the node whose client sent it: here, one scan and one
+//! decode (the trial; it no longer re-encodes the scratch document, see `trial_apply` for the
+//! differential fuzzing that showed the re-encoding refused nothing the rest does not); in the
+//! owner, one decode to apply it (yrs's `apply_update` consumes the decoded update, so the
+//! trial's copy cannot serve twice). The
 //! owner also needs the clock each writer's blocks reach; it takes that from the [`Reach`] the
 //! check put beside the bytes in the log entry rather than scanning again. Entries without one
 //! are scanned by the owner: those read back from storage (a load, a catch-up), and every
@@ -35,7 +37,7 @@ mod scan;
 mod testdata;
 
 pub use awareness::decode_awareness;
-pub use check::{Checked, Reach, check_update, trial_apply};
+pub use check::{Checked, Reach, check_update, trial_apply, trial_apply_and_reencode};
 pub use deps::Deps;
 pub use lib0::Lib0Reader;
 pub use scan::{decode_state_vector, scan_update};
