@@ -29,7 +29,13 @@ pub fn yjs_message(data: &[u8]) {
     match parse_message(data, 1 << 20) {
         Ok(Incoming::Update(update)) => {
             if validate::scan_update(update).is_ok() {
-                let _ = validate::trial_apply(update);
+                let trial = validate::trial_apply(update);
+                // The same differential as `apply`, over this target's inputs too.
+                let full = validate::trial_apply_and_reencode(update);
+                assert!(
+                    full.is_ok() || trial.is_err(),
+                    "only the re-encoding refused this update: {full:?}"
+                );
             }
         }
         Ok(Incoming::Awareness(update)) => {
@@ -114,7 +120,15 @@ fn apply_update(update: &[u8]) {
     let Ok(deps) = validate::scan_update(update) else {
         return;
     };
-    if validate::trial_apply(update).is_err() {
+    let trial = validate::trial_apply(update);
+    // Differential: the write door's trial (no re-encoding) refuses whatever the trial it
+    // replaced refused. (That the document still encodes is checked below, on a live one.)
+    let full = validate::trial_apply_and_reencode(update);
+    assert!(
+        full.is_ok() || trial.is_err(),
+        "only the re-encoding refused this update: {full:?}"
+    );
+    if trial.is_err() {
         return;
     }
     let doc = live_doc();

@@ -154,7 +154,7 @@ async fn suite(fixture: Fixture) {
     // Append: the first one creates the log with a fresh epoch; positions in call order, all
     // in that epoch. Calls are issued before any is awaited: admission order is the log order.
     let futs: Vec<_> = (0..5u64)
-        .map(|i| bp.append(&a, Bytes::from(vec![i as u8; 3]), origin(i)))
+        .map(|i| bp.append(&a, Bytes::from(vec![i as u8; 3]), None, origin(i)))
         .collect();
     let mut ids = Vec::new();
     let mut epochs = Vec::new();
@@ -207,7 +207,7 @@ async fn suite(fixture: Fixture) {
     bp.watch(&b, StreamId::ZERO);
     let started = tokio::time::Instant::now();
     let pb = bp
-        .append(&b, Bytes::from_static(b"b"), None)
+        .append(&b, Bytes::from_static(b"b"), None, None)
         .await
         .expect("append b");
     eventually(
@@ -253,7 +253,7 @@ async fn suite(fixture: Fixture) {
     bp.attach(Arc::downgrade(&sink));
     bp.watch(&a, ids[4]);
     let p = bp
-        .append(&a, Bytes::from_static(b"new"), origin(99))
+        .append(&a, Bytes::from_static(b"new"), None, origin(99))
         .await
         .expect("append after loss");
     assert_ne!(p.epoch, epoch, "a lost log gets a new epoch");
@@ -315,19 +315,19 @@ async fn redis_detects_a_deleted_stream_and_fails_appends_when_down() {
     let bp = redis_with_short_timeout(&server, &tracker).await;
     let d = DocId::parse("del").expect("doc");
     let p1 = bp
-        .append(&d, Bytes::from_static(b"1"), None)
+        .append(&d, Bytes::from_static(b"1"), None, None)
         .await
         .expect("append");
     server.cli(&["DEL", "chorus:{del}:log"]).await;
     let p2 = bp
-        .append(&d, Bytes::from_static(b"2"), None)
+        .append(&d, Bytes::from_static(b"2"), None, None)
         .await
         .expect("append");
     assert_ne!(p1.epoch, p2.epoch, "a deleted stream means a new epoch");
 
     server.kill9().await;
     let started = tokio::time::Instant::now();
-    let r = bp.append(&d, Bytes::from_static(b"3"), None).await;
+    let r = bp.append(&d, Bytes::from_static(b"3"), None, None).await;
     assert!(r.is_err(), "no ack without Redis: {r:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -338,7 +338,11 @@ async fn redis_detects_a_deleted_stream_and_fails_appends_when_down() {
     let p3 = eventually(
         "appends work again after Redis is back",
         DEADLINE,
-        || async { bp.append(&d, Bytes::from_static(b"4"), None).await.ok() },
+        || async {
+            bp.append(&d, Bytes::from_static(b"4"), None, None)
+                .await
+                .ok()
+        },
     )
     .await;
     assert_eq!(p3.epoch, p2.epoch, "AOF kept the log and its epoch");
@@ -419,7 +423,7 @@ async fn watching(
     bp.attach(weak);
     bp.watch(doc, StreamId::ZERO);
     let p = bp
-        .append(doc, Bytes::from_static(b"1"), None)
+        .append(doc, Bytes::from_static(b"1"), None, None)
         .await
         .expect("append");
     sink.wait_delivered(p.id).await;
@@ -442,7 +446,9 @@ async fn redis_reader_rechecks_its_documents_after_a_reconnect() {
     server.cli(&["CLIENT", "KILL", "TYPE", "normal"]).await;
     sink.wait_rechecked("back").await;
     let p = eventually("appends work again", DEADLINE, || async {
-        bp.append(&doc, Bytes::from_static(b"2"), None).await.ok()
+        bp.append(&doc, Bytes::from_static(b"2"), None, None)
+            .await
+            .ok()
     })
     .await;
     sink.wait_delivered(p.id).await;
@@ -505,11 +511,13 @@ async fn redis_refuses_the_rest_of_a_chain_whose_append_failed() {
             chain,
         })
     };
-    bp.append(&d, Bytes::from_static(b"1"), from(1, 0))
+    bp.append(&d, Bytes::from_static(b"1"), None, from(1, 0))
         .await
         .expect("append");
     server.kill9().await;
-    let failed = bp.append(&d, Bytes::from_static(b"2"), from(1, 0)).await;
+    let failed = bp
+        .append(&d, Bytes::from_static(b"2"), None, from(1, 0))
+        .await;
     assert!(failed.is_err(), "no ack without Redis: {failed:?}");
     server.restart().await;
     // Another connection's appends are not held back: they show Redis is back.
@@ -517,18 +525,20 @@ async fn redis_refuses_the_rest_of_a_chain_whose_append_failed() {
         "appends work again after Redis is back",
         DEADLINE,
         || async {
-            bp.append(&d, Bytes::from_static(b"x"), from(2, 0))
+            bp.append(&d, Bytes::from_static(b"x"), None, from(2, 0))
                 .await
                 .ok()
         },
     )
     .await;
-    let same_chain = bp.append(&d, Bytes::from_static(b"3"), from(1, 0)).await;
+    let same_chain = bp
+        .append(&d, Bytes::from_static(b"3"), None, from(1, 0))
+        .await;
     assert!(
         matches!(same_chain, Err(BackplaneError::EarlierAppendFailed)),
         "the failed append's chain is broken: {same_chain:?}"
     );
-    bp.append(&d, Bytes::from_static(b"4"), from(1, 1))
+    bp.append(&d, Bytes::from_static(b"4"), None, from(1, 1))
         .await
         .expect("a new chain is written");
     bp.close().await;

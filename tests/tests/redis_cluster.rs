@@ -391,7 +391,7 @@ async fn a_new_master_gets_a_shard_reader_after_the_slot_map_refresh() {
     let doc = DocId::parse(&doc).expect("doc");
     bp.watch(&doc, chorus_protocol::StreamId::ZERO);
     let p = bp
-        .append(&doc, bytes::Bytes::from_static(b"1"), None)
+        .append(&doc, bytes::Bytes::from_static(b"1"), None, None)
         .await
         .expect("append");
     eventually("the entry is delivered", DEADLINE, || async {

@@ -11,6 +11,7 @@ pub mod redis;
 
 pub use embedded::wal_replay::{Damage, WalError};
 
+use crate::validate::Reach;
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use futures_util::future::BoxFuture;
@@ -36,6 +37,11 @@ pub struct Entry {
     pub id: StreamId,
     pub update: Bytes,
     pub origin: Option<Origin>,
+    /// What this node's write door learned about `update` when it checked it, carried so that
+    /// the owner does not scan the update again. Only a node's own appends on a log that hands
+    /// back the appended bytes themselves (the embedded one) have it; entries read back from
+    /// storage, or through Redis, are scanned by the owner. It is not stored.
+    pub reach: Option<Reach>,
 }
 
 /// A revoked subject or token id, as every node must apply it (see `Auth::revoke`).
@@ -148,10 +154,13 @@ pub trait Backplane: Send + Sync + 'static {
     /// Admission happens in this call, so entries from successive calls are appended in call
     /// order; the future completes once the entry is durable. The entry then reaches the
     /// [`EntrySink`] (with its origin) in log order.
+    /// `reach` is what the write door's check learned about `update` (see [`Entry::reach`]);
+    /// a log may hand it to the node's owner with the entry, or drop it.
     fn append(
         &self,
         doc: &DocId,
         update: Bytes,
+        reach: Option<Reach>,
         origin: Option<Origin>,
     ) -> BoxFuture<'static, BackplaneResult<Position>>;
 

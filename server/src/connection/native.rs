@@ -34,9 +34,12 @@ pub fn start_append(
     registry: &Registry,
     doc: &DocId,
     update: Bytes,
+    reach: Option<validate::Reach>,
     origin: Origin,
 ) -> AppendFuture {
-    let fut = registry.backplane().append(doc, update, Some(origin));
+    let fut = registry
+        .backplane()
+        .append(doc, update, reach, Some(origin));
     let (doc, seq, chain) = (doc.clone(), origin.seq, origin.chain);
     let started = std::time::Instant::now();
     fut.map(move |result| {
@@ -309,8 +312,9 @@ impl NativeSession {
                 seq,
             );
         }
-        let deps = match validate::check_update(&update, self.config.max_update_bytes) {
-            Ok(checked) => checked.deps,
+        let update = Bytes::from(update);
+        let (deps, reach) = match validate::check_update(&update, self.config.max_update_bytes) {
+            Ok(checked) => (checked.deps, checked.reach),
             Err(e) => {
                 let code = match e {
                     Rejected::TooLarge(..) | Rejected::TooManyClients(..) => ErrorCode::TooLarge,
@@ -376,7 +380,8 @@ impl NativeSession {
         self.inflight.push(start_append(
             &self.registry,
             &id,
-            Bytes::from(update),
+            update,
+            Some(reach),
             origin,
         ));
         Step::Continue

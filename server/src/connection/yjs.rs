@@ -152,7 +152,8 @@ impl YjsSession {
             }
             return Step::Continue;
         }
-        let checked = match validate::check_update(update, self.config.max_update_bytes) {
+        let update = Bytes::copy_from_slice(update);
+        let checked = match validate::check_update(&update, self.config.max_update_bytes) {
             // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
             // to log.
             Ok(checked) if checked.deps.is_empty() => return Step::Continue,
@@ -167,7 +168,7 @@ impl YjsSession {
         };
         handle.forget_known(&mut self.own);
         if handle.readiness_now(&checked.deps, &self.own) == Some(Readiness::Met) {
-            if let Step::Close(code) = self.admit(Bytes::copy_from_slice(update), &checked.deps) {
+            if let Step::Close(code) = self.admit(update, &checked.deps, checked.reach) {
                 return Step::Close(code);
             }
             return if self.held.is_empty() {
@@ -177,12 +178,12 @@ impl YjsSession {
                 self.admit_held()
             };
         }
-        self.hold(&handle, Bytes::copy_from_slice(update), checked.deps)
+        self.hold(&handle, update, checked)
     }
 
     /// Appends an update whose dependencies are met; later updates of this socket may build on
     /// it before the document has applied it.
-    fn admit(&mut self, update: Bytes, deps: &validate::Deps) -> Step {
+    fn admit(&mut self, update: Bytes, deps: &validate::Deps, reach: validate::Reach) -> Step {
         // Checked at the append, not only on arrival: a held update may be admitted long after
         // its token was revoked (or expired).
         if let Err(e) = self.ctx.admit_write(&self.principal) {
@@ -200,8 +201,13 @@ impl YjsSession {
             // and the log refuses the appends still queued behind the failed one.
             chain: 0,
         };
-        self.inflight
-            .push(start_append(&self.registry, &self.doc, update, origin));
+        self.inflight.push(start_append(
+            &self.registry,
+            &self.doc,
+            update,
+            Some(reach),
+            origin,
+        ));
         Step::Continue
     }
 
@@ -209,7 +215,7 @@ impl YjsSession {
     /// order, while the socket keeps being read: a stock client sends its live updates as soon
     /// as its socket opens, before the sync reply that carries what they build on, and that
     /// reply must be read for them to be admitted.
-    fn hold(&mut self, handle: &DocHandle, update: Bytes, deps: validate::Deps) -> Step {
+    fn hold(&mut self, handle: &DocHandle, update: Bytes, checked: validate::Checked) -> Step {
         if self.held.len() >= MAX_HELD || self.held_bytes + update.len() > self.held_budget() {
             return self.refuse_missing();
         }
@@ -227,7 +233,8 @@ impl YjsSession {
         self.held_bytes += update.len();
         self.held.push_back(Held {
             update,
-            deps,
+            deps: checked.deps,
+            reach: checked.reach,
             until: Instant::now() + wait,
         });
         Step::Continue
@@ -251,7 +258,7 @@ impl YjsSession {
                 if handle.readiness_now(&self.held[i].deps, &self.own) == Some(Readiness::Met) {
                     let Some(h) = self.held.remove(i) else { break };
                     self.held_bytes -= h.update.len();
-                    if let Step::Close(code) = self.admit(h.update, &h.deps) {
+                    if let Step::Close(code) = self.admit(h.update, &h.deps, h.reach) {
                         return Step::Close(code);
                     }
                     progress = true;
@@ -298,6 +305,7 @@ impl YjsSession {
 struct Held {
     update: Bytes,
     deps: validate::Deps,
+    reach: validate::Reach,
     until: Instant,
 }
 

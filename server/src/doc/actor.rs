@@ -243,12 +243,19 @@ impl Owner {
                 match applied {
                     Ok(Ok(())) => {
                         // yrs's `Update::state_vector` only counts updates that start at clock
-                        // 0, so the reach comes from our own walk of the entry.
-                        match crate::validate::scan_update(&e.update) {
-                            Ok(deps) => grown.extend(deps.ends().map(|(c, end)| {
-                                (ClientID::new(c), u32::try_from(end).unwrap_or(u32::MAX))
-                            })),
-                            Err(_) => exact = true,
+                        // 0, so the reach comes from our own walk of the entry: the one this
+                        // node's write door made, when the entry carries it, else a new one.
+                        let clock = |end: u64| u32::try_from(end).unwrap_or(u32::MAX);
+                        match e.reach.as_ref().and_then(|r| r.of(&e.update)) {
+                            Some(ends) => grown.extend(
+                                ends.iter().map(|&(c, end)| (ClientID::new(c), clock(end))),
+                            ),
+                            None => match crate::validate::scan_update(&e.update) {
+                                Ok(deps) => grown.extend(
+                                    deps.ends().map(|(c, end)| (ClientID::new(c), clock(end))),
+                                ),
+                                Err(_) => exact = true,
+                            },
                         }
                     }
                     // Entries are validated before they are appended, so this means a yrs bug

@@ -100,7 +100,9 @@ pub(super) async fn post_update(
     }
     // Checked after the waits: the token may have been revoked (or expired) meanwhile.
     ctx.admit_write(&principal)?;
-    let position = ctx.registry.backplane().append(&doc, body, None).await?;
+    let position = (ctx.registry.backplane())
+        .append(&doc, body, Some(checked.reach), None)
+        .await?;
     let applied = tokio::time::timeout(
         OWNER_WAIT,
         ctx.registry

@@ -1,7 +1,7 @@
 //! Embedded log, checkpoint side (after data-flow step 4): moves write-ahead segments into redb, and replays those a crash left at startup.
 
 use super::shared::{ENTRY_OVERHEAD, Pending, Shared};
-use super::store::{LOG, META, encode_value, head_from, head_to, trim};
+use super::store::{LOG, META, head_from, head_to, put_value, trim};
 use super::wal::{self, Record};
 use super::wal_replay;
 use super::{lock, storage};
@@ -347,6 +347,7 @@ fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
 /// Writes `copies` into redb in one transaction; returns how many entries it wrote.
 fn write_copies(db: &Database, copies: &[DocCopy]) -> BackplaneResult<usize> {
     let mut written = 0;
+    let mut value = Vec::new();
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut log = txn.open_table(LOG).map_err(storage)?;
@@ -358,7 +359,9 @@ fn write_copies(db: &Database, copies: &[DocCopy]) -> BackplaneResult<usize> {
                 trim(&mut log, &c.doc, *before)?;
             }
             for e in &c.entries {
-                let value = encode_value(e.origin, &e.update);
+                // One buffer for every row: redb copies the value it is given.
+                value.clear();
+                put_value(&mut value, e.origin, &e.update);
                 log.insert((c.doc.as_str(), e.id.ms, e.id.seq), &value[..])
                     .map_err(storage)?;
                 written += 1;
@@ -499,7 +502,7 @@ mod tests {
             tokio::spawn(async move {
                 for i in 0..400u32 {
                     let p = bp
-                        .append(&doc, Bytes::from(i.to_le_bytes().to_vec()), None)
+                        .append(&doc, Bytes::from(i.to_le_bytes().to_vec()), None, None)
                         .await
                         .expect("append");
                     lock(&acked).push(p.id);

@@ -29,6 +29,7 @@ mod writer;
 use super::{
     Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, answer,
 };
+use crate::validate::Reach;
 use bytes::Bytes;
 use checkpoint::{CHECKPOINT_AFTER, Checkpoints, replay};
 use chorus_protocol::{DocId, Position, StreamId};
@@ -150,6 +151,7 @@ impl Backplane for EmbeddedBackplane {
         &self,
         doc: &DocId,
         update: Bytes,
+        reach: Option<Reach>,
         origin: Option<Origin>,
     ) -> BoxFuture<'static, BackplaneResult<Position>> {
         let (reply, rx) = oneshot::channel();
@@ -157,6 +159,7 @@ impl Backplane for EmbeddedBackplane {
             self.submit(WriteOp::Append {
                 doc: doc.clone(),
                 update,
+                reach,
                 origin,
                 reply,
             }),
@@ -273,7 +276,7 @@ mod tests {
                     chain: 0,
                 };
                 let p = bp
-                    .append(&doc, Bytes::from(vec![i]), Some(origin))
+                    .append(&doc, Bytes::from(vec![i]), None, Some(origin))
                     .await
                     .expect("append");
                 assert_eq!(*first.get_or_insert(p.epoch), p.epoch);
@@ -305,7 +308,7 @@ mod tests {
         assert_eq!(head.epoch, epoch, "epoch survives a restart");
         assert_eq!(head.last, ids[4]);
         let next = bp
-            .append(&doc, Bytes::from_static(b"x"), None)
+            .append(&doc, Bytes::from_static(b"x"), None, None)
             .await
             .expect("append");
         assert!(next.id > ids[4]);
@@ -320,7 +323,7 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..n {
             let p = bp
-                .append(doc, Bytes::from(vec![i; 3]), None)
+                .append(doc, Bytes::from(vec![i; 3]), None, None)
                 .await
                 .expect("append");
             ids.push(p.id);
@@ -414,7 +417,7 @@ mod tests {
         assert_eq!(entry_ids(&other_entries), other_ids);
         assert_eq!(other_head.last, other_ids[1]);
         let next = copy
-            .append(&doc, Bytes::from_static(b"n"), None)
+            .append(&doc, Bytes::from_static(b"n"), None, None)
             .await
             .expect("append");
         assert!(next.id > newer[3] && next.epoch == epoch);

@@ -3,7 +3,7 @@
 use super::shared::Shared;
 use super::{lock, storage};
 use crate::backplane::{BackplaneError, BackplaneResult, Entry, LogHead, Origin};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use chorus_protocol::{DocId, StreamId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -88,6 +88,7 @@ pub(super) fn read_after(
             id: StreamId::new(ms, seq),
             update,
             origin,
+            reach: None,
         });
     }
     if let Some((_, newer)) = pending {
@@ -146,8 +147,14 @@ pub(super) fn head_to(h: &LogHead) -> (u64, u64, u64, u64, u64) {
     (h.epoch, h.last.ms, h.last.seq, h.floor.ms, h.floor.seq)
 }
 
-pub(super) fn encode_value(origin: Option<Origin>, update: &[u8]) -> BytesMut {
-    let mut v = BytesMut::with_capacity(ORIGIN_HEADER + update.len());
+/// Bytes of a log row holding `update`.
+pub(super) fn value_len(update: &[u8]) -> usize {
+    ORIGIN_HEADER + update.len()
+}
+
+/// Appends a log row (origin header, then the update) to `v`: the same bytes in redb and in a
+/// write-ahead record.
+pub(super) fn put_value(v: &mut impl BufMut, origin: Option<Origin>, update: &[u8]) {
     let flags = match origin {
         None => 0u8,
         Some(Origin { seq: None, .. }) => 1,
@@ -164,7 +171,6 @@ pub(super) fn encode_value(origin: Option<Origin>, update: &[u8]) -> BytesMut {
     v.put_u64_le(o.conn);
     v.put_u64_le(o.seq.unwrap_or(0));
     v.put_slice(update);
-    v
 }
 
 pub(super) fn decode_value(v: &[u8]) -> BackplaneResult<(Option<Origin>, Bytes)> {

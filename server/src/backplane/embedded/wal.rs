@@ -1,6 +1,8 @@
 //! Embedded log, write-ahead file (data-flow step 4): a group of appends is one write and one fdatasync here before it is acknowledged; redb takes the entries later, in bulk.
 //!
-//! This file holds the format and the writing; `wal_replay.rs` reads segments back.
+//! This file holds the format and the writing; `wal_replay.rs` reads segments back. An append's
+//! record is encoded straight into its group's buffer (`Group::push_append`), so the update is
+//! copied once on its way to disk: into the bytes the group's one write takes.
 //!
 //! A segment is a header (magic, the id of the redb file it belongs to, and a cut: see
 //! below) followed by groups, each one write and one fdatasync: `GROUP_MAGIC u32 | len u32 |
@@ -13,7 +15,8 @@
 //! after the last group (no group starts with zero bytes); a segment that ended by rotation is
 //! read exactly up to the length its successor's header records.
 
-use crate::backplane::LogHead;
+use super::store::put_value;
+use crate::backplane::{LogHead, Origin};
 use bytes::{BufMut, Bytes, BytesMut};
 use chorus_protocol::{DocId, StreamId};
 use std::fs::{File, OpenOptions};
@@ -80,40 +83,19 @@ impl Record {
 
     /// Appends this record, framed, to `buf`.
     pub(super) fn encode_into(&self, buf: &mut BytesMut) {
-        let start = buf.len();
-        buf.put_u32_le(0);
-        buf.put_u32_le(0);
         let (kind, doc, head) = match self {
             Record::Append { doc, head, .. } => (KIND_APPEND, doc, head),
             Record::Trim { doc, head, .. } => (KIND_TRIM, doc, head),
             Record::Head { doc, head } => (KIND_HEAD, doc, head),
         };
-        buf.put_u8(kind);
-        let name = doc.as_str().as_bytes();
-        buf.put_u16_le(name.len() as u16);
-        buf.put_slice(name);
-        for v in [
-            head.epoch,
-            head.last.ms,
-            head.last.seq,
-            head.floor.ms,
-            head.floor.seq,
-        ] {
-            buf.put_u64_le(v);
-        }
-        match self {
+        frame_into(buf, kind, doc, head, |buf| match self {
             Record::Append { value, .. } => buf.put_slice(value),
             Record::Trim { before, .. } => {
                 buf.put_u64_le(before.ms);
                 buf.put_u64_le(before.seq);
             }
             Record::Head { .. } => {}
-        }
-        let body = start + RECORD_HEADER;
-        let len = (buf.len() - body) as u32;
-        let crc = crc32fast::hash(&buf[body..]);
-        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        buf[start + 4..body].copy_from_slice(&crc.to_le_bytes());
+        });
     }
 
     fn decode(body: &[u8]) -> Option<Record> {
@@ -146,6 +128,44 @@ impl Record {
         };
         Some(record)
     }
+}
+
+/// Bytes a record takes besides its kind's own part (`Record::Append`'s value, a trim's id).
+pub(super) fn record_overhead(doc: &DocId) -> usize {
+    RECORD_HEADER + 1 + 2 + doc.as_str().len() + 5 * 8
+}
+
+/// Appends one framed record to `buf`: its header, kind, document and head, then what `rest`
+/// writes, and the length and checksum of it all filled in last.
+fn frame_into(
+    buf: &mut BytesMut,
+    kind: u8,
+    doc: &DocId,
+    head: &LogHead,
+    rest: impl FnOnce(&mut BytesMut),
+) {
+    let start = buf.len();
+    buf.put_u32_le(0);
+    buf.put_u32_le(0);
+    buf.put_u8(kind);
+    let name = doc.as_str().as_bytes();
+    buf.put_u16_le(name.len() as u16);
+    buf.put_slice(name);
+    for v in [
+        head.epoch,
+        head.last.ms,
+        head.last.seq,
+        head.floor.ms,
+        head.floor.seq,
+    ] {
+        buf.put_u64_le(v);
+    }
+    rest(buf);
+    let body = start + RECORD_HEADER;
+    let len = (buf.len() - body) as u32;
+    let crc = crc32fast::hash(&buf[body..]);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..body].copy_from_slice(&crc.to_le_bytes());
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -289,8 +309,30 @@ impl Default for Group {
 }
 
 impl Group {
+    /// A group with room for `bytes` of records, so that it is not copied as it grows.
+    pub(super) fn with_capacity(bytes: usize) -> Group {
+        let mut group = Group::default();
+        group.buf.reserve(bytes);
+        group
+    }
+
     pub(super) fn push(&mut self, record: &Record) {
         record.encode_into(&mut self.buf);
+    }
+
+    /// Appends the record of an entry with id `head.last` (what [`Record::Append`] holds), its
+    /// value written straight into the group: the update is copied once, into the buffer the
+    /// write takes, not into a value and then a record first.
+    pub(super) fn push_append(
+        &mut self,
+        doc: &DocId,
+        head: &LogHead,
+        origin: Option<Origin>,
+        update: &[u8],
+    ) {
+        frame_into(&mut self.buf, KIND_APPEND, doc, head, |buf| {
+            put_value(buf, origin, update)
+        });
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -408,4 +450,65 @@ pub(super) struct AppendError {
     pub(super) error: io::Error,
     /// Set when the segment could not be cut back and must not be written again.
     pub(super) poisoned: Option<Cut>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::embedded::store::decode_value;
+
+    #[test]
+    fn an_entry_written_straight_into_its_group_reads_back_as_the_record() {
+        let doc = DocId::parse("d").expect("doc id");
+        let head = LogHead {
+            epoch: 7,
+            last: StreamId::new(5, 1),
+            floor: StreamId::ZERO,
+        };
+        let origin = Some(Origin {
+            node: 1,
+            conn: 2,
+            seq: Some(3),
+            chain: 0,
+        });
+        let update = b"an update".as_slice();
+        let mut direct = Group::with_capacity(0);
+        direct.push_append(&doc, &head, origin, update);
+        direct.push(&Record::Trim {
+            doc: doc.clone(),
+            head,
+            before: StreamId::new(1, 0),
+        });
+        let mut value = Vec::new();
+        put_value(&mut value, origin, update);
+        let mut via_record = Group::default();
+        via_record.push(&Record::Append {
+            doc: doc.clone(),
+            head,
+            value: Bytes::from(value.clone()),
+        });
+        via_record.push(&Record::Trim {
+            doc: doc.clone(),
+            head,
+            before: StreamId::new(1, 0),
+        });
+        let bytes = direct.framed().to_vec();
+        assert_eq!(bytes, via_record.framed(), "the same bytes as before");
+        let (records, end) = unit_at(&bytes, 0, Format::Groups).expect("a whole group");
+        assert_eq!(end, bytes.len());
+        let Record::Append { value: read, .. } = &records[0] else {
+            panic!("an append first: {records:?}");
+        };
+        assert_eq!(read.as_ref(), value.as_slice());
+        let (o, u) = decode_value(read).expect("a log row");
+        assert_eq!(
+            (o.map(|o| (o.node, o.conn, o.seq)), u.as_ref()),
+            (Some((1, 2, Some(3))), update)
+        );
+        // What the writer reserves for a group is exactly what it writes.
+        assert_eq!(
+            bytes.len(),
+            GROUP_HEADER + record_overhead(&doc) + value.len() + record_overhead(&doc) + 16
+        );
+    }
 }

@@ -2,13 +2,14 @@
 
 use super::checkpoint::{CHECKPOINT_BYTES, Checkpoints};
 use super::shared::{ENTRY_OVERHEAD, Pending, PendingDoc, Shared};
-use super::store::{encode_value, head_in, stored_newest_below};
+use super::store::{head_in, stored_newest_below, value_len};
 use super::wal::{self, Record};
 use super::{lock, storage};
 use crate::backplane::{
     BackplaneError, BackplaneResult, Chains, Entry, EntrySink, LogHead, Origin, new_epoch, next_id,
     now_ms,
 };
+use crate::validate::Reach;
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use redb::ReadableDatabase;
@@ -30,6 +31,8 @@ pub(super) enum WriteOp {
     Append {
         doc: DocId,
         update: Bytes,
+        /// Handed to the owner with the entry (see [`Entry::reach`]); not written.
+        reach: Option<Reach>,
         origin: Option<Origin>,
         reply: oneshot::Sender<BackplaneResult<Position>>,
     },
@@ -269,7 +272,7 @@ impl Writer {
             behind.then(|| BackplaneError::Storage("the log's database is not keeping up".into()));
         let mut heads: HashMap<DocId, Option<LogHead>> = HashMap::new();
         let mut changes: Vec<Change> = Vec::with_capacity(group.len());
-        let mut records = wal::Group::default();
+        let mut records = wal::Group::with_capacity(group.iter().map(record_len).sum());
         let now = now_ms();
         for op in group {
             let doc = op.doc().clone();
@@ -299,6 +302,7 @@ impl Writer {
             match op {
                 WriteOp::Append {
                     update,
+                    reach,
                     origin,
                     reply,
                     ..
@@ -306,16 +310,23 @@ impl Writer {
                     let mut head = head.unwrap_or_else(fresh);
                     let id = next_id(head.last, now);
                     head.last = id;
-                    records.push(&Record::Append {
-                        doc: doc.clone(),
-                        head,
-                        value: encode_value(origin, &update).freeze(),
-                    });
+                    records.push_append(&doc, &head, origin, &update);
                     done.push(Done::Append(reply, Position::new(head.epoch, id)));
-                    let entry = Entry { id, update, origin };
+                    let entry = Entry {
+                        id,
+                        update,
+                        origin,
+                        reach: None,
+                    };
+                    // Only the owner reads the reach: the pending set (which reads serve from
+                    // until redb has the entry) does not keep it.
+                    let fresh = Entry {
+                        reach,
+                        ..entry.clone()
+                    };
                     match delivered.last_mut() {
-                        Some((d, _, entries)) if *d == doc => entries.push(entry.clone()),
-                        _ => delivered.push((doc.clone(), head.epoch, vec![entry.clone()])),
+                        Some((d, _, entries)) if *d == doc => entries.push(fresh),
+                        _ => delivered.push((doc.clone(), head.epoch, vec![fresh])),
                     }
                     changes.push(Change::Append(doc.clone(), head, entry));
                     heads.insert(doc, Some(head));
@@ -381,6 +392,15 @@ fn apply(p: &mut Pending, seg: u64, changes: Vec<Change>) {
             }
         }
     }
+}
+
+/// Bytes of the write-ahead record `op` becomes.
+fn record_len(op: &WriteOp) -> usize {
+    wal::record_overhead(op.doc())
+        + match op {
+            WriteOp::Append { update, .. } => value_len(update),
+            WriteOp::Trim { .. } => 16,
+        }
 }
 
 fn push_failed(op: WriteOp, done: &mut Vec<Done>) {

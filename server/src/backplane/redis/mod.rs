@@ -50,6 +50,7 @@ use super::{
     Backplane, BackplaneError, BackplaneResult, Entry, EntrySink, LogHead, Origin, Revocation,
     RevocationSink, answer,
 };
+use crate::validate::Reach;
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
 use futures_util::FutureExt;
@@ -255,6 +256,9 @@ impl Backplane for RedisBackplane {
         &self,
         doc: &DocId,
         update: Bytes,
+        // The entry comes back through XREAD as new bytes; its owner scans it (see
+        // `Entry::reach`).
+        _reach: Option<Reach>,
         origin: Option<Origin>,
     ) -> BoxFuture<'static, BackplaneResult<Position>> {
         let (reply, rx) = oneshot::channel();

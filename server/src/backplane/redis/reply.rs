@@ -120,6 +120,7 @@ pub(super) fn entry_from(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<
             id: parse_stream_id(id)?,
             update,
             origin,
+            reach: None,
         },
     ))
 }
