@@ -6,6 +6,7 @@
 //! backplane's [`EntrySink`]: log entries are routed to the owner of their document.
 
 mod actor;
+pub mod admit;
 pub mod outbox;
 
 use crate::backplane::{Backplane, Entry, EntrySink};
