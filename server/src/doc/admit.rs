@@ -700,8 +700,9 @@ mod tests {
         let rejected = || Rejected::Malformed("x");
         let too_large = || Rejected::TooLarge(2, 1);
         let appended = || BackplaneError::Storage("disk".into());
+        type Row = (Refusal, E, Fault, Option<C>, (S, &'static str), YjsAnswer);
         #[rustfmt::skip]
-        let table: Vec<(Refusal, E, Fault, Option<C>, (S, &str), YjsAnswer)> = vec![
+        let table: Vec<Row> = vec![
             (Refusal::ReadOnly, E::ReadOnly, Fault::Client, None,
                 (S::FORBIDDEN, "forbidden"),
                 YjsAnswer::DenyOnce("read-only: this token may not write to the document")),
