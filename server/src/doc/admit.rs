@@ -155,12 +155,8 @@ impl Refusal {
             Refusal::MissingDependencies | Refusal::Lost => {
                 (StatusCode::CONFLICT, "missing_dependencies")
             }
-            Refusal::Token(AuthError::Expired) => (StatusCode::UNAUTHORIZED, "token_expired"),
-            Refusal::Token(AuthError::Revoked) => (StatusCode::UNAUTHORIZED, "token_revoked"),
-            Refusal::Token(AuthError::Forbidden | AuthError::Origin) => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
-            Refusal::Token(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
+            // As for a token refused when the request began.
+            Refusal::Token(e) => e.http(),
             Refusal::AppendFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
         }
     }
@@ -447,7 +443,8 @@ impl Door {
             .wait_ready(
                 deps,
                 Some(&writer.own),
-                Some(&writer.lost),
+                // Only a writer whose append failed has anything to look up here.
+                (!writer.lost.is_empty()).then_some(&writer.lost),
                 self.limits.missing_deps_wait,
             )
             .await;

@@ -40,12 +40,7 @@ impl IntoResponse for ApiError {
             ApiError::BadDocId(_) => (StatusCode::BAD_REQUEST, "bad_doc_id"),
             ApiError::Refused(r) => r.http(),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::Auth(AuthError::Forbidden | AuthError::Origin) => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
-            ApiError::Auth(AuthError::Expired) => (StatusCode::UNAUTHORIZED, "token_expired"),
-            ApiError::Auth(AuthError::Revoked) => (StatusCode::UNAUTHORIZED, "token_revoked"),
-            ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
+            ApiError::Auth(e) => e.http(),
             ApiError::Admin => (StatusCode::UNAUTHORIZED, "bad_admin_key"),
             ApiError::BadPosition(..) => (StatusCode::BAD_REQUEST, "bad_position"),
             ApiError::BadWait => (StatusCode::BAD_REQUEST, "bad_wait"),
