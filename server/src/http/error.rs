@@ -89,3 +89,29 @@ pub(super) fn refused(r: Refused) -> Response {
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::BackplaneError;
+
+    /// A write refused at the door answers with the status its table gives, and a refusal on
+    /// our side tells the client when to retry.
+    #[test]
+    fn refusals_answer_with_the_tables_status() {
+        let missing = ApiError::from(Refusal::MissingDependencies).into_response();
+        assert_eq!(missing.status(), StatusCode::CONFLICT);
+        assert!(missing.headers().get(header::RETRY_AFTER).is_none());
+        let failed = ApiError::from(Refusal::AppendFailed(BackplaneError::Storage(
+            "disk".into(),
+        )))
+        .into_response();
+        assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            failed.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from_static("1"))
+        );
+        let revoked = ApiError::from(Refusal::Token(AuthError::Revoked)).into_response();
+        assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
+    }
+}
