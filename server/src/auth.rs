@@ -6,6 +6,7 @@
 //! token's id) and `iat`, and `docs`: a list of grants `{"doc": "notes-1" | "team-*", "access":
 //! "read" | "write"}`. A pattern ending in `*` grants every document id with that prefix.
 
+use axum::http::StatusCode;
 use chorus_protocol::{CloseCode, DocId};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -108,6 +109,17 @@ impl AuthError {
         match self {
             AuthError::Expired => CloseCode::TokenExpired,
             _ => CloseCode::Revoked,
+        }
+    }
+
+    /// The HTTP status and the `error` code of its JSON body, for a request refused with it
+    /// (at the door of any request, or at a write's append; see `doc::admit::Refusal`).
+    pub fn http(&self) -> (StatusCode, &'static str) {
+        match self {
+            AuthError::Forbidden | AuthError::Origin => (StatusCode::FORBIDDEN, "forbidden"),
+            AuthError::Expired => (StatusCode::UNAUTHORIZED, "token_expired"),
+            AuthError::Revoked => (StatusCode::UNAUTHORIZED, "token_revoked"),
+            AuthError::Missing | AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! - [`connection`] — per-socket reader/writer; native and y-websocket sessions; SSE and
 //!   long-poll readers
 //! - [`validate`] — guards every client-supplied update before yrs decodes it
-//! - [`doc`] — registry of hot documents, each owned by one task; the coalescing outbox
+//! - [`doc`] — the write door every update passes ([`doc::admit`]); registry of hot documents,
+//!   each owned by one task; the coalescing outbox
 //! - [`backplane`] — the log every update goes through (embedded: fsynced redb; or Redis streams
 //!   shared by many nodes)
 //! - [`storage`] — snapshots

@@ -234,13 +234,13 @@ pub fn render(ctx: &crate::connection::ConnContext) -> String {
             "chorus_refused_writes_total",
             "counter",
             "Updates refused because the token grants only read access",
-            ctx.refused_writes.load(Ordering::Relaxed),
+            ctx.door.stats.refused_writes.load(Ordering::Relaxed),
         ),
         (
             "chorus_refused_missing_dependencies_total",
             "counter",
             "Updates refused because what they build on never reached the document",
-            ctx.refused_missing_deps.load(Ordering::Relaxed),
+            ctx.door.stats.refused_missing_deps.load(Ordering::Relaxed),
         ),
         (
             "chorus_refused_awareness_total",

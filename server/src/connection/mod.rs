@@ -11,6 +11,7 @@ pub mod sse;
 pub mod yjs;
 
 use crate::auth::{Auth, Principal};
+use crate::doc::admit::{Door, WriteLimits};
 use crate::doc::outbox::{Outbox, OutboxLimits, OutboxStats, Proto};
 use crate::doc::{ConnId, DocHandle, Registry};
 use crate::limits::{ConnectionSlot, TokenBucket};
@@ -36,10 +37,8 @@ pub struct ConnContext {
     pub tracker: TaskTracker,
     pub stats: Arc<OutboxStats>,
     pub auth: Arc<Auth>,
-    /// Writes refused because a token granted only read access (or none).
-    pub refused_writes: AtomicU64,
-    /// Updates refused because what they build on never reached the document.
-    pub refused_missing_deps: AtomicU64,
+    /// The write door every update passes (see [`crate::doc::admit`]).
+    pub door: Door,
     /// HTTP writes answered before this node applied them (see `http::docs::post_update`).
     pub applied_late: AtomicU64,
     /// Open WebSocket connections (admission slots).
@@ -84,6 +83,17 @@ impl ConnContext {
         );
         let flush_clock = (!config.flush_interval.is_zero())
             .then(|| FlushClock::spawn(config.flush_interval, shutdown.clone(), &tracker));
+        let limits = WriteLimits {
+            max_update_bytes: config.max_update_bytes,
+            max_document_bytes: config.max_document_bytes,
+            missing_deps_wait: config.missing_deps_wait,
+        };
+        let door = Door::new(
+            registry.node(),
+            registry.backplane().clone(),
+            auth.clone(),
+            limits,
+        );
         ConnContext {
             flush_clock,
             registry,
@@ -92,8 +102,7 @@ impl ConnContext {
             tracker,
             stats: Arc::new(OutboxStats::default()),
             auth,
-            refused_writes: AtomicU64::new(0),
-            refused_missing_deps: AtomicU64::new(0),
+            door,
             applied_late: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
@@ -161,14 +170,6 @@ impl ConnContext {
         if let Err(e) = self.auth.still_valid(&check) {
             outbox.request_close(e.close_code());
         }
-    }
-
-    /// The write door's last check, made right before an append (after any wait): the
-    /// principal must still be valid now, not only when the socket or request began.
-    pub fn admit_write(&self, principal: &Principal) -> Result<(), crate::auth::AuthError> {
-        self.auth.still_valid(principal).inspect_err(|_| {
-            self.refused_writes.fetch_add(1, Ordering::Relaxed);
-        })
     }
 
     /// Applies a revocation (made here or published by another node) and closes every socket

@@ -1,64 +1,22 @@
 //! The native protocol session (`/v1/ws`): MessagePack frames, many documents per socket.
 
 use super::{ConnContext, Session, Step};
-use crate::auth::{Access, Principal};
-use crate::backplane::{BackplaneError, Origin};
+use crate::auth::Principal;
+use crate::doc::admit::{Fault, Refusal, Writer};
 use crate::doc::outbox::Outbox;
-use crate::doc::{DocError, DocHandle, Readiness, Registry, SyncFrom};
-use crate::validate::{self, Rejected};
+use crate::doc::{DocError, DocHandle, Registry, SyncFrom};
+use crate::validate;
 use bytes::Bytes;
 use chorus_protocol::{
     ClientFrame, CloseCode, DecodeError, DocId, ErrorCode, Position, ServerFrame,
 };
-use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-/// An append in flight: which document and client `seq` it answers, and how it ended.
-pub struct AppendDone {
-    pub doc: DocId,
-    pub seq: Option<u64>,
-    /// The append chain it belonged to (see `backplane::Chains`).
-    pub chain: u64,
-    pub result: Result<Position, BackplaneError>,
-}
-
-pub type AppendFuture = BoxFuture<'static, AppendDone>;
-
-/// Starts an append for a validated update and wraps its outcome with what answers it.
-pub fn start_append(
-    registry: &Registry,
-    doc: &DocId,
-    update: Bytes,
-    reach: Option<validate::Reach>,
-    origin: Origin,
-) -> AppendFuture {
-    let fut = registry
-        .backplane()
-        .append(doc, update, reach, Some(origin));
-    let (doc, seq, chain) = (doc.clone(), origin.seq, origin.chain);
-    let started = std::time::Instant::now();
-    fut.map(move |result| {
-        let hot = crate::metrics::hot();
-        hot.append_seconds.record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(_) => &hot.updates_in,
-            Err(_) => &hot.append_errors,
-        }
-        .increment(1);
-        AppendDone {
-            doc,
-            seq,
-            chain,
-            result,
-        }
-    })
-    .boxed()
-}
+// The session loop (`super::run`) polls appends by these names.
+pub use crate::doc::admit::{AppendDone, AppendFuture};
 
 /// Bad frames allowed in a burst, and refilled per second, before a connection is closed with
 /// 1008: a buggy client gets clear errors, a hostile one cannot make us spin on them.
@@ -105,17 +63,10 @@ pub struct NativeSession {
     docs: HashMap<DocId, DocHandle>,
     inflight: FuturesUnordered<AppendFuture>,
     errors: ErrorBudget,
-    /// Per document, the clocks this socket's admitted appends reach, per yrs client: a
-    /// client's next update may build on its previous one before the document applied it.
-    own: HashMap<DocId, HashMap<u64, u64>>,
-    /// Per document, the yrs clients whose appends from this socket failed: their next updates
-    /// build on something that will never arrive unless the client resends it.
-    lost: HashMap<DocId, std::collections::HashSet<u64>>,
-    /// Per document, this socket's append chain: a new one starts when an append failed, so
-    /// the log refuses the appends made before we heard (they may build on the failed one)
-    /// and takes those made after (see `backplane::Chains`). An entry exists only for a
-    /// document one of whose appends failed.
-    chains: HashMap<DocId, u64>,
+    /// Per document, what the write door remembers of this socket as a writer (its clocks and
+    /// append chain). An entry exists while the document is subscribed, and after that only
+    /// if one of its appends failed (see `Writer::unsubscribed`).
+    writers: HashMap<DocId, Writer>,
     /// New subscriptions (`--max-subscribes-per-second`): unsubscribing frees a place under
     /// `--max-docs-per-connection`, and without this a loop of both would load a document
     /// each turn.
@@ -138,9 +89,7 @@ impl NativeSession {
             docs: HashMap::new(),
             inflight: FuturesUnordered::new(),
             errors: ErrorBudget::new(),
-            own: HashMap::new(),
-            lost: HashMap::new(),
-            chains: HashMap::new(),
+            writers: HashMap::new(),
             subscribes,
         }
     }
@@ -153,8 +102,26 @@ impl NativeSession {
         seq: Option<u64>,
     ) -> Step {
         // Failures on our side do not count against the client; everything else does.
-        let clients_fault = !matches!(code, ErrorCode::AppendFailed | ErrorCode::Unavailable);
-        self.send_error(code, message, doc, seq, clients_fault)
+        let fault = match code {
+            ErrorCode::AppendFailed | ErrorCode::Unavailable => Fault::Server,
+            _ => Fault::Client,
+        };
+        self.send_error(code, message, doc, seq, fault)
+    }
+
+    /// Answers a refusal of the write door, as its table says (see [`Refusal`]).
+    fn refuse(&mut self, refusal: &Refusal, doc: &str, seq: Option<u64>) -> Step {
+        let step = self.send_error(
+            refusal.error_code(),
+            refusal.to_string(),
+            Some(doc),
+            seq,
+            refusal.fault(),
+        );
+        match refusal.native_close() {
+            Some(code) => Step::Close(code),
+            None => step,
+        }
     }
 
     fn send_error(
@@ -163,7 +130,7 @@ impl NativeSession {
         message: impl Into<String>,
         doc: Option<&str>,
         seq: Option<u64>,
-        clients_fault: bool,
+        fault: Fault,
     ) -> Step {
         let frame = ServerFrame::Error {
             code,
@@ -175,7 +142,7 @@ impl NativeSession {
             .encode()
             .map(|b| self.outbox.push_control(Bytes::from(b)))
             .unwrap_or(false);
-        if !queued || (clients_fault && !self.errors.spend()) {
+        if !queued || (fault == Fault::Client && !self.errors.spend()) {
             return Step::Close(CloseCode::PolicyViolation);
         }
         Step::Continue
@@ -267,6 +234,7 @@ impl NativeSession {
             .collect();
         for id in denied {
             if let Some(handle) = self.docs.remove(&id) {
+                self.unsubscribed(&id);
                 handle.unsubscribe(self.outbox.conn).await;
             }
             if let Step::Close(code) = self.error(
@@ -279,6 +247,15 @@ impl NativeSession {
             }
         }
         Step::Continue
+    }
+
+    /// Forgets the socket's clocks for a document it left (see `Writer::unsubscribed`).
+    fn unsubscribed(&mut self, id: &DocId) {
+        if let Some(writer) = self.writers.get_mut(id)
+            && !writer.unsubscribed()
+        {
+            self.writers.remove(id);
+        }
     }
 
     async fn update(&mut self, doc: String, update: Vec<u8>, seq: Option<u64>) -> Step {
@@ -294,97 +271,32 @@ impl NativeSession {
                 seq,
             );
         };
-        if self.principal.access(&id) != Some(Access::Write) {
-            self.ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
-            return self.error(
-                ErrorCode::ReadOnly,
-                "the token grants only read access to this document",
-                Some(&doc),
+        // Reading this socket pauses while the door waits for the update's dependencies:
+        // appends must be admitted in the order the client sent them.
+        let ctx = self.ctx.clone();
+        let conn = self.outbox.conn;
+        let mut writer = self
+            .writers
+            .remove(&id)
+            .unwrap_or_else(|| Writer::socket(conn));
+        let admitted = ctx
+            .door
+            .admit(
+                &self.principal,
+                &handle,
+                &mut writer,
+                Bytes::from(update),
                 seq,
-            );
-        }
-        if handle.approx_size() + update.len() > self.config.max_document_bytes {
-            let limit = self.config.max_document_bytes;
-            return self.error(
-                ErrorCode::DocumentTooLarge,
-                format!("the document reached the {limit}-byte limit and takes no more updates"),
-                Some(&doc),
-                seq,
-            );
-        }
-        let update = Bytes::from(update);
-        let (deps, reach) = match validate::check_update(&update, self.config.max_update_bytes) {
-            Ok(checked) => (checked.deps, checked.reach),
-            Err(e) => {
-                let code = match e {
-                    Rejected::TooLarge(..) | Rejected::TooManyClients(..) => ErrorCode::TooLarge,
-                    _ => ErrorCode::BadUpdate,
-                };
-                return self.error(code, e.to_string(), Some(&doc), seq);
-            }
-        };
-        // Reading this socket pauses while an update waits for its dependencies: appends must
-        // be admitted in the order the client sent them.
-        let mut own = self.own.remove(&id).unwrap_or_default();
-        handle.forget_known(&mut own);
-        let readiness = handle
-            .wait_ready(
-                &deps,
-                Some(&own),
-                self.lost.get(&id),
-                self.config.missing_deps_wait,
             )
             .await;
-        if readiness != Readiness::Met {
-            self.ctx
-                .refused_missing_deps
-                .fetch_add(1, Ordering::Relaxed);
-            self.own.insert(id, own);
-            if readiness == Readiness::Lost {
-                // Our append failed, not the client: no charge against its error budget.
-                return self.send_error(
-                    ErrorCode::MissingDependencies,
-                    "the update builds on one of yours that could not be appended; send your state again",
-                    Some(&doc),
-                    seq,
-                    false,
-                );
+        self.writers.insert(id, writer);
+        match admitted {
+            Ok(append) => {
+                self.inflight.push(append);
+                Step::Continue
             }
-            return self.error(
-                ErrorCode::MissingDependencies,
-                "the update builds on changes this document does not have",
-                Some(&doc),
-                seq,
-            );
+            Err(refusal) => self.refuse(&refusal, &doc, seq),
         }
-        // Checked after the wait: the token may have been revoked (or expired) meanwhile.
-        if let Err(e) = self.ctx.admit_write(&self.principal) {
-            self.own.insert(id, own);
-            let _ = self.error(ErrorCode::Forbidden, e.to_string(), Some(&doc), seq);
-            return Step::Close(e.close_code());
-        }
-        for (client, end) in deps.ends() {
-            let reach = own.entry(client).or_default();
-            *reach = (*reach).max(end);
-            if let Some(lost) = self.lost.get_mut(&id) {
-                lost.remove(&client);
-            }
-        }
-        self.own.insert(id.clone(), own);
-        let origin = Origin {
-            node: self.registry.node(),
-            conn: self.outbox.conn,
-            seq,
-            chain: self.chains.get(&id).copied().unwrap_or(0),
-        };
-        self.inflight.push(start_append(
-            &self.registry,
-            &id,
-            update,
-            Some(reach),
-            origin,
-        ));
-        Step::Continue
     }
 
     async fn awareness(&mut self, doc: String, update: Vec<u8>) -> Step {
@@ -433,10 +345,7 @@ impl Session for NativeSession {
                 if let Ok(id) = DocId::parse(&doc)
                     && let Some(handle) = self.docs.remove(&id)
                 {
-                    self.own.remove(&id);
-                    self.lost.remove(&id);
-                    // `chains` stays: the log may still remember this socket's failed chain for
-                    // the document, and a re-subscription must not start that chain over.
+                    self.unsubscribed(&id);
                     handle.unsubscribe(self.outbox.conn).await;
                 }
                 Step::Continue
@@ -471,23 +380,12 @@ impl Session for NativeSession {
             Ok(_) => Step::Continue,
             Err(e) => {
                 tracing::warn!(doc = %done.doc, error = %e, "append failed");
-                let chain = self.chains.entry(done.doc.clone()).or_default();
-                if *chain == done.chain {
-                    *chain += 1;
-                }
-                // What this socket's later updates may build on did not make it into the log.
-                if let Some(own) = self.own.remove(&done.doc) {
-                    self.lost
-                        .entry(done.doc.clone())
-                        .or_default()
-                        .extend(own.into_keys());
-                }
-                self.error(
-                    ErrorCode::AppendFailed,
-                    e.to_string(),
-                    Some(done.doc.as_str()),
-                    done.seq,
-                )
+                let conn = self.outbox.conn;
+                self.writers
+                    .entry(done.doc.clone())
+                    .or_insert_with(|| Writer::socket(conn))
+                    .append_failed(done.chain);
+                self.refuse(&Refusal::AppendFailed(e), done.doc.as_str(), done.seq)
             }
         }
     }

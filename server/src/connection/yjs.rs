@@ -7,12 +7,12 @@
 //! before yrs decodes anything; server messages are framed by
 //! [`chorus_protocol::y_websocket`].
 
-use super::native::{AppendDone, AppendFuture, ErrorBudget, start_append};
+use super::native::{AppendDone, AppendFuture, ErrorBudget};
 use super::{ConnContext, HeldWake, Session, Step};
-use crate::auth::{Access, Principal};
-use crate::backplane::Origin;
+use crate::auth::Principal;
+use crate::doc::DocHandle;
+use crate::doc::admit::{Holding, Refusal, Write, Writer, YjsAnswer};
 use crate::doc::outbox::Outbox;
-use crate::doc::{DocHandle, LOAD_WAIT, Readiness, Registry};
 use crate::validate::{self, Lib0Reader};
 use bytes::Bytes;
 use chorus_protocol::y_websocket::{
@@ -21,11 +21,7 @@ use chorus_protocol::y_websocket::{
 };
 use chorus_protocol::{CloseCode, DocId};
 use futures_util::stream::FuturesUnordered;
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use tokio::sync::watch;
-use tokio::time::Instant;
 use yrs::StateVector;
 
 /// One y-websocket message from a client, decoded and checked by `validate`.
@@ -72,7 +68,6 @@ pub fn parse_message(bytes: &[u8], max_update_bytes: usize) -> Result<Incoming<'
 
 pub struct YjsSession {
     ctx: Arc<ConnContext>,
-    registry: Arc<Registry>,
     config: Arc<crate::Config>,
     outbox: Arc<Outbox>,
     doc: DocId,
@@ -80,15 +75,12 @@ pub struct YjsSession {
     inflight: FuturesUnordered<AppendFuture>,
     errors: ErrorBudget,
     principal: Principal,
-    /// The client was told (once) that it may not write.
-    told_read_only: bool,
-    /// Clocks this socket's admitted appends reach, per yrs client (see the native session).
-    own: HashMap<u64, u64>,
-    /// Updates waiting for what they build on, oldest first (see `hold`).
-    held: VecDeque<Held>,
-    held_bytes: usize,
-    /// While something is held: tells when the document learned more.
-    known: Option<watch::Receiver<u64>>,
+    /// The client was told (once) what [`YjsAnswer::DenyOnce`] tells.
+    told_once: bool,
+    /// What the write door remembers of this socket as a writer.
+    writer: Writer,
+    /// Updates waiting for what they build on (see `Door::offer`).
+    holding: Holding,
 }
 
 impl YjsSession {
@@ -101,7 +93,7 @@ impl YjsSession {
     ) -> Self {
         ctx.set_holder(&outbox, principal.clone());
         YjsSession {
-            registry: ctx.registry.clone(),
+            writer: Writer::socket(outbox.conn),
             config: ctx.config.clone(),
             ctx,
             outbox,
@@ -110,11 +102,8 @@ impl YjsSession {
             inflight: FuturesUnordered::new(),
             errors: ErrorBudget::new(),
             principal,
-            told_read_only: false,
-            own: HashMap::new(),
-            held: VecDeque::new(),
-            held_bytes: 0,
-            known: None,
+            told_once: false,
+            holding: Holding::default(),
         }
     }
 
@@ -129,189 +118,91 @@ impl YjsSession {
         }
     }
 
-    async fn append(&mut self, update: &[u8]) -> Step {
-        if self.principal.access(&self.doc) != Some(Access::Write) {
-            // Read-only: never appended. The client hears it once (y-protocols permission
-            // denied); later writes are dropped and counted.
-            self.ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
-            if !std::mem::replace(&mut self.told_read_only, true) {
-                let msg =
-                    yws::permission_denied("read-only: this token may not write to the document");
-                self.outbox.push_control(Bytes::from(msg));
-            }
-            return Step::Continue;
-        }
-        let size = self.handle.as_ref().map_or(0, DocHandle::approx_size);
-        if size + update.len() > self.config.max_document_bytes {
-            // Documented: a full document is read-only; y-websocket clients are told with the
-            // protocol's permission-denied message (they keep the socket and keep reading).
-            let msg =
-                yws::permission_denied("document size limit reached; it takes no more updates");
-            if !self.outbox.push_control(Bytes::from(msg)) {
-                return Step::Close(CloseCode::PolicyViolation);
-            }
-            return Step::Continue;
-        }
+    /// Sync step 2 or an update: through the write door, holding it while what it builds on
+    /// is on its way (the socket keeps being read meanwhile).
+    fn append(&mut self, update: &[u8]) -> Step {
+        // Copied before the check: the scan's result is keyed to these very bytes.
         let update = Bytes::copy_from_slice(update);
-        let checked = match validate::check_update(&update, self.config.max_update_bytes) {
+        let checked = match self.ctx.door.check(&self.principal, &self.doc, &update) {
             // Every y-websocket client answers our step 1 with a step 2, usually empty: nothing
             // to log.
             Ok(checked) if checked.deps.is_empty() => return Step::Continue,
             Ok(checked) => checked,
-            Err(validate::Rejected::TooLarge(..) | validate::Rejected::TooManyClients(..)) => {
-                return Step::Close(CloseCode::MessageTooBig);
-            }
-            Err(_) => return self.bad("invalid update"),
+            Err(refusal) => return self.refuse(&refusal),
         };
         let Some(handle) = self.handle.clone() else {
             return Step::Close(CloseCode::InternalError);
         };
-        handle.forget_known(&mut self.own);
-        if handle.readiness_now(&checked.deps, &self.own) == Some(Readiness::Met) {
-            if let Step::Close(code) = self.admit(update, &checked.deps, checked.reach) {
-                return Step::Close(code);
-            }
-            return if self.held.is_empty() {
-                Step::Continue
-            } else {
-                // What it brought may be what a held update was waiting for.
-                self.admit_held()
-            };
-        }
-        self.hold(&handle, update, checked)
-    }
-
-    /// Appends an update whose dependencies are met; later updates of this socket may build on
-    /// it before the document has applied it.
-    fn admit(&mut self, update: Bytes, deps: &validate::Deps, reach: validate::Reach) -> Step {
-        // Checked at the append, not only on arrival: a held update may be admitted long after
-        // its token was revoked (or expired).
-        if let Err(e) = self.ctx.admit_write(&self.principal) {
-            return Step::Close(e.close_code());
-        }
-        for (client, end) in deps.ends() {
-            let reach = self.own.entry(client).or_default();
-            *reach = (*reach).max(end);
-        }
-        let origin = Origin {
-            node: self.registry.node(),
-            conn: self.outbox.conn,
+        let write = Write {
+            update,
+            checked,
             seq: None,
-            // One chain for the socket's life: a failed append closes it (see `on_appended`),
-            // and the log refuses the appends still queued behind the failed one.
-            chain: 0,
         };
-        self.inflight.push(start_append(
-            &self.registry,
-            &self.doc,
-            update,
-            Some(reach),
-            origin,
-        ));
-        Step::Continue
+        let offered = self.ctx.door.offer(
+            &self.principal,
+            &handle,
+            &mut self.writer,
+            &mut self.holding,
+            write,
+            &mut self.inflight,
+        );
+        self.answer(offered)
     }
 
-    /// An update that builds on something the document does not have yet waits here, in
-    /// order, while the socket keeps being read: a stock client sends its live updates as soon
-    /// as its socket opens, before the sync reply that carries what they build on, and that
-    /// reply must be read for them to be admitted.
-    fn hold(&mut self, handle: &DocHandle, update: Bytes, checked: validate::Checked) -> Step {
-        if self.held.len() >= MAX_HELD || self.held_bytes + update.len() > self.held_budget() {
-            return self.refuse_missing();
-        }
-        if self.held.is_empty() {
-            let mut changes = handle.known_changes();
-            changes.borrow_and_update();
-            self.known = Some(changes);
-        }
-        // A document still loading can take longer than the usual wait to know its state.
-        let wait = if !handle.is_loaded() {
-            self.config.missing_deps_wait.max(LOAD_WAIT)
-        } else {
-            self.config.missing_deps_wait
-        };
-        self.held_bytes += update.len();
-        self.held.push_back(Held {
-            update,
-            deps: checked.deps,
-            reach: checked.reach,
-            until: Instant::now() + wait,
-        });
-        Step::Continue
-    }
-
-    /// Admits every held update that is now met (in order, each making way for the next),
-    /// then refuses those whose wait is over.
-    fn admit_held(&mut self) -> Step {
+    /// Looks at the held updates again: admits those now met, refuses those whose wait ended.
+    fn release(&mut self) -> Step {
         let Some(handle) = self.handle.clone() else {
             return Step::Continue;
         };
-        if let Some(known) = &mut self.known {
-            known.borrow_and_update();
-        }
-        handle.forget_known(&mut self.own);
-        let mut progress = true;
-        while progress {
-            progress = false;
-            let mut i = 0;
-            while i < self.held.len() {
-                if handle.readiness_now(&self.held[i].deps, &self.own) == Some(Readiness::Met) {
-                    let Some(h) = self.held.remove(i) else { break };
-                    self.held_bytes -= h.update.len();
-                    if let Step::Close(code) = self.admit(h.update, &h.deps, h.reach) {
+        let released = self.ctx.door.release(
+            &self.principal,
+            &handle,
+            &mut self.writer,
+            &mut self.holding,
+            &mut self.inflight,
+        );
+        self.answer(released)
+    }
+
+    /// `Ok(n)`: `n` held updates waited in vain, each refused.
+    fn answer(&mut self, outcome: Result<usize, Refusal>) -> Step {
+        match outcome {
+            Ok(expired) => {
+                for _ in 0..expired {
+                    if let Step::Close(code) = self.refuse(&Refusal::MissingDependencies) {
                         return Step::Close(code);
                     }
-                    progress = true;
-                } else {
-                    i += 1;
                 }
+                Step::Continue
             }
+            Err(refusal) => self.refuse(&refusal),
         }
-        let now = Instant::now();
-        while self.held.front().is_some_and(|h| h.until <= now) {
-            if let Some(h) = self.held.pop_front() {
-                self.held_bytes -= h.update.len();
-            }
-            if let Step::Close(code) = self.refuse_missing() {
-                return Step::Close(code);
-            }
-        }
-        if self.held.is_empty() {
-            self.known = None;
-        }
-        Step::Continue
     }
 
-    fn refuse_missing(&mut self) -> Step {
-        self.ctx
-            .refused_missing_deps
-            .fetch_add(1, Ordering::Relaxed);
-        let msg = yws::permission_denied(
-            "update refused: it builds on changes this document does not have",
-        );
-        if !self.outbox.push_control(Bytes::from(msg)) {
-            return Step::Close(CloseCode::PolicyViolation);
+    /// Answers a refusal of the write door, as its table says (see [`Refusal::yjs`]).
+    fn refuse(&mut self, refusal: &Refusal) -> Step {
+        let deny = |outbox: &Outbox, reason: &str| {
+            outbox.push_control(Bytes::from(yws::permission_denied(reason)))
+        };
+        match refusal.yjs() {
+            YjsAnswer::DenyOnce(reason) => {
+                if !std::mem::replace(&mut self.told_once, true) {
+                    deny(&self.outbox, reason);
+                }
+                Step::Continue
+            }
+            YjsAnswer::Deny(reason) if !deny(&self.outbox, reason) => {
+                Step::Close(CloseCode::PolicyViolation)
+            }
+            YjsAnswer::Deny(_) => Step::Continue,
+            YjsAnswer::DenyAndCharge(reason) if !deny(&self.outbox, reason) => {
+                Step::Close(CloseCode::PolicyViolation)
+            }
+            YjsAnswer::DenyAndCharge(_) | YjsAnswer::Charge => self.bad(&refusal.to_string()),
+            YjsAnswer::Close(code) => Step::Close(code),
         }
-        self.bad("update with missing dependencies")
-    }
-
-    /// Bytes of updates one socket may hold back: a few of the largest updates.
-    fn held_budget(&self) -> usize {
-        self.config.max_update_bytes.saturating_mul(2)
     }
 }
-
-/// An update waiting for what it builds on (see `YjsSession::hold`).
-struct Held {
-    update: Bytes,
-    deps: validate::Deps,
-    reach: validate::Reach,
-    until: Instant,
-}
-
-/// Updates one y-websocket socket may hold back at once; past this (or its byte budget) a new
-/// one that cannot be admitted is refused at once.
-const MAX_HELD: usize = 64;
 
 impl Session for YjsSession {
     async fn on_binary(&mut self, bytes: Bytes) -> Step {
@@ -321,7 +212,7 @@ impl Session for YjsSession {
         let conn = self.outbox.conn;
         let sent = match parse_message(&bytes, self.config.max_update_bytes) {
             Ok(Incoming::SyncStep1(sv)) => handle.sync_step1(conn, sv).await,
-            Ok(Incoming::Update(payload)) => return self.append(payload).await,
+            Ok(Incoming::Update(payload)) => return self.append(payload),
             Ok(Incoming::Awareness(update)) => handle.awareness(conn, update).await,
             Ok(Incoming::QueryAwareness) => handle.query_awareness(conn).await,
             Ok(Incoming::Auth) => Ok(()),
@@ -349,11 +240,9 @@ impl Session for YjsSession {
         match done.result {
             Ok(_) => Step::Continue,
             Err(e) => {
-                // The client believes it sent this update. Closing makes it reconnect and send
-                // its state again (sync step 2), so nothing it holds is lost.
                 tracing::warn!(doc = %done.doc, error = %e, "append failed; closing y-websocket client so it resyncs");
-                self.own.clear();
-                Step::Close(CloseCode::InternalError)
+                self.writer.forget_own();
+                self.refuse(&Refusal::AppendFailed(e))
             }
         }
     }
@@ -370,13 +259,12 @@ impl Session for YjsSession {
     fn warn_expiring(&mut self) {}
 
     fn held(&self) -> Option<HeldWake> {
-        let changed = self.known.clone()?;
-        let until = self.held.front()?.until;
+        let (changed, until) = self.holding.wake()?;
         Some(HeldWake { changed, until })
     }
 
     fn on_held_wake(&mut self) -> Step {
-        self.admit_held()
+        self.release()
     }
 }
 

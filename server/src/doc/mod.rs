@@ -4,8 +4,12 @@
 //! Each hot document has exactly one owner task ([`actor`]) holding the yrs state; nothing
 //! else touches it, so no lock is ever held across an await. The registry is also the
 //! backplane's [`EntrySink`]: log entries are routed to the owner of their document.
+//!
+//! Updates reach the log through [`admit`], the one write door every protocol and the HTTP API
+//! share; they reach the owner only from the log.
 
 mod actor;
+pub mod admit;
 pub mod outbox;
 
 use crate::backplane::{Backplane, Entry, EntrySink};

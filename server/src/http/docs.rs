@@ -7,8 +7,7 @@ use crate::auth::{Access, AuthError};
 use crate::connection::ConnContext;
 use crate::connection::sse::{self, SseRequest};
 use crate::doc::DocError;
-use crate::doc::Readiness;
-use crate::validate::{self, Rejected};
+use crate::doc::admit::{Refusal, Write, Writer};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -56,6 +55,7 @@ pub(super) async fn get_doc(
 /// deadlines and rechecks bring the document up to date, the client is not kept waiting.
 const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// `POST /v1/docs/{doc}`: one update through the write door (see [`crate::doc::admit`]).
 pub(super) async fn post_update(
     State(ctx): State<Arc<ConnContext>>,
     Path(doc): Path<String>,
@@ -64,45 +64,41 @@ pub(super) async fn post_update(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let doc = DocId::parse(&doc)?;
-    let principal = match authorize(&ctx, &headers, &query, Some((&doc, Access::Write))) {
+    // Who is asking; whether they may write is the door's first step.
+    let principal = match authorize(&ctx, &headers, &query, Some((&doc, Access::Read))) {
         Ok((principal, _)) => principal,
         Err(e) => {
-            ctx.refused_writes.fetch_add(1, Ordering::Relaxed);
+            ctx.door
+                .stats
+                .refused_writes
+                .fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
     };
-    let checked =
-        validate::check_update(&body, ctx.config.max_update_bytes).map_err(|e| match e {
-            Rejected::TooLarge(..) | Rejected::TooManyClients(..) => ApiError::TooLarge(e),
-            e => ApiError::BadUpdate(e),
-        })?;
-    // The document is made hot (and loaded) first: its size and state are known, and the
+    // Checked before the document is loaded: garbage loads nothing.
+    let checked = ctx.door.check(&principal, &doc, &body)?;
+    // The document is made hot (and loaded) next: its size and state are known, and the
     // entry is applied before we answer, so a GET right after this POST sees it
     // (read-your-writes).
-    let deps = &checked.deps;
-    let wait = ctx.config.missing_deps_wait;
-    let (size, ready) = ctx
+    let handle = ctx
         .registry
         .with_owner(&doc, |h| async move {
             tokio::time::timeout(OWNER_WAIT, h.wait_applied(StreamId::ZERO))
                 .await
                 .map_err(|_| DocError::Unavailable)??;
-            let ready = h.wait_ready(deps, None, None, wait).await == Readiness::Met;
-            Ok((h.approx_size(), ready))
+            Ok(h)
         })
         .await?;
-    if size + body.len() > ctx.config.max_document_bytes {
-        return Err(ApiError::DocumentTooLarge(ctx.config.max_document_bytes));
-    }
-    if !ready {
-        ctx.refused_missing_deps.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::MissingDependencies);
-    }
-    // Checked after the waits: the token may have been revoked (or expired) meanwhile.
-    ctx.admit_write(&principal)?;
-    let position = (ctx.registry.backplane())
-        .append(&doc, body, Some(checked.reach), None)
+    let write = Write {
+        update: body,
+        checked,
+        seq: None,
+    };
+    let append = ctx
+        .door
+        .admit_checked(&principal, &handle, &mut Writer::request(), write)
         .await?;
+    let position = append.await.result.map_err(Refusal::AppendFailed)?;
     let applied = tokio::time::timeout(
         OWNER_WAIT,
         ctx.registry

@@ -1,11 +1,10 @@
 //! Where a failed HTTP request ends: errors and refusals become statuses with JSON bodies.
 
 use crate::auth::AuthError;
-use crate::backplane::BackplaneError;
 use crate::connection::Refused;
 use crate::connection::sse;
 use crate::doc::DocError;
-use crate::validate::Rejected;
+use crate::doc::admit::Refusal;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chorus_protocol::{DocIdError, PositionParseError};
@@ -16,22 +15,15 @@ use serde_json::json;
 pub enum ApiError {
     #[error(transparent)]
     BadDocId(#[from] DocIdError),
-    #[error("update rejected: {0}")]
-    BadUpdate(Rejected),
-    #[error("update too large: {0}")]
-    TooLarge(Rejected),
-    #[error("the log could not take the update; retry: {0}")]
-    Append(#[from] BackplaneError),
+    /// The write door refused the update; its table says how (see [`Refusal::http`]).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("the document is unavailable; retry")]
     Unavailable,
-    #[error("the document reached the {0}-byte limit and takes no more updates")]
-    DocumentTooLarge(usize),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("admin key missing or wrong")]
     Admin,
-    #[error("the update builds on changes this document does not have")]
-    MissingDependencies,
     #[error("bad position in {0}: {1}")]
     BadPosition(&'static str, PositionParseError),
     #[error("wait must be a number of seconds from 0 to {}", sse::MAX_WAIT.as_secs())]
@@ -46,19 +38,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
             ApiError::BadDocId(_) => (StatusCode::BAD_REQUEST, "bad_doc_id"),
-            ApiError::BadUpdate(_) => (StatusCode::BAD_REQUEST, "bad_update"),
-            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            ApiError::Append(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
+            ApiError::Refused(r) => r.http(),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::DocumentTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "document_too_large"),
-            ApiError::Auth(AuthError::Forbidden | AuthError::Origin) => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
-            ApiError::Auth(AuthError::Expired) => (StatusCode::UNAUTHORIZED, "token_expired"),
-            ApiError::Auth(AuthError::Revoked) => (StatusCode::UNAUTHORIZED, "token_revoked"),
-            ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "bad_token"),
+            ApiError::Auth(e) => e.http(),
             ApiError::Admin => (StatusCode::UNAUTHORIZED, "bad_admin_key"),
-            ApiError::MissingDependencies => (StatusCode::CONFLICT, "missing_dependencies"),
             ApiError::BadPosition(..) => (StatusCode::BAD_REQUEST, "bad_position"),
             ApiError::BadWait => (StatusCode::BAD_REQUEST, "bad_wait"),
             ApiError::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "node_full"),
@@ -105,4 +88,30 @@ pub(super) fn refused(r: Refused) -> Response {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::BackplaneError;
+
+    /// A write refused at the door answers with the status its table gives, and a refusal on
+    /// our side tells the client when to retry.
+    #[test]
+    fn refusals_answer_with_the_tables_status() {
+        let missing = ApiError::from(Refusal::MissingDependencies).into_response();
+        assert_eq!(missing.status(), StatusCode::CONFLICT);
+        assert!(missing.headers().get(header::RETRY_AFTER).is_none());
+        let failed = ApiError::from(Refusal::AppendFailed(BackplaneError::Storage(
+            "disk".into(),
+        )))
+        .into_response();
+        assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            failed.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from_static("1"))
+        );
+        let revoked = ApiError::from(Refusal::Token(AuthError::Revoked)).into_response();
+        assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
+    }
 }

@@ -91,8 +91,8 @@ pub(super) async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
     let s = &ctx.stats;
     axum::Json(json!({
         "connections": ctx.open.load(Ordering::Relaxed),
-        "refused_writes": ctx.refused_writes.load(Ordering::Relaxed),
-        "refused_missing_dependencies": ctx.refused_missing_deps.load(Ordering::Relaxed),
+        "refused_writes": ctx.door.stats.refused_writes.load(Ordering::Relaxed),
+        "refused_missing_dependencies": ctx.door.stats.refused_missing_deps.load(Ordering::Relaxed),
         "writes_applied_late": ctx.applied_late.load(Ordering::Relaxed),
         "refused_awareness": ctx.registry.refused_awareness(),
         "refused_per_ip": ctx.per_ip.refused.load(Ordering::Relaxed),

@@ -1,0 +1,1001 @@
+//! The write door (data-flow step 2): every update a client sends, over the native protocol,
+//! y-websocket or `POST /v1/docs/{doc}`, passes here on its way from the connection into the log.
+//!
+//! The steps, in this order, for every protocol:
+//!
+//! 1. **access** ([`Door::check`]): the principal holds a write grant for the document;
+//! 2. **validation** ([`Door::check`]): [`validate::check_update`] (update size, structure,
+//!    trial apply), which also yields what the update builds on;
+//! 3. **size** ([`Door::admit`], [`Door::offer`]): the document stays under
+//!    `--max-document-bytes`;
+//! 4. **dependency wait**: what the update builds on must be in the document, or in this
+//!    writer's own admitted appends (which the document may not have applied yet);
+//! 5. **token, again**: a wait may outlast the token (revoked or expired meanwhile), so the
+//!    principal is checked at the append, not only when the socket or request began;
+//! 6. **writer clocks**: the clocks this append reaches are remembered for the writer's next
+//!    update (step 4);
+//! 7. **origin and append**: the entry carries the socket and its append chain (see
+//!    `backplane::Chains`), so the writer is acked rather than echoed, and the log refuses
+//!    appends queued behind one of the same chain that failed.
+//!
+//! Why in `doc/`: every step reads the document (its handle, its known clocks, the log behind
+//! it) or the node's auth, none reads a socket, and the HTTP API has no connection at all. The
+//! door knows no wire either: a refusal is a [`Refusal`], and what each protocol does with one
+//! (error code, close code, HTTP status, y-websocket answer) is read from the one table of
+//! [`Refusal`]'s methods. The connection keeps only its framing.
+//!
+//! Why validation before size: the HTTP API must not load a document for a request whose body
+//! is garbage, and it learns the size only once the document is loaded; putting validation
+//! first for everyone makes an update that is both invalid and aimed at a full document get
+//! the same answer on every protocol. Validation is bounded by `--max-update-bytes` either way.
+//!
+//! Two ways to wait for dependencies, one pipeline. [`Door::admit`] waits inline (bounded by
+//! `--missing-deps-wait`): the native socket stops reading meanwhile, so its appends keep the
+//! order it sent them in, and an HTTP request simply takes longer. A stock y-websocket client
+//! sends live updates before the sync reply that carries what they build on, so its socket must
+//! keep being read: [`Door::offer`] holds such updates, in order and bounded ([`Holding`]),
+//! and [`Door::release`] admits them once the document has caught up. Both end in the same
+//! steps 5 to 7.
+//!
+//! Rate is not a step here: messages per second are counted by the connection before a frame
+//! is even parsed (and HTTP requests per address before routing), which is where the cost they
+//! guard against begins.
+
+use crate::auth::{Access, Auth, AuthError, Principal};
+use crate::backplane::{Backplane, BackplaneError, Origin};
+use crate::doc::{ConnId, DocHandle, LOAD_WAIT, Readiness};
+use crate::validate::{self, Checked, Deps, Reach, Rejected};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use chorus_protocol::{CloseCode, DocId, ErrorCode, Position};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Why an update was not appended. The methods below are the one table of what each protocol
+/// answers.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("the token grants only read access to this document")]
+    ReadOnly,
+    #[error("the document reached the {0}-byte limit and takes no more updates")]
+    DocumentFull(usize),
+    /// Over `--max-update-bytes`, or naming more clients than an update may.
+    #[error("{0}")]
+    TooLarge(Rejected),
+    #[error("{0}")]
+    Invalid(Rejected),
+    #[error("the update builds on changes this document does not have")]
+    MissingDependencies,
+    /// It continues the writer's own update whose append failed: our fault, not the client's.
+    #[error("the update builds on one of yours that could not be appended; send your state again")]
+    Lost,
+    /// The token stopped being valid (revoked, expired) before the append.
+    #[error(transparent)]
+    Token(AuthError),
+    /// The log did not take the update.
+    #[error(transparent)]
+    AppendFailed(BackplaneError),
+}
+
+/// Whose fault a refusal is: a client's own faults count against its error budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Server,
+}
+
+/// What a y-websocket socket does with a refusal. The protocol has no error message; its
+/// permission-denied message is the closest a stock client shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YjsAnswer {
+    /// Permission-denied the first time on this socket; later ones are dropped silently.
+    DenyOnce(&'static str),
+    /// Permission-denied every time; the socket is kept (and closed with 1008 only when even
+    /// that message cannot be queued).
+    Deny(&'static str),
+    /// Permission-denied, and counted against the socket's error budget.
+    DenyAndCharge(&'static str),
+    /// Dropped, and counted against the socket's error budget.
+    Charge,
+    /// Closed with this code.
+    Close(CloseCode),
+}
+
+impl Refusal {
+    fn rejected(e: Rejected) -> Self {
+        match e {
+            Rejected::TooLarge(..) | Rejected::TooManyClients(..) => Refusal::TooLarge(e),
+            e => Refusal::Invalid(e),
+        }
+    }
+
+    /// The native protocol's `error` frame code.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Refusal::ReadOnly => ErrorCode::ReadOnly,
+            Refusal::DocumentFull(_) => ErrorCode::DocumentTooLarge,
+            Refusal::TooLarge(_) => ErrorCode::TooLarge,
+            Refusal::Invalid(_) => ErrorCode::BadUpdate,
+            Refusal::MissingDependencies | Refusal::Lost => ErrorCode::MissingDependencies,
+            Refusal::Token(_) => ErrorCode::Forbidden,
+            Refusal::AppendFailed(_) => ErrorCode::AppendFailed,
+        }
+    }
+
+    /// Failures on our side do not count against the client; everything else does.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Refusal::Lost | Refusal::AppendFailed(_) => Fault::Server,
+            _ => Fault::Client,
+        }
+    }
+
+    /// The native socket is closed after the error frame (with this code) only when its token
+    /// stopped being valid: nothing it sends can be admitted any more.
+    pub fn native_close(&self) -> Option<CloseCode> {
+        match self {
+            Refusal::Token(e) => Some(e.close_code()),
+            _ => None,
+        }
+    }
+
+    /// The HTTP API's status and the `error` code in its JSON body.
+    pub fn http(&self) -> (StatusCode, &'static str) {
+        match self {
+            Refusal::ReadOnly => (StatusCode::FORBIDDEN, "forbidden"),
+            Refusal::DocumentFull(_) => (StatusCode::PAYLOAD_TOO_LARGE, "document_too_large"),
+            Refusal::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Refusal::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_update"),
+            Refusal::MissingDependencies | Refusal::Lost => {
+                (StatusCode::CONFLICT, "missing_dependencies")
+            }
+            // As for a token refused when the request began.
+            Refusal::Token(e) => e.http(),
+            Refusal::AppendFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "append_failed"),
+        }
+    }
+
+    /// What a y-websocket socket does.
+    pub fn yjs(&self) -> YjsAnswer {
+        match self {
+            // Every stock client answers our sync step 1 with a step 2: a read-only one would
+            // be told on every reconnect, and its later edits would each be told again.
+            Refusal::ReadOnly => {
+                YjsAnswer::DenyOnce("read-only: this token may not write to the document")
+            }
+            // Documented: a full document is read-only; the client keeps the socket and reads.
+            Refusal::DocumentFull(_) => {
+                YjsAnswer::Deny("document size limit reached; it takes no more updates")
+            }
+            Refusal::TooLarge(_) => YjsAnswer::Close(CloseCode::MessageTooBig),
+            Refusal::Invalid(_) => YjsAnswer::Charge,
+            Refusal::MissingDependencies => YjsAnswer::DenyAndCharge(
+                "update refused: it builds on changes this document does not have",
+            ),
+            Refusal::Token(e) => YjsAnswer::Close(e.close_code()),
+            // The client believes it sent the update. Closing makes it reconnect and send its
+            // state again (sync step 2), so nothing it holds is lost.
+            Refusal::Lost | Refusal::AppendFailed(_) => YjsAnswer::Close(CloseCode::InternalError),
+        }
+    }
+}
+
+/// The door's limits, from the node's config.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteLimits {
+    pub max_update_bytes: usize,
+    pub max_document_bytes: usize,
+    /// How long an update may wait for what it builds on (`--missing-deps-wait`).
+    pub missing_deps_wait: Duration,
+}
+
+/// What the door refused, for `/v1/stats` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct AdmitStats {
+    /// Writes refused because a token granted only read access (or none), or stopped being
+    /// valid before the append.
+    pub refused_writes: AtomicU64,
+    /// Updates refused because what they build on never reached the document.
+    pub refused_missing_deps: AtomicU64,
+}
+
+/// An append in flight: which document and client `seq` it answers, and how it ended.
+pub struct AppendDone {
+    pub doc: DocId,
+    pub seq: Option<u64>,
+    /// The append chain it belonged to (see `backplane::Chains`).
+    pub chain: u64,
+    pub result: Result<Position, BackplaneError>,
+}
+
+pub type AppendFuture = BoxFuture<'static, AppendDone>;
+
+/// One update on its way through the door, once it passed [`Door::check`].
+pub struct Write {
+    pub update: Bytes,
+    pub checked: Checked,
+    /// The native client's sequence number, echoed in its ack.
+    pub seq: Option<u64>,
+}
+
+/// What the door remembers about one writer of one document between its updates.
+#[derive(Debug, Default)]
+pub struct Writer {
+    /// The socket; `None` for an HTTP request, which is not acked and has no chain.
+    conn: Option<ConnId>,
+    /// The clocks this writer's admitted appends reach, per yrs client: its next update may
+    /// build on its previous one before the document applied it.
+    own: HashMap<u64, u64>,
+    /// Yrs clients whose appends from this writer failed: their next updates build on
+    /// something that will never arrive unless the client resends it.
+    lost: HashSet<u64>,
+    /// This writer's append chain: a new one starts when an append failed, so the log refuses
+    /// the appends made before the writer heard (they may build on the failed one) and takes
+    /// those made after.
+    chain: u64,
+}
+
+impl Writer {
+    pub fn socket(conn: ConnId) -> Self {
+        Writer {
+            conn: Some(conn),
+            ..Writer::default()
+        }
+    }
+
+    /// One HTTP request: it starts from nothing and ends with its append.
+    pub fn request() -> Self {
+        Writer::default()
+    }
+
+    fn origin(&self, node: u64, seq: Option<u64>) -> Option<Origin> {
+        self.conn.map(|conn| Origin {
+            node,
+            conn,
+            seq,
+            chain: self.chain,
+        })
+    }
+
+    /// Step 6: the update is admitted; the writer's next ones may build on it.
+    fn admitted(&mut self, deps: &Deps) {
+        for (client, end) in deps.ends() {
+            let reach = self.own.entry(client).or_default();
+            *reach = (*reach).max(end);
+            self.lost.remove(&client);
+        }
+    }
+
+    /// An append of `chain` failed and the writer is told (the native protocol): what its
+    /// later updates may build on did not make it into the log, and its next appends start a
+    /// new chain (once per failed chain: several failures of one chain start one new chain).
+    pub fn append_failed(&mut self, chain: u64) {
+        if self.chain == chain {
+            self.chain += 1;
+        }
+        self.lost.extend(self.own.drain().map(|(client, _)| client));
+    }
+
+    /// Forgets the writer's own clocks (a y-websocket socket whose append failed: it closes,
+    /// and its chain stays the failed one, so what it still had queued is refused by the log).
+    pub fn forget_own(&mut self) {
+        self.own.clear();
+    }
+
+    /// The socket unsubscribed from the document. Its clocks go; its chain stays if it ever
+    /// failed, since the log may still remember the failed chain and a re-subscription must
+    /// not start it over. Returns whether there is anything left to keep.
+    pub fn unsubscribed(&mut self) -> bool {
+        self.own = HashMap::new();
+        self.lost = HashSet::new();
+        self.chain != 0
+    }
+}
+
+/// Updates one y-websocket socket may hold back at once; past this (or its byte budget) a new
+/// one that cannot be admitted is refused at once.
+pub const MAX_HELD: usize = 64;
+
+/// A writer's updates waiting for what they build on, oldest first (see [`Door::offer`]).
+#[derive(Default)]
+pub struct Holding {
+    queue: VecDeque<Held>,
+    bytes: usize,
+    /// While something is held: tells when the document learned more.
+    known: Option<watch::Receiver<u64>>,
+}
+
+struct Held {
+    update: Bytes,
+    deps: Deps,
+    /// The scan's result, carried to the owner with the entry (see [`Reach`]).
+    reach: Reach,
+    until: Instant,
+}
+
+impl Holding {
+    /// When to look at the held updates again: the document learned more (the receiver
+    /// changes), or the oldest one's wait ends. `None` while nothing is held.
+    pub fn wake(&self) -> Option<(watch::Receiver<u64>, Instant)> {
+        Some((self.known.clone()?, self.queue.front()?.until))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether `len` more bytes fit: a few of the largest updates, at most [`MAX_HELD`].
+    fn has_room(&self, len: usize, max_update_bytes: usize) -> bool {
+        self.queue.len() < MAX_HELD && self.bytes + len <= max_update_bytes.saturating_mul(2)
+    }
+
+    fn push(&mut self, held: Held) {
+        self.bytes += held.update.len();
+        self.queue.push_back(held);
+    }
+
+    /// Drops the held updates (oldest first) whose wait is over at `now`; returns how many.
+    fn expire(&mut self, now: Instant) -> usize {
+        let mut expired = 0;
+        while self.queue.front().is_some_and(|h| h.until <= now) {
+            if let Some(h) = self.queue.pop_front() {
+                self.bytes -= h.update.len();
+                expired += 1;
+            }
+        }
+        expired
+    }
+}
+
+/// The node's write door (one per node, shared by every connection and request).
+pub struct Door {
+    node: u64,
+    backplane: Arc<dyn Backplane>,
+    auth: Arc<Auth>,
+    limits: WriteLimits,
+    pub stats: AdmitStats,
+}
+
+impl Door {
+    pub fn new(
+        node: u64,
+        backplane: Arc<dyn Backplane>,
+        auth: Arc<Auth>,
+        limits: WriteLimits,
+    ) -> Self {
+        Door {
+            node,
+            backplane,
+            auth,
+            limits,
+            stats: AdmitStats::default(),
+        }
+    }
+
+    fn refused_write(&self) {
+        self.stats.refused_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn refused_missing(&self, n: usize) {
+        self.stats
+            .refused_missing_deps
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Steps 1 and 2, which need no document: access and validation.
+    pub fn check(
+        &self,
+        principal: &Principal,
+        doc: &DocId,
+        update: &Bytes,
+    ) -> Result<Checked, Refusal> {
+        if principal.access(doc) != Some(Access::Write) {
+            self.refused_write();
+            return Err(Refusal::ReadOnly);
+        }
+        validate::check_update(update, self.limits.max_update_bytes).map_err(Refusal::rejected)
+    }
+
+    /// Step 3.
+    fn fits(&self, handle: &DocHandle, len: usize) -> Result<(), Refusal> {
+        let limit = self.limits.max_document_bytes;
+        if handle.approx_size() + len > limit {
+            return Err(Refusal::DocumentFull(limit));
+        }
+        Ok(())
+    }
+
+    /// Checks and admits `update` (steps 1 to 7), waiting inline for its dependencies.
+    pub async fn admit(
+        &self,
+        principal: &Principal,
+        handle: &DocHandle,
+        writer: &mut Writer,
+        update: Bytes,
+        seq: Option<u64>,
+    ) -> Result<AppendFuture, Refusal> {
+        let checked = self.check(principal, handle.doc(), &update)?;
+        let write = Write {
+            update,
+            checked,
+            seq,
+        };
+        self.admit_checked(principal, handle, writer, write).await
+    }
+
+    /// Steps 3 to 7 for an update that passed [`Self::check`], waiting inline for its
+    /// dependencies (bounded by `--missing-deps-wait`).
+    pub async fn admit_checked(
+        &self,
+        principal: &Principal,
+        handle: &DocHandle,
+        writer: &mut Writer,
+        write: Write,
+    ) -> Result<AppendFuture, Refusal> {
+        self.fits(handle, write.update.len())?;
+        let deps = &write.checked.deps;
+        handle.forget_known(&mut writer.own);
+        let readiness = handle
+            .wait_ready(
+                deps,
+                Some(&writer.own),
+                // Only a writer whose append failed has anything to look up here.
+                (!writer.lost.is_empty()).then_some(&writer.lost),
+                self.limits.missing_deps_wait,
+            )
+            .await;
+        match readiness {
+            Readiness::Met => {}
+            Readiness::Missing => {
+                self.refused_missing(1);
+                return Err(Refusal::MissingDependencies);
+            }
+            Readiness::Lost => {
+                self.refused_missing(1);
+                return Err(Refusal::Lost);
+            }
+        }
+        self.pass(principal, writer, deps)?;
+        Ok(self.append(
+            handle.doc(),
+            write.update,
+            Some(write.checked.reach),
+            writer.origin(self.node, write.seq),
+        ))
+    }
+
+    /// Steps 3 to 7 for an update that passed [`Self::check`], without waiting: admitted now
+    /// if what it builds on is known, else held in `holding` (bounded) until
+    /// [`Self::release`] finds it met or its wait over. Appends started go into `appends`.
+    /// `Ok(n)`: `n` held updates expired meanwhile, each a [`Refusal::MissingDependencies`].
+    pub fn offer(
+        &self,
+        principal: &Principal,
+        handle: &DocHandle,
+        writer: &mut Writer,
+        holding: &mut Holding,
+        write: Write,
+        appends: &mut impl Extend<AppendFuture>,
+    ) -> Result<usize, Refusal> {
+        self.fits(handle, write.update.len())?;
+        let Checked { deps, reach } = write.checked;
+        handle.forget_known(&mut writer.own);
+        if handle.readiness_now(&deps, &writer.own) == Some(Readiness::Met) {
+            self.pass(principal, writer, &deps)?;
+            let origin = writer.origin(self.node, write.seq);
+            appends.extend([self.append(handle.doc(), write.update, Some(reach), origin)]);
+            return if holding.is_empty() {
+                Ok(0)
+            } else {
+                // What it brought may be what a held update was waiting for.
+                self.release(principal, handle, writer, holding, appends)
+            };
+        }
+        if !holding.has_room(write.update.len(), self.limits.max_update_bytes) {
+            self.refused_missing(1);
+            return Err(Refusal::MissingDependencies);
+        }
+        if holding.is_empty() {
+            let mut changes = handle.known_changes();
+            changes.borrow_and_update();
+            holding.known = Some(changes);
+        }
+        // A document still loading can take longer than the usual wait to know its state.
+        let wait = if handle.is_loaded() {
+            self.limits.missing_deps_wait
+        } else {
+            self.limits.missing_deps_wait.max(LOAD_WAIT)
+        };
+        holding.push(Held {
+            update: write.update,
+            deps,
+            reach,
+            until: Instant::now() + wait,
+        });
+        Ok(0)
+    }
+
+    /// Admits every held update that is now met (in order, each making way for the next),
+    /// then drops those whose wait is over: `Ok(n)`, `n` of them, each a
+    /// [`Refusal::MissingDependencies`].
+    pub fn release(
+        &self,
+        principal: &Principal,
+        handle: &DocHandle,
+        writer: &mut Writer,
+        holding: &mut Holding,
+        appends: &mut impl Extend<AppendFuture>,
+    ) -> Result<usize, Refusal> {
+        if let Some(known) = &mut holding.known {
+            known.borrow_and_update();
+        }
+        handle.forget_known(&mut writer.own);
+        let mut progress = true;
+        while progress {
+            progress = false;
+            let mut i = 0;
+            while i < holding.queue.len() {
+                let h = &holding.queue[i];
+                if handle.readiness_now(&h.deps, &writer.own) != Some(Readiness::Met) {
+                    i += 1;
+                    continue;
+                }
+                let Some(h) = holding.queue.remove(i) else {
+                    break;
+                };
+                holding.bytes -= h.update.len();
+                self.pass(principal, writer, &h.deps)?;
+                let origin = writer.origin(self.node, None);
+                appends.extend([self.append(handle.doc(), h.update, Some(h.reach), origin)]);
+                // It may be what one already passed over waits for: another round.
+                progress = true;
+            }
+        }
+        let expired = holding.expire(Instant::now());
+        self.refused_missing(expired);
+        if holding.is_empty() {
+            holding.known = None;
+        }
+        Ok(expired)
+    }
+
+    /// Steps 5 and 6: the token is still valid now (after any wait), and the writer's clocks
+    /// grow by the update.
+    fn pass(&self, principal: &Principal, writer: &mut Writer, deps: &Deps) -> Result<(), Refusal> {
+        if let Err(e) = self.auth.still_valid(principal) {
+            self.refused_write();
+            return Err(Refusal::Token(e));
+        }
+        writer.admitted(deps);
+        Ok(())
+    }
+
+    /// Step 7: starts the append and wraps its outcome with what answers it.
+    fn append(
+        &self,
+        doc: &DocId,
+        update: Bytes,
+        reach: Option<Reach>,
+        origin: Option<Origin>,
+    ) -> AppendFuture {
+        let fut = self.backplane.append(doc, update, reach, origin);
+        let (doc, seq, chain) = (
+            doc.clone(),
+            origin.and_then(|o| o.seq),
+            origin.map_or(0, |o| o.chain),
+        );
+        let started = std::time::Instant::now();
+        fut.map(move |result| {
+            let hot = crate::metrics::hot();
+            hot.append_seconds.record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(_) => &hot.updates_in,
+                Err(_) => &hot.append_errors,
+            }
+            .increment(1);
+            AppendDone {
+                doc,
+                seq,
+                chain,
+                result,
+            }
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::embedded::EmbeddedBackplane;
+    use yrs::updates::decoder::Decode;
+    use yrs::{ReadTxn, Text, Transact};
+
+    fn doc_id() -> DocId {
+        DocId::parse("door").expect("doc id")
+    }
+
+    /// Two updates of one yrs client: the second builds on the first.
+    fn two_edits() -> (Bytes, Bytes) {
+        let doc = yrs::Doc::with_client_id(7);
+        let text = doc.get_or_insert_text("t");
+        text.insert(&mut doc.transact_mut(), 0, "a");
+        let first = doc
+            .transact()
+            .encode_state_as_update_v1(&Default::default());
+        let after_first = doc.transact().state_vector();
+        text.insert(&mut doc.transact_mut(), 1, "b");
+        let second = doc.transact().encode_state_as_update_v1(&after_first);
+        (Bytes::from(first), Bytes::from(second))
+    }
+
+    struct Fixture {
+        door: Door,
+        auth: Arc<Auth>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(limits: WriteLimits) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tracker = tokio_util::task::TaskTracker::new();
+        let backplane = EmbeddedBackplane::open(&dir.path().join("log.redb"), 1 << 20, &tracker)
+            .expect("open log");
+        let auth = Arc::new(Auth::hs256(b"k"));
+        let door = Door::new(1, Arc::new(backplane), auth.clone(), limits);
+        Fixture {
+            door,
+            auth,
+            _dir: dir,
+        }
+    }
+
+    fn limits() -> WriteLimits {
+        WriteLimits {
+            max_update_bytes: 1 << 16,
+            max_document_bytes: 1 << 20,
+            missing_deps_wait: Duration::ZERO,
+        }
+    }
+
+    fn principal(auth: &Auth, access: &str) -> Principal {
+        let claims = serde_json::json!({
+            "sub": "ann", "jti": "j1", "exp": crate::auth::now_secs() + 600,
+            "docs": [{"doc": "door", "access": access}],
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"k"),
+        )
+        .expect("encode");
+        auth.verify(Some(&token)).expect("valid token")
+    }
+
+    /// A handle whose document is loaded and holds nothing.
+    fn empty_doc() -> DocHandle {
+        let (handle, _commands) = DocHandle::for_tests(&doc_id());
+        handle.publish_known([], true);
+        handle
+    }
+
+    fn write(door: &Door, p: &Principal, update: Bytes, seq: Option<u64>) -> Write {
+        let checked = door.check(p, &doc_id(), &update).expect("checked");
+        Write {
+            update,
+            checked,
+            seq,
+        }
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// The one table: every refusal, and what each protocol answers (the integration suites
+    /// hold the protocols to it: auth.rs, hostile.rs, http_api.rs, yjs_compat.rs).
+    #[test]
+    fn every_refusal_has_one_answer_per_protocol() {
+        use CloseCode as C;
+        use ErrorCode as E;
+        use StatusCode as S;
+        let rejected = || Rejected::Malformed("x");
+        let too_large = || Rejected::TooLarge(2, 1);
+        let appended = || BackplaneError::Storage("disk".into());
+        type Row = (Refusal, E, Fault, Option<C>, (S, &'static str), YjsAnswer);
+        #[rustfmt::skip]
+        let table: Vec<Row> = vec![
+            (Refusal::ReadOnly, E::ReadOnly, Fault::Client, None,
+                (S::FORBIDDEN, "forbidden"),
+                YjsAnswer::DenyOnce("read-only: this token may not write to the document")),
+            (Refusal::DocumentFull(9), E::DocumentTooLarge, Fault::Client, None,
+                (S::PAYLOAD_TOO_LARGE, "document_too_large"),
+                YjsAnswer::Deny("document size limit reached; it takes no more updates")),
+            (Refusal::TooLarge(too_large()), E::TooLarge, Fault::Client, None,
+                (S::PAYLOAD_TOO_LARGE, "too_large"), YjsAnswer::Close(C::MessageTooBig)),
+            (Refusal::Invalid(rejected()), E::BadUpdate, Fault::Client, None,
+                (S::BAD_REQUEST, "bad_update"), YjsAnswer::Charge),
+            (Refusal::MissingDependencies, E::MissingDependencies, Fault::Client, None,
+                (S::CONFLICT, "missing_dependencies"),
+                YjsAnswer::DenyAndCharge("update refused: it builds on changes this document does not have")),
+            (Refusal::Lost, E::MissingDependencies, Fault::Server, None,
+                (S::CONFLICT, "missing_dependencies"), YjsAnswer::Close(C::InternalError)),
+            (Refusal::Token(AuthError::Expired), E::Forbidden, Fault::Client, Some(C::TokenExpired),
+                (S::UNAUTHORIZED, "token_expired"), YjsAnswer::Close(C::TokenExpired)),
+            (Refusal::Token(AuthError::Revoked), E::Forbidden, Fault::Client, Some(C::Revoked),
+                (S::UNAUTHORIZED, "token_revoked"), YjsAnswer::Close(C::Revoked)),
+            (Refusal::AppendFailed(appended()), E::AppendFailed, Fault::Server, None,
+                (S::SERVICE_UNAVAILABLE, "append_failed"), YjsAnswer::Close(C::InternalError)),
+        ];
+        for (refusal, code, fault, close, http, yjs) in table {
+            assert_eq!(refusal.error_code(), code, "{refusal:?}");
+            assert_eq!(refusal.fault(), fault, "{refusal:?}");
+            assert_eq!(refusal.native_close(), close, "{refusal:?}");
+            assert_eq!(refusal.http(), http, "{refusal:?}");
+            assert_eq!(refusal.yjs(), yjs, "{refusal:?}");
+            // Only our own failures are retryable by the client as they are.
+            assert_eq!(
+                code.retryable(),
+                matches!(refusal, Refusal::AppendFailed(_)),
+                "{refusal:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn validation_sorts_size_from_garbage() {
+        assert!(matches!(
+            Refusal::rejected(Rejected::TooManyClients(1 << 20)),
+            Refusal::TooLarge(_)
+        ));
+        assert!(matches!(
+            Refusal::rejected(Rejected::TooDeep),
+            Refusal::Invalid(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn access_then_validation_before_any_document() {
+        let f = fixture(WriteLimits {
+            max_update_bytes: 64,
+            ..limits()
+        });
+        let reader = principal(&f.auth, "read");
+        let writer = principal(&f.auth, "write");
+        let (first, _) = two_edits();
+        let refused = f.door.check(&reader, &doc_id(), &first);
+        assert!(
+            matches!(refused, Err(Refusal::ReadOnly)),
+            "{:?}",
+            refused.err()
+        );
+        let elsewhere = f
+            .door
+            .check(&writer, &DocId::parse("other").expect("id"), &first);
+        assert!(
+            matches!(elsewhere, Err(Refusal::ReadOnly)),
+            "{:?}",
+            elsewhere.err()
+        );
+        assert_eq!(count(&f.door.stats.refused_writes), 2);
+        let garbage = f
+            .door
+            .check(&writer, &doc_id(), &Bytes::from_static(&[9, 9, 9]));
+        assert!(
+            matches!(garbage, Err(Refusal::Invalid(_))),
+            "{:?}",
+            garbage.err()
+        );
+        let big = f
+            .door
+            .check(&writer, &doc_id(), &Bytes::from_static(&[0; 65]));
+        assert!(matches!(big, Err(Refusal::TooLarge(_))), "{:?}", big.err());
+        assert!(f.door.check(&writer, &doc_id(), &first).is_ok());
+        assert_eq!(
+            count(&f.door.stats.refused_writes),
+            2,
+            "validation is not access"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_document_takes_nothing_more() {
+        let f = fixture(WriteLimits {
+            max_document_bytes: 100,
+            ..limits()
+        });
+        let p = principal(&f.auth, "write");
+        let handle = empty_doc();
+        handle.inner.approx_size.store(100, Ordering::Relaxed);
+        let (first, _) = two_edits();
+        let w = write(&f.door, &p, first, None);
+        let refused = f
+            .door
+            .admit_checked(&p, &handle, &mut Writer::request(), w)
+            .await;
+        assert!(
+            matches!(refused, Err(Refusal::DocumentFull(100))),
+            "{:?}",
+            refused.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_may_build_on_its_own_admitted_appends() {
+        let f = fixture(limits());
+        let p = principal(&f.auth, "write");
+        let handle = empty_doc();
+        let (first, second) = two_edits();
+        // Without the first, the second is missing what it builds on (no wait configured).
+        let w = write(&f.door, &p, second.clone(), None);
+        let refused = f
+            .door
+            .admit_checked(&p, &handle, &mut Writer::socket(3), w)
+            .await;
+        assert!(matches!(refused, Err(Refusal::MissingDependencies)));
+        assert_eq!(count(&f.door.stats.refused_missing_deps), 1);
+        // Admitted in order by one writer: the second builds on the first's clocks.
+        let mut writer = Writer::socket(3);
+        for (update, seq) in [(first, 1), (second, 2)] {
+            let w = write(&f.door, &p, update, Some(seq));
+            let append = f
+                .door
+                .admit_checked(&p, &handle, &mut writer, w)
+                .await
+                .map_err(|e| e.to_string())
+                .expect("admitted");
+            let done = append.await;
+            assert_eq!((done.seq, done.chain), (Some(seq), 0));
+            assert!(done.result.is_ok());
+        }
+        assert_eq!(writer.own.get(&7), Some(&2));
+    }
+
+    #[tokio::test]
+    async fn the_token_is_checked_again_at_the_append() {
+        let f = fixture(limits());
+        let p = principal(&f.auth, "write");
+        let handle = empty_doc();
+        let (first, _) = two_edits();
+        let w = write(&f.door, &p, first, None);
+        // Revoked after the check, before the append (as during a dependency wait).
+        f.auth
+            .revoke(None, Some("j1"), p.exp, crate::auth::now_secs());
+        let mut writer = Writer::socket(3);
+        let refused = f.door.admit_checked(&p, &handle, &mut writer, w).await;
+        assert!(matches!(refused, Err(Refusal::Token(AuthError::Revoked))));
+        assert_eq!(count(&f.door.stats.refused_writes), 1);
+        assert!(writer.own.is_empty(), "nothing was admitted");
+    }
+
+    #[tokio::test]
+    async fn what_builds_on_a_lost_append_is_the_servers_fault() {
+        let f = fixture(limits());
+        let p = principal(&f.auth, "write");
+        let handle = empty_doc();
+        let (first, second) = two_edits();
+        let mut writer = Writer::socket(3);
+        writer.admitted(&write(&f.door, &p, first, None).checked.deps);
+        writer.append_failed(0);
+        writer.append_failed(0);
+        assert_eq!(writer.chain, 1, "one new chain per failed chain");
+        let w = write(&f.door, &p, second, Some(5));
+        let refused = f.door.admit_checked(&p, &handle, &mut writer, w).await;
+        assert!(matches!(refused, Err(Refusal::Lost)));
+        assert_eq!(count(&f.door.stats.refused_missing_deps), 1);
+    }
+
+    #[test]
+    fn a_writer_keeps_only_a_failed_chain_after_unsubscribing() {
+        let mut writer = Writer::socket(3);
+        writer.own.insert(7, 2);
+        assert!(!writer.unsubscribed(), "nothing worth keeping");
+        writer.own.insert(7, 2);
+        writer.append_failed(0);
+        assert_eq!(writer.lost, HashSet::from([7]));
+        assert!(writer.unsubscribed(), "the failed chain stays");
+        assert!(writer.own.is_empty() && writer.lost.is_empty());
+        let origin = writer.origin(9, Some(4)).expect("a socket has an origin");
+        assert_eq!(
+            (origin.node, origin.conn, origin.seq, origin.chain),
+            (9, 3, Some(4), 1)
+        );
+        assert!(
+            Writer::request().origin(9, None).is_none(),
+            "requests are not acked"
+        );
+    }
+
+    #[tokio::test]
+    async fn held_updates_wait_in_order_and_are_admitted_when_met() {
+        let f = fixture(WriteLimits {
+            missing_deps_wait: Duration::from_secs(60),
+            ..limits()
+        });
+        let p = principal(&f.auth, "write");
+        let handle = empty_doc();
+        let (first, second) = two_edits();
+        let (mut writer, mut holding, mut appends) =
+            (Writer::socket(3), Holding::default(), vec![]);
+        let w = write(&f.door, &p, second, None);
+        let offered = f
+            .door
+            .offer(&p, &handle, &mut writer, &mut holding, w, &mut appends);
+        assert_eq!(offered.ok(), Some(0));
+        assert!(appends.is_empty() && !holding.is_empty());
+        assert!(
+            holding.wake().is_some(),
+            "the session is told when to look again"
+        );
+        // Nothing new: it stays held.
+        let released = f
+            .door
+            .release(&p, &handle, &mut writer, &mut holding, &mut appends);
+        assert_eq!((released.ok(), appends.len()), (Some(0), 0));
+        // The first arrives: both are admitted, the first one first.
+        let w = write(&f.door, &p, first, None);
+        let offered = f
+            .door
+            .offer(&p, &handle, &mut writer, &mut holding, w, &mut appends);
+        assert_eq!(offered.ok(), Some(0));
+        assert_eq!(appends.len(), 2);
+        assert!(holding.is_empty() && holding.wake().is_none());
+        let mut positions = vec![];
+        for append in appends {
+            positions.push(append.await.result.expect("appended"));
+        }
+        assert!(positions[0].id < positions[1].id);
+    }
+
+    #[tokio::test]
+    async fn held_updates_are_bounded_and_expire() {
+        let f = fixture(limits());
+        let p = principal(&f.auth, "write");
+        let handle = empty_doc();
+        let (_, second) = two_edits();
+        let (mut writer, mut holding, mut appends) =
+            (Writer::socket(3), Holding::default(), vec![]);
+        for _ in 0..MAX_HELD {
+            let w = write(&f.door, &p, second.clone(), None);
+            let offered = f
+                .door
+                .offer(&p, &handle, &mut writer, &mut holding, w, &mut appends);
+            assert_eq!(offered.ok(), Some(0));
+        }
+        let w = write(&f.door, &p, second.clone(), None);
+        let full = f
+            .door
+            .offer(&p, &handle, &mut writer, &mut holding, w, &mut appends);
+        assert!(matches!(full, Err(Refusal::MissingDependencies)));
+        assert_eq!(count(&f.door.stats.refused_missing_deps), 1);
+        // No wait configured: every held one is due, and each is refused.
+        let released = f
+            .door
+            .release(&p, &handle, &mut writer, &mut holding, &mut appends);
+        assert_eq!(released.ok(), Some(MAX_HELD));
+        assert_eq!(
+            count(&f.door.stats.refused_missing_deps),
+            1 + MAX_HELD as u64
+        );
+        assert!(holding.is_empty() && holding.bytes == 0 && appends.is_empty());
+        // The byte budget binds before the count: two of the largest updates.
+        assert!(holding.has_room(100, 50));
+        assert!(!holding.has_room(101, 50));
+    }
+
+    #[test]
+    fn the_second_edit_really_builds_on_the_first() {
+        // Guards the fixture the tests above lean on.
+        let (first, second) = two_edits();
+        let deps = validate::check_update(&second, 1 << 16)
+            .expect("valid")
+            .deps;
+        assert!(!deps.met_by(|_| 0));
+        assert!(yrs::Update::decode_v1(&first).is_ok());
+    }
+}
