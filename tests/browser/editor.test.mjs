@@ -218,6 +218,9 @@ test('ChorusProvider on /v1/ws and a stock y-websocket WebsocketProvider on /y/{
     }
   } finally {
     stock.destroy();
+    // The provider leaves its Awareness (and that one's interval timer) alive; destroying
+    // the doc ends it, else this test file's process never exits.
+    ydoc.destroy();
   }
   await a.context().close();
 });
