@@ -5,12 +5,12 @@ import { spawn, execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import * as Y from '../js/node_modules/yjs/dist/yjs.mjs';
+import { freePort } from './harness.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CHORUS = path.join(ROOT, 'target/debug/chorus');
@@ -20,15 +20,6 @@ const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const NGINX = ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p)) || 'nginx';
 const DEADLINE = 15_000;
 
-async function freePort() {
-  const srv = net.createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const { port } = srv.address();
-  srv.close();
-  await once(srv, 'close');
-  return port;
-}
 
 async function until(what, check) {
   const end = Date.now() + DEADLINE;
