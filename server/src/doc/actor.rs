@@ -10,7 +10,7 @@ mod presence;
 mod recover;
 mod sync;
 
-use super::outbox::{Proto, update_frame};
+use super::outbox::{MAX_DIRECT_PER_TURN, Proto, update_frame};
 use super::{Command, DocError, DocHandle, Registry, Shared, Subscriber, SyncFrom};
 use crate::backplane::Entry;
 use bytes::Bytes;
@@ -335,14 +335,22 @@ impl Owner {
             self.applied = before;
             return self.recover_gap().await;
         }
-        for e in &fresh {
-            self.fan_out(e);
-        }
+        self.fan_out_all(&fresh);
         self.wake_waiters();
         self.maybe_compact().await;
     }
 
-    fn fan_out(&self, e: &Entry) {
+    /// Fans out one turn's fresh entries, under one budget of direct writes.
+    fn fan_out_all(&self, fresh: &[Entry]) {
+        let mut direct_left = MAX_DIRECT_PER_TURN;
+        for e in fresh {
+            self.fan_out(e, &mut direct_left);
+        }
+    }
+
+    /// Hands `e` to every subscriber: written to its socket at once where nothing is queued
+    /// for it (at most `direct_left` such writes; past that the connections' writers do it).
+    fn fan_out(&self, e: &Entry, direct_left: &mut usize) {
         let started = std::time::Instant::now();
         let position = Position::new(self.epoch, e.id);
         let native = (self.native_subs > 0)
@@ -359,9 +367,16 @@ impl Owner {
                 Proto::Native => native.clone(),
                 Proto::Yjs => yjs.clone(),
             };
-            if let Some(frame) = frame {
-                sub.outbox
-                    .push_update(&self.doc, frame, e.update.clone(), position);
+            if let Some(frame) = frame
+                && sub.outbox.push_update(
+                    &self.doc,
+                    frame,
+                    e.update.clone(),
+                    position,
+                    *direct_left > 0,
+                )
+            {
+                *direct_left -= 1;
             }
         }
         let others =

@@ -22,6 +22,14 @@
 //! stops reading its client's requests until the outbox is back under budget
 //! ([`Outbox::room`]): a client that asks for the document again and again without reading
 //! costs one copy of it, not one per request.
+//!
+//! Write first, queue only when the socket is full: a WebSocket outbox has a [`DirectSocket`].
+//! When nothing is queued or being written for a document, a push writes its frame to the
+//! socket at once from the pushing task (the document's owner, usually) and nothing is queued,
+//! so the connection's writer task is not woken at all. A short write leaves the rest of the
+//! frame (a slice of the shared bytes, not a copy) in front of everything else; `WouldBlock`
+//! queues the item as before. Once something is queued for a document, everything for it
+//! queues until the writer has written it all, so positions reach the socket in log order.
 
 use super::{ConnId, DocHandle};
 use bytes::Bytes;
@@ -35,6 +43,26 @@ use tokio::time::Instant;
 use yrs::sync::awareness::AwarenessUpdate;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
+
+/// A socket the outbox may write to without waiting (implemented in `connection/`). Calls
+/// are made with the outbox's lock held, so they must never block: one non-blocking write.
+pub trait DirectSocket: Send + Sync {
+    /// Writes one message (a protocol payload; the socket frames it) if the socket takes it.
+    fn try_send(&self, payload: &Bytes) -> Sent;
+    /// Writes bytes the socket framed already (the rest of a short write, a ping).
+    fn try_send_raw(&self, raw: &Bytes) -> Sent;
+}
+
+/// How a direct write went.
+pub enum Sent {
+    All,
+    /// Part went out: these framed bytes must follow before anything else.
+    Partial(Vec<Bytes>),
+    /// The socket takes nothing now.
+    Blocked,
+    /// The socket is broken; the writer finds out and ends the connection.
+    Failed,
+}
 
 /// Which wire protocol a connection speaks; decides how merged items are re-encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +167,28 @@ struct State {
     told: bool,
     /// Waiting for the node's flush tick (see `hold`).
     held: bool,
+    /// Framed bytes to write before anything else: the rest of a short direct write, the
+    /// replies tungstenite owes (pongs), pings.
+    raw: Vec<Bytes>,
+    /// The writer took frames and is writing them: no direct write may go in between.
+    writing: bool,
+    /// Set once the connection's socket is up (never for SSE and long-polls, nor with
+    /// `--flush-interval`, which batches on purpose); dropped at close.
+    socket: Option<Arc<dyn DirectSocket>>,
+}
+
+impl State {
+    /// Whether nothing is queued or being written on the socket as a whole, so a frame may be
+    /// written directly (the document's own queue is checked by the caller).
+    fn socket_idle(&self) -> bool {
+        self.socket.is_some()
+            && !self.writing
+            && !self.held
+            && !self.closed
+            && self.close.is_none()
+            && self.raw.is_empty()
+            && self.control.is_empty()
+    }
 }
 
 impl State {
@@ -151,6 +201,8 @@ impl State {
 
 /// What a drain produced, in send order, and what the documents must be asked for.
 pub struct Drained {
+    /// Already framed: written first, as they are.
+    pub raw: Vec<Bytes>,
     pub frames: Vec<Bytes>,
     /// Documents to ask for a catch-up, from the given position (None: whole state).
     pub resync: Vec<(DocHandle, Option<Position>)>,
@@ -203,6 +255,10 @@ pub struct OutboxStats {
     pub writes: AtomicU64,
     /// Frames those writes carried (frames / writes > 1: several went out in one write).
     pub frames_written: AtomicU64,
+    /// Frames written straight to the socket by the task that had them (no writer wake).
+    pub direct_writes: AtomicU64,
+    /// Direct writes the socket took only part of (the writer wrote the rest).
+    pub short_writes: AtomicU64,
 }
 
 pub struct Outbox {
@@ -215,6 +271,10 @@ pub struct Outbox {
     /// Woken when a drain or a close brings the outbox back under budget (see [`Outbox::room`]).
     room: Notify,
 }
+
+/// Direct writes one owner turn may make before the rest of a fan-out is queued for the
+/// connections' writers: a 10k-reader room does not hold its owner for 10k writes.
+pub const MAX_DIRECT_PER_TURN: usize = 2_048;
 
 /// Pending updates for one document from which a drain merges them into one (a connection
 /// that fell behind); fewer go out as the shared frames.
@@ -239,6 +299,78 @@ impl Outbox {
             notify: Notify::new(),
             room: Notify::new(),
         }
+    }
+
+    /// From now on pushes may write to `socket` directly.
+    pub fn attach_socket(&self, socket: Arc<dyn DirectSocket>) {
+        self.lock().socket = Some(socket);
+    }
+
+    /// Writes `payload` (or framed `raw`) now if nothing is queued before it. `None`: not
+    /// written, queue it. `Some(true)`: all of it went; `Some(false)`: part went, and the rest
+    /// now waits in `raw` for the writer (who was told).
+    fn try_direct(&self, s: &mut State, payload: &Bytes, raw: bool) -> Option<bool> {
+        if !s.socket_idle() {
+            return None;
+        }
+        let socket = s.socket.as_deref()?;
+        let sent = if raw {
+            socket.try_send_raw(payload)
+        } else {
+            socket.try_send(payload)
+        };
+        match sent {
+            Sent::All => {
+                self.count_direct(payload.len());
+                Some(true)
+            }
+            Sent::Partial(rest) => {
+                self.count_direct(payload.len());
+                self.stats.short_writes.fetch_add(1, Ordering::Relaxed);
+                s.bytes += rest.iter().map(Bytes::len).sum::<usize>();
+                s.raw.extend(rest);
+                Some(false)
+            }
+            Sent::Blocked | Sent::Failed => None,
+        }
+    }
+
+    fn count_direct(&self, bytes: usize) {
+        self.stats.direct_writes.fetch_add(1, Ordering::Relaxed);
+        let hot = crate::metrics::hot();
+        hot.frames_out.increment(1);
+        hot.bytes_out.increment(bytes as u64);
+    }
+
+    /// Queues framed bytes (a ping, tungstenite's pong) in front of every queued frame, or
+    /// writes them at once when nothing is being written.
+    pub fn push_raw(&self, raw: Bytes) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        match self.try_direct(&mut s, &raw, true) {
+            Some(true) => {}
+            Some(false) => self.tell(s),
+            None => {
+                s.bytes += raw.len();
+                s.raw.push(raw);
+                self.tell(s);
+            }
+        }
+    }
+
+    /// The framed bytes that must go first (the writer's last words before it ends).
+    pub fn take_raw(&self) -> Vec<Bytes> {
+        let mut s = self.lock();
+        let raw = std::mem::take(&mut s.raw);
+        s.bytes = s.bytes.saturating_sub(raw.iter().map(Bytes::len).sum());
+        raw
+    }
+
+    /// The writer wrote everything it took: direct writes may go again.
+    pub fn finish_write(&self) {
+        self.lock().writing = false;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -332,6 +464,8 @@ impl Outbox {
         s.docs.clear();
         s.ready.clear();
         s.control.clear();
+        s.raw.clear();
+        s.socket = None;
         s.bytes = 0;
         drop(s);
         self.room.notify_waiters();
@@ -358,6 +492,14 @@ impl Outbox {
         if s.control.len() >= MAX_CONTROL {
             return false;
         }
+        match self.try_direct(&mut s, &frame, false) {
+            Some(true) => return true,
+            Some(false) => {
+                self.tell(s);
+                return true;
+            }
+            None => {}
+        }
         s.bytes += frame.len();
         s.control.push_back(frame);
         drop(s);
@@ -374,10 +516,24 @@ impl Outbox {
         }
     }
 
-    fn push(&self, doc: &DocId, item: Item) {
+    /// Queues `item`, or writes it at once (see the module docs) when `allow_direct` and
+    /// nothing waits before it; returns whether it was written directly.
+    fn push(&self, doc: &DocId, item: Item, allow_direct: bool) -> bool {
         let mut s = self.lock();
         if s.closed {
-            return;
+            return false;
+        }
+        if allow_direct
+            && s.socket_idle()
+            && s.docs
+                .get(doc)
+                .is_none_or(|q| q.items.is_empty() && q.resync == Resync::No)
+            && let Some(done) = self.push_direct(&mut s, doc, &item)
+        {
+            if !done {
+                self.tell(s);
+            }
+            return true;
         }
         let cost = item.cost();
         let State {
@@ -390,7 +546,7 @@ impl Outbox {
                 q.owed_acks.push(seq);
                 *bytes += ACK_COST;
             }
-            return;
+            return false;
         }
         if q.is_idle() {
             ready.push_back(doc.clone());
@@ -401,6 +557,62 @@ impl Outbox {
             self.shed(&mut s);
         }
         self.tell(s);
+        false
+    }
+
+    /// Writes one item straight to the socket (see [`Outbox::try_direct`]) and records the
+    /// position it brings the client to. `None`: the socket took none of it.
+    fn push_direct(&self, s: &mut State, doc: &DocId, item: &Item) -> Option<bool> {
+        let (payload, position) = match item {
+            Item::Update {
+                frame, position, ..
+            } => (Some(frame.clone()), Some(*position)),
+            // y-websocket has no acks: its own entry only moves the position.
+            Item::Own { seq, position } => (
+                (self.proto == Proto::Native).then(|| ack_frame(doc, *seq, *position)),
+                Some(*position),
+            ),
+            Item::Frame(f) => (Some(f.clone()), None),
+            Item::Answer(f, p) => (Some(f.clone()), Some(*p)),
+        };
+        let done = match payload {
+            Some(p) => self.try_direct(s, &p, false)?,
+            None => true,
+        };
+        if let Some(p) = position {
+            s.docs.entry(doc.clone()).or_default().sent = Some(p);
+        }
+        Some(done)
+    }
+
+    /// Writes what waits at the front of `doc`'s queue directly while the socket takes it
+    /// whole and nothing else is queued before it.
+    fn send_front(&self, s: &mut State, doc: &DocId) -> bool {
+        let mut told = false;
+        while s.socket_idle() {
+            let Some(item) = s.docs.get_mut(doc).and_then(|q| q.items.pop_front()) else {
+                break;
+            };
+            match self.push_direct(s, doc, &item) {
+                Some(done) => {
+                    s.bytes = s.bytes.saturating_sub(item.cost());
+                    if !done {
+                        told = true;
+                        break;
+                    }
+                }
+                None => {
+                    if let Some(q) = s.docs.get_mut(doc) {
+                        q.items.push_front(item);
+                    }
+                    break;
+                }
+            }
+        }
+        if s.docs.get(doc).is_some_and(|q| q.is_idle()) {
+            s.ready.retain(|d| d != doc);
+        }
+        told
     }
 
     /// Over budget: drop every pending update and owe each document a catch-up instead; if
@@ -492,15 +704,27 @@ impl Outbox {
                 .fetch_add(replaced, Ordering::Relaxed);
         }
         s.bytes = s.bytes.saturating_sub(freed) + added;
-        self.tell(s);
+        let short = self.send_front(&mut s, doc);
+        if short || s.ready.contains(doc) {
+            self.tell(s);
+        }
     }
 
     /// A frame without document content (y-websocket's sync step 1).
     pub fn push_frame(&self, doc: &DocId, frame: Bytes) {
-        self.push(doc, Item::Frame(frame));
+        self.push(doc, Item::Frame(frame), true);
     }
 
-    pub fn push_update(&self, doc: &DocId, frame: Bytes, update: Bytes, position: Position) {
+    /// Someone else's log entry; returns whether it was written directly (the fan-out counts
+    /// them against [`MAX_DIRECT_PER_TURN`] and passes `allow_direct: false` past it).
+    pub fn push_update(
+        &self,
+        doc: &DocId,
+        frame: Bytes,
+        update: Bytes,
+        position: Position,
+        allow_direct: bool,
+    ) -> bool {
         self.push(
             doc,
             Item::Update {
@@ -508,11 +732,12 @@ impl Outbox {
                 update,
                 position,
             },
-        );
+            allow_direct,
+        )
     }
 
     pub fn push_own(&self, doc: &DocId, seq: Option<u64>, position: Position) {
-        self.push(doc, Item::Own { seq, position });
+        self.push(doc, Item::Own { seq, position }, true);
     }
 
     /// Awareness: `frame` is the encoded message, `update` the raw awareness update used when
@@ -520,6 +745,20 @@ impl Outbox {
     pub fn push_awareness(&self, doc: &DocId, frame: Bytes, update: Bytes) {
         let mut s = self.lock();
         if s.closed {
+            return;
+        }
+        let now = Instant::now();
+        if s.socket_idle()
+            && s.docs
+                .get(doc)
+                .is_none_or(|q| q.awareness.is_empty() && q.next_awareness.is_none_or(|t| t <= now))
+            && let Some(done) = self.try_direct(&mut s, &frame, false)
+        {
+            s.docs.entry(doc.clone()).or_default().next_awareness =
+                Some(now + self.limits.awareness_interval);
+            if !done {
+                self.tell(s);
+            }
             return;
         }
         let cost = frame.len() + update.len();
@@ -555,12 +794,16 @@ impl Outbox {
         let mut awareness_owed = Vec::new();
         let mut wake_at: Option<Instant> = None;
         let now = Instant::now();
-        let (control, close, was_over) = {
+        let (raw, control, close, was_over) = {
             let mut s = self.lock();
             s.told = false;
+            // Until `finish_write`: what is taken now must reach the socket before any
+            // direct write.
+            s.writing = s.socket.is_some();
+            let raw = std::mem::take(&mut s.raw);
+            let mut freed = raw.iter().map(Bytes::len).sum::<usize>();
             let was_over = s.bytes > self.limits.budget;
             let ready = std::mem::take(&mut s.ready);
-            let mut freed = 0;
             let mut deferred = Vec::new();
             for doc in ready {
                 let Some(q) = s.docs.get_mut(&doc) else {
@@ -608,7 +851,7 @@ impl Outbox {
             let control = std::mem::take(&mut s.control);
             freed += control.iter().map(Bytes::len).sum::<usize>();
             s.bytes = s.bytes.saturating_sub(freed);
-            (control, s.close, was_over)
+            (raw, control, s.close, was_over)
         };
         if was_over {
             self.room.notify_waiters();
@@ -638,6 +881,7 @@ impl Outbox {
             }
         }
         Drained {
+            raw,
             frames,
             resync,
             awareness: awareness_owed,
@@ -826,7 +1070,7 @@ mod tests {
         let doc = DocId::parse("d").expect("id");
         let u = updates(1, 10).remove(0);
         let frame = update_frame(Proto::Native, &doc, &u, pos(1));
-        o.push_update(&doc, frame.clone(), u, pos(1));
+        o.push_update(&doc, frame.clone(), u, pos(1), true);
         let d = o.drain();
         assert_eq!(
             d.frames,
@@ -848,6 +1092,7 @@ mod tests {
                 update_frame(Proto::Native, &doc, &u, pos(seq)),
                 u,
                 pos(seq),
+                true,
             );
         };
         push(1);
@@ -895,7 +1140,13 @@ mod tests {
         let us = updates(20, 10);
         for (i, u) in us.iter().enumerate() {
             let p = pos(i as u64 + 1);
-            o.push_update(&doc, update_frame(Proto::Native, &doc, u, p), u.clone(), p);
+            o.push_update(
+                &doc,
+                update_frame(Proto::Native, &doc, u, p),
+                u.clone(),
+                p,
+                true,
+            );
         }
         o.push_own(&doc, Some(7), pos(21));
         assert!(o.pending_bytes() > 0);
@@ -928,11 +1179,18 @@ mod tests {
             update_frame(Proto::Native, &doc, first, pos(1)),
             first.clone(),
             pos(1),
+            true,
         );
         let _ = o.drain(); // the socket took position 1
         for (i, u) in us.iter().enumerate().skip(1) {
             let p = pos(i as u64 + 1);
-            o.push_update(&doc, update_frame(Proto::Native, &doc, u, p), u.clone(), p);
+            o.push_update(
+                &doc,
+                update_frame(Proto::Native, &doc, u, p),
+                u.clone(),
+                p,
+                true,
+            );
             assert!(o.pending_bytes() <= 16 * 1024, "never above budget");
         }
         o.push_own(&doc, Some(9), pos(41));
@@ -951,7 +1209,13 @@ mod tests {
     fn push_updates(o: &Outbox, doc: &DocId, us: &[Bytes], first_seq: u64) {
         for (i, u) in us.iter().enumerate() {
             let p = pos(first_seq + i as u64);
-            o.push_update(doc, update_frame(Proto::Native, doc, u, p), u.clone(), p);
+            o.push_update(
+                doc,
+                update_frame(Proto::Native, doc, u, p),
+                u.clone(),
+                p,
+                true,
+            );
         }
     }
 
@@ -1105,6 +1369,138 @@ mod tests {
         assert!(
             u.clients.values().all(|e| e.json.contains("49")),
             "newest state wins"
+        );
+    }
+
+    /// A socket that takes at most `room` bytes (framing nothing: payloads count as is).
+    #[derive(Default)]
+    struct FakeSocket {
+        room: Mutex<usize>,
+        written: Mutex<Vec<u8>>,
+    }
+
+    impl FakeSocket {
+        fn take(&self, bytes: &Bytes) -> Sent {
+            let mut room = self.room.lock().expect("test lock");
+            if *room == 0 {
+                return Sent::Blocked;
+            }
+            let n = bytes.len().min(*room);
+            *room -= n;
+            self.written
+                .lock()
+                .expect("test lock")
+                .extend_from_slice(&bytes[..n]);
+            if n == bytes.len() {
+                Sent::All
+            } else {
+                Sent::Partial(vec![bytes.slice(n..)])
+            }
+        }
+    }
+
+    impl DirectSocket for FakeSocket {
+        fn try_send(&self, payload: &Bytes) -> Sent {
+            self.take(payload)
+        }
+        fn try_send_raw(&self, raw: &Bytes) -> Sent {
+            self.take(raw)
+        }
+    }
+
+    fn direct(room: usize) -> (Outbox, Arc<FakeSocket>) {
+        let o = outbox(1 << 20);
+        let socket = Arc::new(FakeSocket {
+            room: Mutex::new(room),
+            ..Default::default()
+        });
+        o.attach_socket(socket.clone());
+        (o, socket)
+    }
+
+    fn push_n(o: &Outbox, doc: &DocId, us: &[Bytes], from: u64) -> Vec<bool> {
+        us.iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let p = pos(from + i as u64);
+                o.push_update(
+                    doc,
+                    update_frame(Proto::Native, doc, u, p),
+                    u.clone(),
+                    p,
+                    true,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_socket_that_keeps_up_gets_updates_written_at_once_and_nothing_queued() {
+        let (o, socket) = direct(usize::MAX);
+        let doc = DocId::parse("d").expect("id");
+        let us = updates(3, 10);
+        assert_eq!(push_n(&o, &doc, &us, 1), [true, true, true]);
+        assert_eq!(o.pending_bytes(), 0);
+        let d = o.drain();
+        assert!(d.frames.is_empty() && d.raw.is_empty());
+        let expected: Vec<u8> = us
+            .iter()
+            .enumerate()
+            .flat_map(|(i, u)| update_frame(Proto::Native, &doc, u, pos(i as u64 + 1)).to_vec())
+            .collect();
+        assert_eq!(*socket.written.lock().expect("test lock"), expected);
+    }
+
+    #[test]
+    fn once_something_queues_for_a_document_everything_after_it_queues_until_written() {
+        let (o, socket) = direct(0);
+        let doc = DocId::parse("d").expect("id");
+        let us = updates(3, 10);
+        assert_eq!(push_n(&o, &doc, &us[..1], 1), [false], "blocked: queued");
+        *socket.room.lock().expect("test lock") = usize::MAX;
+        assert_eq!(
+            push_n(&o, &doc, &us[1..2], 2),
+            [false],
+            "the socket has room again, but the queue comes first"
+        );
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 2);
+        assert_eq!(
+            push_n(&o, &doc, &us[2..], 3),
+            [false],
+            "the writer is still writing what it took"
+        );
+        o.finish_write();
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 1, "position 3 waited behind the write");
+        o.finish_write();
+        assert_eq!(push_n(&o, &doc, &us[..1], 4), [true]);
+    }
+
+    #[test]
+    fn a_short_direct_write_leaves_the_rest_of_the_shared_frame_in_front_of_everything() {
+        let doc = DocId::parse("d").expect("id");
+        let us = updates(2, 100);
+        let first = update_frame(Proto::Native, &doc, &us[0], pos(1));
+        let (o, socket) = direct(first.len() / 2);
+        assert_eq!(push_n(&o, &doc, &us[..1], 1), [true], "written, partly");
+        assert_eq!(
+            push_n(&o, &doc, &us[1..], 2),
+            [false],
+            "queued behind the rest"
+        );
+        assert!(o.pending_bytes() >= first.len() - first.len() / 2);
+        let d = o.drain();
+        assert_eq!(d.raw.len(), 1);
+        assert_eq!(
+            d.raw[0],
+            first.slice(first.len() / 2..),
+            "the rest, not a copy"
+        );
+        assert_eq!(d.frames.len(), 1);
+        assert_eq!(
+            socket.written.lock().expect("test lock").len(),
+            first.len() / 2
         );
     }
 }

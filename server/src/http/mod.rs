@@ -11,6 +11,7 @@ mod authorize;
 mod docs;
 mod error;
 mod ops;
+mod upgrade;
 mod ws;
 
 pub use error::ApiError;

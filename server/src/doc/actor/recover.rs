@@ -121,9 +121,7 @@ impl Owner {
             }
             Ok((head, entries)) if head.epoch == self.epoch => {
                 let fresh = self.ingest(entries);
-                for e in &fresh {
-                    self.fan_out(e);
-                }
+                self.fan_out_all(&fresh);
                 self.wake_waiters();
             }
             Ok(_) => self.reset_epoch().await,
@@ -312,9 +310,7 @@ impl Owner {
         {
             Ok((head, entries)) if head.epoch == self.epoch && head.holds_after(self.applied) => {
                 let fresh = self.ingest(entries);
-                for e in &fresh {
-                    self.fan_out(e);
-                }
+                self.fan_out_all(&fresh);
                 self.wake_waiters();
                 true
             }
