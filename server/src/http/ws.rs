@@ -3,7 +3,7 @@
 use super::ApiError;
 use super::authorize::authorize;
 use super::error::refused;
-use super::upgrade::WsUpgrade;
+use super::upgrade::{NotUpgrade, WsUpgrade};
 use crate::auth::Access;
 use crate::connection::native::NativeSession;
 use crate::connection::yjs::YjsSession;
@@ -12,7 +12,7 @@ use crate::doc::DocError;
 use crate::doc::outbox::Proto;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use chorus_protocol::DocId;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,9 +59,14 @@ pub(super) async fn yjs_ws(
     Path(doc): Path<String>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
-    ws: WsUpgrade,
+    ws: Result<WsUpgrade, NotUpgrade>,
 ) -> Result<Response, ApiError> {
+    // A bad name is the clearer answer, even to a request that is no handshake either.
     let doc = DocId::parse(&doc)?;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(not) => return Ok(not.into_response()),
+    };
     let (principal, subprotocol) = authorize(&ctx, &headers, &query, Some((&doc, Access::Read)))?;
     // Told before the upgrade when it is clear already (a race past this check ends in a
     // close with 1011 after it, and the client reconnects).
