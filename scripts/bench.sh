@@ -13,6 +13,8 @@
 # chorus-flush30 (/y with --flush-interval 30ms), ywebsocket, hocuspocus, ysweet. S2 and S3
 # (idle sockets, large documents) run against `chorus` and the peers only: the Chorus variants
 # differ in how updates are written and fanned out, which neither scenario exercises.
+# A/B against earlier builds in the same run: put their binaries at bench-peers/builds/LABEL/chorus
+# and add chorus@LABEL to SERVERS (served like `chorus`, on /y).
 # Knobs (environment): REPS, SCENARIOS (floor fanout s1 s2 s3 s4 s5), SERVERS, S1_DOCS, S1_STEPS,
 # S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, MEASURE, WARMUP.
 set -euo pipefail
@@ -70,6 +72,7 @@ DATA=""
 version_of() {
   case $1 in
     chorus-redis) echo "$("$CHORUS" --version) + $(redis-server --version | cut -d' ' -f1-3)" ;;
+    chorus@*) echo "$("$PEERS/builds/${1#chorus@}/chorus" --version) (earlier build ${1#chorus@})" ;;
     chorus*) "$CHORUS" --version ;;
     ywebsocket) echo "@y/websocket-server $(node -p "require('$PEERS/node/node_modules/@y/websocket-server/package.json').version")" ;;
     hocuspocus) echo "@hocuspocus/server $(node -p "require('$PEERS/node/node_modules/@hocuspocus/server/package.json').version") on node $(node --version)" ;;
@@ -101,11 +104,13 @@ start() {
       ;;
     chorus*)
       # chorus-flush30: the same node trading up to 30 ms of latency for fewer writes.
+      # chorus@LABEL: an earlier build (bench-peers/builds/LABEL/chorus) for A/B in one run.
       FLUSH=0ms; [ "$name" = chorus-flush30 ] && FLUSH=30ms
+      local bin=$CHORUS; case $name in chorus@*) bin=$PEERS/builds/${name#chorus@}/chorus ;; esac
       CHORUS_FLUSH_INTERVAL=$FLUSH RUST_LOG=warn CHORUS_MAX_CONNECTIONS=20000 CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_CONNECTIONS_PER_IP=0 \
         CHORUS_MAX_MESSAGES_PER_SECOND=1000000 CHORUS_MAX_MESSAGE_BYTES=67108864 \
         CHORUS_MAX_UPDATE_BYTES=67108864 \
-        taskset -c "$SERVER_CPU" "$CHORUS" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
+        taskset -c "$SERVER_CPU" "$bin" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
         >"$RUN/$name.log" 2>&1 &
       SERVER_PID=$!
       if [ "$name" = chorus-native ]; then PROTO=native URL=ws://127.0.0.1:$PORT/v1/ws; else PROTO=yws URL=ws://127.0.0.1:$PORT/y; fi

@@ -63,7 +63,12 @@ def main():
         by.setdefault((r.get("scenario"), r.get("server")), []).append(r)
     machine = next((r for r in rows if r.get("scenario") == "machine"), {})
     versions = {r["server"]: r["version"] for r in rows if r.get("scenario") == "version"}
-    servers = [s for s in NAMES if any(k[1] == s for k in by)]
+    # Earlier builds run for A/B (chorus@LABEL), in label order after the current one.
+    for label in sorted({k[1] for k in by if str(k[1]).startswith("chorus@")}):
+        NAMES.setdefault(label, f"Chorus build {label[len('chorus@'):]} (/y)")
+    order = list(NAMES)
+    order.sort(key=lambda s: (0 if s == "chorus" else 1 if s.startswith("chorus@") else 2))
+    servers = [s for s in order if any(k[1] == s for k in by)]
     reps = max((len(v) for (sc, _), v in by.items() if sc in ("s1", "fanout")), default=0)
 
     L = [START, ""]
@@ -122,6 +127,16 @@ def main():
         ("p99 ms", "base_p99_ms", 2, False),
     ])
     floor = by.get(("floor", "floor"), [])
+    one_per_write = [r for r in floor if r.get("messages_per_write") == 1]
+    floor_cpu, _ = med(one_per_write, "cpu_ms_per_1k")
+    if floor_cpu and any(by.get(("fanout", s)) for s in servers):
+        parts = []
+        for s in servers:
+            v, _ = med(by.get(("fanout", s), []), "base_cpu_ms_per_1k")
+            if v is not None:
+                parts.append(f"{NAMES[s]} {v / floor_cpu:.2f}×")
+        L.append("Fan-out CPU per delivery ÷ the floor's (one message per write, below): " + "; ".join(parts))
+        L.append("")
     if floor:
         L.append("### The floor: plain writes in the fan-out's shape (bench_send_floor)")
         L.append("")
