@@ -1,22 +1,22 @@
 //! One-way HTTP readers (data-flow step 6 without a socket): Server-Sent Events and long-poll.
 //!
 //! Neither is a fork of the WebSocket path. Both subscribe through the same
-//! [`Registry`](crate::doc::Registry) call and drain the same coalescing [`Outbox`] (in the
-//! native encoding) a WebSocket connection does, so replay, merging of slow readers, the byte
-//! budget and the catch-up `synced` behave identically; this module only turns drained native
-//! frames into SSE events or into one long-poll answer.
+//! [`Registry`](crate::doc::Registry) call and drain the same coalescing [`Outbox`] a WebSocket
+//! connection does, so replay, merging of slow readers, the byte budget and the catch-up
+//! behave identically. An event stream's outbox speaks the SSE wire ([`wires::SSE`]): the
+//! document builds each event once for all of its SSE readers, and the pump only writes what
+//! it drains. A long-poll's speaks native and this module merges its frames into one answer.
 //!
 //! Data on the wire: every document payload is a base64 yrs v1 update; every position is the
 //! text form `epoch.ms-seq`, which is the SSE event `id:` and what `Last-Event-ID` or `after`
 //! bring back.
 
 use super::ConnContext;
+use super::wires;
 use crate::auth::Principal;
-use crate::doc::outbox::{Outbox, Proto};
+use crate::doc::outbox::Outbox;
 use crate::doc::{DocError, DocHandle, SyncFrom};
 use crate::limits::ConnectionSlot;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId, Position, ServerFrame};
 use std::sync::Arc;
@@ -64,7 +64,12 @@ pub async fn start_sse(
         if let Some(p) = req.from {
             settle_ahead(&ctx, &req.doc, p).await;
         }
-        let outbox = ctx.new_outbox(Proto::Native);
+        let wire = if req.presence {
+            &wires::SSE_PRESENCE
+        } else {
+            &wires::SSE
+        };
+        let outbox = ctx.new_outbox(wire);
         let from = SyncFrom {
             position: req.from,
             state_vector: None,
@@ -155,7 +160,7 @@ async fn pump(
                 // Drain: what is waiting goes out (bounded), then "going away"; the browser
                 // reconnects (to another node, through the balancer) with Last-Event-ID.
                 let drained = outbox.drain();
-                let mut chunk = events(&drained.frames, req.presence);
+                let mut chunk = drained.frames.concat();
                 chunk.extend_from_slice(&close_event(CloseCode::GoingAway));
                 let _ =
                     tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(chunk))).await;
@@ -175,7 +180,7 @@ async fn pump(
                     let _ = send(close_event(code)).await;
                     break;
                 }
-                let chunk = events(&drained.frames, req.presence);
+                let chunk = drained.frames.concat();
                 if !chunk.is_empty() {
                     ok = send(Bytes::from(chunk)).await;
                 }
@@ -198,51 +203,6 @@ async fn pump(
     outbox.close();
     ctx.forget_outbox(conn);
     drop(slot);
-}
-
-/// Drained native frames as SSE text. A catch-up that is not an exact replay (first state,
-/// trimmed or foreign position, catch-up after the budget was exceeded) is `event: state`;
-/// replays and updates are plain `message` events; presence is `event: awareness` (no id).
-fn events(frames: &[Bytes], presence: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    for f in frames {
-        let Ok(frame) = ServerFrame::decode(f) else {
-            continue;
-        };
-        match frame {
-            ServerFrame::Synced {
-                update,
-                position,
-                replay,
-                ..
-            } => {
-                if replay && update == yrs::Update::EMPTY_V1 {
-                    continue; // the reader already is at `position`
-                }
-                let name = if replay { None } else { Some("state") };
-                event(&mut out, name, Some(position), &update);
-            }
-            ServerFrame::Update {
-                update, position, ..
-            } => event(&mut out, None, Some(position), &update),
-            ServerFrame::Awareness { update, .. } if presence => {
-                event(&mut out, Some("awareness"), None, &update)
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-fn event(out: &mut Vec<u8>, name: Option<&str>, id: Option<Position>, data: &[u8]) {
-    use std::io::Write;
-    if let Some(name) = name {
-        let _ = writeln!(out, "event: {name}");
-    }
-    if let Some(id) = id {
-        let _ = writeln!(out, "id: {id}");
-    }
-    let _ = writeln!(out, "data: {}\n", B64.encode(data));
 }
 
 /// A position handed out by another node may be a few milliseconds ahead of this node's
@@ -322,7 +282,7 @@ async fn poll_once(
     if let Some(p) = after {
         settle_ahead(ctx, doc, p).await;
     }
-    let outbox = ctx.new_outbox(Proto::Native);
+    let outbox = ctx.new_outbox(&wires::NATIVE);
     let conn = outbox.conn;
     let from = SyncFrom {
         position: after,

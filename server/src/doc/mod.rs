@@ -6,11 +6,13 @@
 //! backplane's [`EntrySink`]: log entries are routed to the owner of their document.
 //!
 //! Updates reach the log through [`admit`], the one write door every protocol and the HTTP API
-//! share; they reach the owner only from the log.
+//! share; they reach the owner only from the log. Documents know no protocol: each subscriber's
+//! [`wire`] encodes what goes to it, and its [`outbox`] holds what waits.
 
 mod actor;
 pub mod admit;
 pub mod outbox;
+pub mod wire;
 
 use crate::backplane::{Backplane, Entry, EntrySink};
 use crate::storage::SnapshotStore;
@@ -81,12 +83,14 @@ pub(crate) enum Command {
         conn: ConnId,
         update: AwarenessUpdate,
     },
-    /// y-websocket: answer the client's sync step 1 with step 2 through its outbox.
-    SyncStep1 {
+    /// The client sent its state vector and waits for what it lacks (y-websocket's sync step
+    /// 1): answered through its outbox.
+    Diff {
         conn: ConnId,
         state_vector: StateVector,
     },
-    /// y-websocket: send every awareness state to this connection.
+    /// Send every awareness state to this connection (a y-websocket query, or a snapshot
+    /// owed after its outbox dropped presence for the budget).
     QueryAwareness {
         conn: ConnId,
     },
@@ -120,7 +124,7 @@ impl Command {
             Command::Subscribe { sub, .. } => Some(sub.conn),
             Command::Unsubscribe { conn }
             | Command::Awareness { conn, .. }
-            | Command::SyncStep1 { conn, .. }
+            | Command::Diff { conn, .. }
             | Command::QueryAwareness { conn }
             | Command::Resync { conn, .. } => Some(*conn),
             Command::State { .. }
@@ -383,12 +387,9 @@ impl DocHandle {
         self.send(Command::Awareness { conn, update }).await
     }
 
-    pub async fn sync_step1(
-        &self,
-        conn: ConnId,
-        state_vector: StateVector,
-    ) -> Result<(), DocError> {
-        self.send(Command::SyncStep1 { conn, state_vector }).await
+    /// Asks for what the client lacks against `state_vector` (see [`wire::Join::Offer`]).
+    pub async fn diff(&self, conn: ConnId, state_vector: StateVector) -> Result<(), DocError> {
+        self.send(Command::Diff { conn, state_vector }).await
     }
 
     pub async fn query_awareness(&self, conn: ConnId) -> Result<(), DocError> {
