@@ -297,18 +297,53 @@ async fn poll_once(
         }
     };
     ctx.set_holder(&outbox, principal);
-    let mut answer = PollAnswer {
-        update: None,
-        position: after,
-        full: false,
-        ended: None,
-    };
-    let mut updates: Vec<Vec<u8>> = Vec::new();
-    let mut synced = false;
-    loop {
+    let mut gathered = Gathered::default();
+    let ended = loop {
         let mut drained = outbox.drain();
         drained.request_owed(conn).await;
-        for f in &drained.frames {
+        gathered.take(&drained.frames);
+        // A revoked poll answers nothing, whatever it gathered.
+        if drained.close.is_some() {
+            break drained.close;
+        }
+        // Only answer once the subscription's catch-up arrived: before it, the outbox may hold
+        // live updates whose predecessors the catch-up has not delivered yet.
+        if gathered.synced && !gathered.updates.is_empty() {
+            break None;
+        }
+        // The catch-up always follows a subscription; the later bound only guards against a
+        // document that went away meanwhile.
+        let until = if gathered.synced {
+            deadline
+        } else {
+            deadline.max(Instant::now()) + 5 * AHEAD_WAIT
+        };
+        tokio::select! {
+            _ = outbox.ready() => {}
+            _ = tokio::time::sleep_until(until) => break None,
+            _ = ctx.shutdown.cancelled() => break None,
+        }
+    };
+    handle.unsubscribe(conn).await;
+    outbox.close();
+    ctx.forget_outbox(conn);
+    gathered.answer(after, ended)
+}
+
+/// What a long-poll drained so far, from its native frames.
+#[derive(Default)]
+struct Gathered {
+    updates: Vec<Vec<u8>>,
+    /// The subscription's catch-up arrived.
+    synced: bool,
+    /// A catch-up that was a state, not a replay: it holds everything before it.
+    full: bool,
+    position: Option<Position>,
+}
+
+impl Gathered {
+    fn take(&mut self, frames: &[Bytes]) {
+        for f in frames {
             match ServerFrame::decode(f) {
                 Ok(ServerFrame::Synced {
                     update,
@@ -316,65 +351,61 @@ async fn poll_once(
                     replay,
                     ..
                 }) => {
-                    synced = true;
+                    self.synced = true;
                     if !replay {
-                        // Whole state (or a catch-up after shedding): it contains everything.
-                        answer.full = true;
-                        updates.clear();
+                        self.full = true;
+                        self.updates.clear();
                     }
                     if !replay || update != yrs::Update::EMPTY_V1 {
-                        updates.push(update);
+                        self.updates.push(update);
                     }
-                    answer.position = Some(position);
+                    self.position = Some(position);
                 }
                 Ok(ServerFrame::Update {
                     update, position, ..
                 }) => {
-                    updates.push(update);
-                    answer.position = Some(position);
+                    self.updates.push(update);
+                    self.position = Some(position);
                 }
                 _ => {}
             }
         }
-        // A revoked poll answers nothing, whatever it gathered.
-        if drained.close.is_some() {
-            answer.ended = drained.close;
-            break;
-        }
-        // Only answer once the subscription's catch-up arrived: before it, the outbox may hold
-        // live updates whose predecessors the catch-up has not delivered yet.
-        if synced && !updates.is_empty() {
-            break;
-        }
-        // The catch-up always follows a subscription; the later bound only guards against a
-        // document that went away meanwhile.
-        let until = if synced {
-            deadline
-        } else {
-            deadline.max(Instant::now()) + 5 * AHEAD_WAIT
+    }
+
+    /// The answer: nothing when the poll was ended or nothing new came (the asked position
+    /// stands), else everything gathered merged into one update.
+    fn answer(
+        mut self,
+        after: Option<Position>,
+        ended: Option<CloseCode>,
+    ) -> Result<PollAnswer, DocError> {
+        let nothing = PollAnswer {
+            update: None,
+            position: after,
+            full: false,
+            ended,
         };
-        tokio::select! {
-            _ = outbox.ready() => {}
-            _ = tokio::time::sleep_until(until) => break,
-            _ = ctx.shutdown.cancelled() => break,
+        if ended.is_some() {
+            // A revoked poll still says where it got to, as it did before it was ended.
+            return Ok(PollAnswer {
+                position: self.position.or(after),
+                full: self.full,
+                ..nothing
+            });
         }
+        if !self.synced || self.updates.is_empty() {
+            return Ok(nothing);
+        }
+        let update = match self.updates.len() {
+            1 => self.updates.remove(0),
+            _ => yrs::merge_updates_v1(self.updates.iter().map(Vec::as_slice))
+                .map_err(|_| DocError::Unavailable)?,
+        };
+        Ok(PollAnswer {
+            update: Some(update),
+            position: self.position,
+            full: self.full,
+            ended: None,
+        })
     }
-    handle.unsubscribe(conn).await;
-    outbox.close();
-    ctx.forget_outbox(conn);
-    if answer.ended.is_some() {
-        answer.update = None;
-        return Ok(answer);
-    }
-    if !synced || updates.is_empty() {
-        answer.position = after;
-        answer.full = false;
-        return Ok(answer);
-    }
-    answer.update = Some(match updates.len() {
-        1 => updates.remove(0),
-        _ => yrs::merge_updates_v1(updates.iter().map(Vec::as_slice))
-            .map_err(|_| DocError::Unavailable)?,
-    });
-    Ok(answer)
 }
