@@ -79,6 +79,13 @@ pub(crate) struct Owner {
     whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; MAX_WIRES]>,
 }
 
+/// Whether the clocks an applied entry reaches are known (added to what the owner publishes),
+/// or must be read from the document's exact state vector.
+enum Reach {
+    Told,
+    Unknown,
+}
+
 /// Callers waiting for one document to apply an entry (read-your-writes, a position from
 /// another node); see `Owner::wait_applied`.
 const MAX_WAITERS: usize = 1024;
@@ -231,38 +238,8 @@ impl Owner {
                     }
                     continue;
                 }
-                let applied = catch_unwind(AssertUnwindSafe(|| {
-                    Update::decode_v1(&e.update)
-                        .map_err(|err| err.to_string())
-                        .and_then(|u| txn.apply_update(u).map_err(|err| err.to_string()))
-                }));
-                match applied {
-                    Ok(Ok(())) => {
-                        // yrs's `Update::state_vector` only counts updates that start at clock
-                        // 0, so the reach comes from our own walk of the entry: the one this
-                        // node's write door made, when the entry carries it, else a new one.
-                        let clock = |end: u64| u32::try_from(end).unwrap_or(u32::MAX);
-                        match e.reach.as_ref().and_then(|r| r.of(&e.update)) {
-                            Some(ends) => grown.extend(
-                                ends.iter().map(|&(c, end)| (ClientID::new(c), clock(end))),
-                            ),
-                            None => match crate::validate::scan_update(&e.update) {
-                                Ok(deps) => grown.extend(
-                                    deps.ends().map(|(c, end)| (ClientID::new(c), clock(end))),
-                                ),
-                                Err(_) => exact = true,
-                            },
-                        }
-                    }
-                    // Entries are validated before they are appended, so this means a yrs bug
-                    // or a log written by something else. The node keeps serving; the entry's
-                    // position still counts as passed so positions stay meaningful.
-                    Ok(Err(err)) => {
-                        tracing::error!(doc = %self.doc, id = %e.id, error = %err, "log entry did not apply")
-                    }
-                    Err(_) => {
-                        tracing::error!(doc = %self.doc, id = %e.id, "log entry made yrs panic; skipped")
-                    }
+                if let Reach::Unknown = self.apply_entry(&mut txn, &e, &mut grown) {
+                    exact = true;
                 }
                 self.applied = e.id;
                 self.since_snapshot.0 += 1;
@@ -301,6 +278,49 @@ impl Owner {
             None => {}
         }
         fresh
+    }
+
+    /// Applies one fresh entry to the document and adds the clocks it reaches to `grown`.
+    fn apply_entry(
+        &self,
+        txn: &mut yrs::TransactionMut<'_>,
+        e: &Entry,
+        grown: &mut Vec<(ClientID, u32)>,
+    ) -> Reach {
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            Update::decode_v1(&e.update)
+                .map_err(|err| err.to_string())
+                .and_then(|u| txn.apply_update(u).map_err(|err| err.to_string()))
+        }));
+        match applied {
+            Ok(Ok(())) => {
+                // yrs's `Update::state_vector` only counts updates that start at clock 0, so
+                // the reach comes from our own walk of the entry: the one this node's write
+                // door made, when the entry carries it, else a new one.
+                let clock = |end: u64| u32::try_from(end).unwrap_or(u32::MAX);
+                match e.reach.as_ref().and_then(|r| r.of(&e.update)) {
+                    Some(ends) => {
+                        grown.extend(ends.iter().map(|&(c, end)| (ClientID::new(c), clock(end))))
+                    }
+                    None => match crate::validate::scan_update(&e.update) {
+                        Ok(deps) => {
+                            grown.extend(deps.ends().map(|(c, end)| (ClientID::new(c), clock(end))))
+                        }
+                        Err(_) => return Reach::Unknown,
+                    },
+                }
+            }
+            // Entries are validated before they are appended, so this means a yrs bug or a
+            // log written by something else. The node keeps serving; the entry's position
+            // still counts as passed so positions stay meaningful.
+            Ok(Err(err)) => {
+                tracing::error!(doc = %self.doc, id = %e.id, error = %err, "log entry did not apply")
+            }
+            Err(_) => {
+                tracing::error!(doc = %self.doc, id = %e.id, "log entry made yrs panic; skipped")
+            }
+        }
+        Reach::Told
     }
 
     fn remember(&mut self, id: StreamId, update: Bytes) {
