@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, Transact, Update};
 
 /// Snapshots at least this big are integrated off the owner task, while joins that want the
@@ -123,9 +124,15 @@ impl Owner {
             }
             return Err(e);
         }
-        for conn in offer_owed {
-            if let Some(Join::Offer(offer)) = self.subs.get(&conn).map(|s| s.outbox.wire.join()) {
-                self.send_offer(conn, offer);
+        if !offer_owed.is_empty() {
+            // One state vector for every join that waited for it.
+            let sv = self.awareness.doc().transact().state_vector().encode_v1();
+            for conn in offer_owed {
+                if let Some(sub) = self.subs.get(&conn)
+                    && let Join::Offer(offer) = sub.outbox.wire.join()
+                {
+                    sub.outbox.push_frame(&self.doc, offer(&self.doc, &sv));
+                }
             }
         }
         for cmd in waiting {
