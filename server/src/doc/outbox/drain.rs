@@ -240,7 +240,7 @@ impl Outbox {
 }
 
 /// Merges raw awareness updates: per client the highest clock wins; on a tie a removal wins.
-pub fn merge_awareness<'a>(updates: impl Iterator<Item = &'a Bytes>) -> Vec<u8> {
+pub(super) fn merge_awareness<'a>(updates: impl Iterator<Item = &'a Bytes>) -> Vec<u8> {
     let mut merged = AwarenessUpdate {
         clients: HashMap::new(),
     };

@@ -44,8 +44,6 @@ mod queue;
 #[cfg(test)]
 mod tests;
 
-pub use drain::merge_awareness;
-
 use super::wire::{Wire, WireId};
 use super::{ConnId, DocHandle};
 use bytes::Bytes;
@@ -160,7 +158,7 @@ pub const MAX_DIRECT_PER_TURN: usize = 2_048;
 
 /// Pending updates for one document from which a drain merges them into one (a connection
 /// that fell behind); fewer go out as the shared frames.
-pub const MERGE_FROM: usize = 8;
+const MERGE_FROM: usize = 8;
 
 /// Most error frames queued for one connection; a client producing more than this before
 /// reading any is misbehaving and gets closed.
