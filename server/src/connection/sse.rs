@@ -157,13 +157,7 @@ async fn pump(
         match wake {
             Wake::Gone => break,
             Wake::Shutdown => {
-                // Drain: what is waiting goes out (bounded), then "going away"; the browser
-                // reconnects (to another node, through the balancer) with Last-Event-ID.
-                let drained = outbox.drain();
-                let mut chunk = drained.frames.concat();
-                chunk.extend_from_slice(&close_event(CloseCode::GoingAway));
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(chunk))).await;
+                going_away(&outbox, &tx).await;
                 break;
             }
             Wake::Expired => {
@@ -180,9 +174,8 @@ async fn pump(
                     let _ = send(close_event(code)).await;
                     break;
                 }
-                let chunk = drained.frames.concat();
-                if !chunk.is_empty() {
-                    ok = send(Bytes::from(chunk)).await;
+                if let Some(chunk) = chunk(drained.frames) {
+                    ok = send(chunk).await;
                 }
             }
             // A comment line: ignored by EventSource, but it keeps proxies from closing an
@@ -203,6 +196,26 @@ async fn pump(
     outbox.close();
     ctx.forget_outbox(conn);
     drop(slot);
+}
+
+/// The node shuts down: what is waiting goes out (bounded), then "going away"; the browser
+/// reconnects (to another node, through the balancer) with Last-Event-ID.
+async fn going_away(outbox: &Outbox, tx: &mpsc::Sender<Bytes>) {
+    let mut chunk = outbox.drain().frames.concat();
+    chunk.extend_from_slice(&close_event(CloseCode::GoingAway));
+    let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(chunk))).await;
+}
+
+/// A drain's events as one chunk of the body, `None` when they say nothing. A single event
+/// (a reader that keeps up) goes as the bytes the document built for every SSE reader, not a
+/// copy of them.
+fn chunk(mut events: Vec<Bytes>) -> Option<Bytes> {
+    events.retain(|e| !e.is_empty());
+    match events.len() {
+        0 => None,
+        1 => events.pop(),
+        _ => Some(Bytes::from(events.concat())),
+    }
 }
 
 /// A position handed out by another node may be a few milliseconds ahead of this node's
