@@ -18,6 +18,10 @@ pub const MSG_SYNC_UPDATE: u8 = 2;
 /// The auth sub-type a server sends to refuse a client.
 pub const PERMISSION_DENIED: u8 = 0;
 
+/// An awareness message with no clients in it: changes nothing, but counts as traffic for a
+/// client that drops a silent socket (y-websocket does after 30 s).
+pub const KEEPALIVE: &[u8] = &[MSG_AWARENESS, 1, 0];
+
 fn write_var(out: &mut Vec<u8>, mut n: usize) {
     while n >= 0x80 {
         out.push((n as u8 & 0x7f) | 0x80);
@@ -71,5 +75,10 @@ mod tests {
         assert_eq!(big.len(), 4 + 300);
         assert_eq!(awareness(&[]), vec![1, 0]);
         assert_eq!(permission_denied("no"), vec![2, 0, 2, b'n', b'o']);
+        assert_eq!(
+            KEEPALIVE,
+            awareness(&[0]),
+            "an awareness update of zero clients"
+        );
     }
 }

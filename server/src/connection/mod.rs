@@ -9,11 +9,13 @@
 pub mod native;
 pub mod socket;
 pub mod sse;
+pub mod wires;
 pub mod yjs;
 
 use crate::auth::{Auth, Principal};
 use crate::doc::admit::{Door, WriteLimits};
-use crate::doc::outbox::{Outbox, OutboxLimits, OutboxStats, Proto};
+use crate::doc::outbox::{Outbox, OutboxLimits, OutboxStats};
+use crate::doc::wire::Wire;
 use crate::doc::{ConnId, DocHandle, Registry};
 use crate::limits::{ConnectionSlot, TokenBucket};
 use bytes::Bytes;
@@ -137,7 +139,7 @@ impl ConnContext {
     }
 
     /// A new outbox for a connection, registered for stats until the connection ends.
-    pub fn new_outbox(&self, proto: Proto) -> Arc<Outbox> {
+    pub fn new_outbox(&self, wire: &'static dyn Wire) -> Arc<Outbox> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let limits = OutboxLimits {
             budget: self.config.outbox_bytes,
@@ -145,7 +147,7 @@ impl ConnContext {
                 1.0 / f64::from(self.config.awareness_hz.max(1)),
             ),
         };
-        let outbox = Arc::new(Outbox::new(conn, proto, limits, self.stats.clone()));
+        let outbox = Arc::new(Outbox::new(conn, wire, limits, self.stats.clone()));
         self.outboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -474,10 +476,9 @@ async fn linger(reader: &mut FrameReader, socket: &Socket) {
     .await;
 }
 
-/// An empty awareness update: y-websocket clients drop a socket after 30 s without any
-/// message (WebSocket pings never reach their JavaScript), so y-websocket sockets get this
-/// harmless message every 15 s.
-const YJS_KEEPALIVE: &[u8] = &[1, 1, 0];
+/// y-websocket clients drop a socket after 30 s without any message (WebSocket pings never
+/// reach their JavaScript), so y-websocket sockets get a harmless empty awareness update
+/// ([`chorus_protocol::y_websocket::KEEPALIVE`]) this often.
 const YJS_KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
 /// Pings, keepalives and the silence check for every WebSocket of the node, from one timer:
@@ -539,7 +540,7 @@ impl Heartbeat {
             tick.tick().await;
             let (mut last_ping, mut last_keepalive) = (Instant::now(), Instant::now());
             let ping = socket::framed(socket::PING, &[]);
-            let keepalive = Bytes::from_static(YJS_KEEPALIVE);
+            let keepalive = Bytes::from_static(chorus_protocol::y_websocket::KEEPALIVE);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -572,7 +573,7 @@ impl Heartbeat {
                         }
                         outbox.push_raw(ping.clone());
                     }
-                    if keepalive_due && outbox.proto == Proto::Yjs {
+                    if keepalive_due && outbox.wire_id() == wires::Y_WEBSOCKET.id() {
                         outbox.push_control(keepalive.clone());
                     }
                 }

@@ -1,22 +1,22 @@
 //! One-way HTTP readers (data-flow step 6 without a socket): Server-Sent Events and long-poll.
 //!
 //! Neither is a fork of the WebSocket path. Both subscribe through the same
-//! [`Registry`](crate::doc::Registry) call and drain the same coalescing [`Outbox`] (in the
-//! native encoding) a WebSocket connection does, so replay, merging of slow readers, the byte
-//! budget and the catch-up `synced` behave identically; this module only turns drained native
-//! frames into SSE events or into one long-poll answer.
+//! [`Registry`](crate::doc::Registry) call and drain the same coalescing [`Outbox`] a WebSocket
+//! connection does, so replay, merging of slow readers, the byte budget and the catch-up
+//! behave identically. An event stream's outbox speaks the SSE wire ([`wires::SSE`]): the
+//! document builds each event once for all of its SSE readers, and the pump only writes what
+//! it drains. A long-poll's speaks native and this module merges its frames into one answer.
 //!
 //! Data on the wire: every document payload is a base64 yrs v1 update; every position is the
 //! text form `epoch.ms-seq`, which is the SSE event `id:` and what `Last-Event-ID` or `after`
 //! bring back.
 
 use super::ConnContext;
+use super::wires;
 use crate::auth::Principal;
-use crate::doc::outbox::{Outbox, Proto};
+use crate::doc::outbox::Outbox;
 use crate::doc::{DocError, DocHandle, SyncFrom};
 use crate::limits::ConnectionSlot;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId, Position, ServerFrame};
 use std::sync::Arc;
@@ -64,7 +64,12 @@ pub async fn start_sse(
         if let Some(p) = req.from {
             settle_ahead(&ctx, &req.doc, p).await;
         }
-        let outbox = ctx.new_outbox(Proto::Native);
+        let wire = if req.presence {
+            &wires::SSE_PRESENCE
+        } else {
+            &wires::SSE
+        };
+        let outbox = ctx.new_outbox(wire);
         let from = SyncFrom {
             position: req.from,
             state_vector: None,
@@ -152,13 +157,7 @@ async fn pump(
         match wake {
             Wake::Gone => break,
             Wake::Shutdown => {
-                // Drain: what is waiting goes out (bounded), then "going away"; the browser
-                // reconnects (to another node, through the balancer) with Last-Event-ID.
-                let drained = outbox.drain();
-                let mut chunk = events(&drained.frames, req.presence);
-                chunk.extend_from_slice(&close_event(CloseCode::GoingAway));
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(chunk))).await;
+                going_away(&outbox, &tx).await;
                 break;
             }
             Wake::Expired => {
@@ -175,9 +174,8 @@ async fn pump(
                     let _ = send(close_event(code)).await;
                     break;
                 }
-                let chunk = events(&drained.frames, req.presence);
-                if !chunk.is_empty() {
-                    ok = send(Bytes::from(chunk)).await;
+                if let Some(chunk) = chunk(drained.frames) {
+                    ok = send(chunk).await;
                 }
             }
             // A comment line: ignored by EventSource, but it keeps proxies from closing an
@@ -200,49 +198,24 @@ async fn pump(
     drop(slot);
 }
 
-/// Drained native frames as SSE text. A catch-up that is not an exact replay (first state,
-/// trimmed or foreign position, catch-up after the budget was exceeded) is `event: state`;
-/// replays and updates are plain `message` events; presence is `event: awareness` (no id).
-fn events(frames: &[Bytes], presence: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    for f in frames {
-        let Ok(frame) = ServerFrame::decode(f) else {
-            continue;
-        };
-        match frame {
-            ServerFrame::Synced {
-                update,
-                position,
-                replay,
-                ..
-            } => {
-                if replay && update == yrs::Update::EMPTY_V1 {
-                    continue; // the reader already is at `position`
-                }
-                let name = if replay { None } else { Some("state") };
-                event(&mut out, name, Some(position), &update);
-            }
-            ServerFrame::Update {
-                update, position, ..
-            } => event(&mut out, None, Some(position), &update),
-            ServerFrame::Awareness { update, .. } if presence => {
-                event(&mut out, Some("awareness"), None, &update)
-            }
-            _ => {}
-        }
-    }
-    out
+/// The node shuts down: what is waiting goes out (bounded), then "going away"; the browser
+/// reconnects (to another node, through the balancer) with Last-Event-ID.
+async fn going_away(outbox: &Outbox, tx: &mpsc::Sender<Bytes>) {
+    let mut chunk = outbox.drain().frames.concat();
+    chunk.extend_from_slice(&close_event(CloseCode::GoingAway));
+    let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(chunk))).await;
 }
 
-fn event(out: &mut Vec<u8>, name: Option<&str>, id: Option<Position>, data: &[u8]) {
-    use std::io::Write;
-    if let Some(name) = name {
-        let _ = writeln!(out, "event: {name}");
+/// A drain's events as one chunk of the body, `None` when they say nothing. A single event
+/// (a reader that keeps up) goes as the bytes the document built for every SSE reader, not a
+/// copy of them.
+fn chunk(mut events: Vec<Bytes>) -> Option<Bytes> {
+    events.retain(|e| !e.is_empty());
+    match events.len() {
+        0 => None,
+        1 => events.pop(),
+        _ => Some(Bytes::from(events.concat())),
     }
-    if let Some(id) = id {
-        let _ = writeln!(out, "id: {id}");
-    }
-    let _ = writeln!(out, "data: {}\n", B64.encode(data));
 }
 
 /// A position handed out by another node may be a few milliseconds ahead of this node's
@@ -322,7 +295,7 @@ async fn poll_once(
     if let Some(p) = after {
         settle_ahead(ctx, doc, p).await;
     }
-    let outbox = ctx.new_outbox(Proto::Native);
+    let outbox = ctx.new_outbox(&wires::NATIVE);
     let conn = outbox.conn;
     let from = SyncFrom {
         position: after,
@@ -337,18 +310,53 @@ async fn poll_once(
         }
     };
     ctx.set_holder(&outbox, principal);
-    let mut answer = PollAnswer {
-        update: None,
-        position: after,
-        full: false,
-        ended: None,
-    };
-    let mut updates: Vec<Vec<u8>> = Vec::new();
-    let mut synced = false;
-    loop {
+    let mut gathered = Gathered::default();
+    let ended = loop {
         let mut drained = outbox.drain();
         drained.request_owed(conn).await;
-        for f in &drained.frames {
+        gathered.take(&drained.frames);
+        // A revoked poll answers nothing, whatever it gathered.
+        if drained.close.is_some() {
+            break drained.close;
+        }
+        // Only answer once the subscription's catch-up arrived: before it, the outbox may hold
+        // live updates whose predecessors the catch-up has not delivered yet.
+        if gathered.synced && !gathered.updates.is_empty() {
+            break None;
+        }
+        // The catch-up always follows a subscription; the later bound only guards against a
+        // document that went away meanwhile.
+        let until = if gathered.synced {
+            deadline
+        } else {
+            deadline.max(Instant::now()) + 5 * AHEAD_WAIT
+        };
+        tokio::select! {
+            _ = outbox.ready() => {}
+            _ = tokio::time::sleep_until(until) => break None,
+            _ = ctx.shutdown.cancelled() => break None,
+        }
+    };
+    handle.unsubscribe(conn).await;
+    outbox.close();
+    ctx.forget_outbox(conn);
+    gathered.answer(after, ended)
+}
+
+/// What a long-poll drained so far, from its native frames.
+#[derive(Default)]
+struct Gathered {
+    updates: Vec<Vec<u8>>,
+    /// The subscription's catch-up arrived.
+    synced: bool,
+    /// A catch-up that was a state, not a replay: it holds everything before it.
+    full: bool,
+    position: Option<Position>,
+}
+
+impl Gathered {
+    fn take(&mut self, frames: &[Bytes]) {
+        for f in frames {
             match ServerFrame::decode(f) {
                 Ok(ServerFrame::Synced {
                     update,
@@ -356,65 +364,61 @@ async fn poll_once(
                     replay,
                     ..
                 }) => {
-                    synced = true;
+                    self.synced = true;
                     if !replay {
-                        // Whole state (or a catch-up after shedding): it contains everything.
-                        answer.full = true;
-                        updates.clear();
+                        self.full = true;
+                        self.updates.clear();
                     }
                     if !replay || update != yrs::Update::EMPTY_V1 {
-                        updates.push(update);
+                        self.updates.push(update);
                     }
-                    answer.position = Some(position);
+                    self.position = Some(position);
                 }
                 Ok(ServerFrame::Update {
                     update, position, ..
                 }) => {
-                    updates.push(update);
-                    answer.position = Some(position);
+                    self.updates.push(update);
+                    self.position = Some(position);
                 }
                 _ => {}
             }
         }
-        // A revoked poll answers nothing, whatever it gathered.
-        if drained.close.is_some() {
-            answer.ended = drained.close;
-            break;
-        }
-        // Only answer once the subscription's catch-up arrived: before it, the outbox may hold
-        // live updates whose predecessors the catch-up has not delivered yet.
-        if synced && !updates.is_empty() {
-            break;
-        }
-        // The catch-up always follows a subscription; the later bound only guards against a
-        // document that went away meanwhile.
-        let until = if synced {
-            deadline
-        } else {
-            deadline.max(Instant::now()) + 5 * AHEAD_WAIT
+    }
+
+    /// The answer: nothing when the poll was ended or nothing new came (the asked position
+    /// stands), else everything gathered merged into one update.
+    fn answer(
+        mut self,
+        after: Option<Position>,
+        ended: Option<CloseCode>,
+    ) -> Result<PollAnswer, DocError> {
+        let nothing = PollAnswer {
+            update: None,
+            position: after,
+            full: false,
+            ended,
         };
-        tokio::select! {
-            _ = outbox.ready() => {}
-            _ = tokio::time::sleep_until(until) => break,
-            _ = ctx.shutdown.cancelled() => break,
+        if ended.is_some() {
+            // A revoked poll still says where it got to, as it did before it was ended.
+            return Ok(PollAnswer {
+                position: self.position.or(after),
+                full: self.full,
+                ..nothing
+            });
         }
+        if !self.synced || self.updates.is_empty() {
+            return Ok(nothing);
+        }
+        let update = match self.updates.len() {
+            1 => self.updates.remove(0),
+            _ => yrs::merge_updates_v1(self.updates.iter().map(Vec::as_slice))
+                .map_err(|_| DocError::Unavailable)?,
+        };
+        Ok(PollAnswer {
+            update: Some(update),
+            position: self.position,
+            full: self.full,
+            ended: None,
+        })
     }
-    handle.unsubscribe(conn).await;
-    outbox.close();
-    ctx.forget_outbox(conn);
-    if answer.ended.is_some() {
-        answer.update = None;
-        return Ok(answer);
-    }
-    if !synced || updates.is_empty() {
-        answer.position = after;
-        answer.full = false;
-        return Ok(answer);
-    }
-    answer.update = Some(match updates.len() {
-        1 => updates.remove(0),
-        _ => yrs::merge_updates_v1(updates.iter().map(Vec::as_slice))
-            .map_err(|_| DocError::Unavailable)?,
-    });
-    Ok(answer)
 }

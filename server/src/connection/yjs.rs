@@ -5,7 +5,8 @@
 //! Client messages are parsed by hand here (a type byte and a length-prefixed payload, the same
 //! bytes `yrs::sync::Message` writes) so that the payload can pass our guards in `validate`
 //! before yrs decodes anything; server messages are framed by
-//! [`chorus_protocol::y_websocket`].
+//! [`chorus_protocol::y_websocket`], through the [`super::wires::Y_WEBSOCKET`] wire for
+//! everything a document sends.
 
 use super::native::{AppendDone, AppendFuture, ErrorBudget};
 use super::{ConnContext, HeldWake, Session, Step};
@@ -211,7 +212,7 @@ impl Session for YjsSession {
         };
         let conn = self.outbox.conn;
         let sent = match parse_message(&bytes, self.config.max_update_bytes) {
-            Ok(Incoming::SyncStep1(sv)) => handle.sync_step1(conn, sv).await,
+            Ok(Incoming::SyncStep1(sv)) => handle.diff(conn, sv).await,
             Ok(Incoming::Update(payload)) => return self.append(payload),
             Ok(Incoming::Awareness(update)) => handle.awareness(conn, update).await,
             Ok(Incoming::QueryAwareness) => handle.query_awareness(conn).await,

@@ -10,11 +10,11 @@ mod presence;
 mod recover;
 mod sync;
 
-use super::outbox::{MAX_DIRECT_PER_TURN, Proto, update_frame};
+use super::outbox::MAX_DIRECT_PER_TURN;
+use super::wire::{Join, MAX_WIRES};
 use super::{Command, DocError, DocHandle, Registry, Shared, Subscriber, SyncFrom};
 use crate::backplane::Entry;
 use bytes::Bytes;
-use chorus_protocol::y_websocket as yws;
 use chorus_protocol::{DocId, Position, StreamId};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -57,8 +57,6 @@ pub(crate) struct Owner {
     missing_deps: bool,
     since_snapshot: (usize, usize),
     subs: HashMap<u64, Sub>,
-    native_subs: usize,
-    yjs_subs: usize,
     waiters: Vec<(StreamId, oneshot::Sender<Position>)>,
     /// Awareness client ids introduced by clients of other nodes, per node, so that a dead
     /// node's presence can be removed.
@@ -73,12 +71,19 @@ pub(crate) struct Owner {
     /// state sent to a joining client), reused while the document stays at that position:
     /// joins of a large idle document don't each re-encode it.
     full_state: std::cell::RefCell<Option<(Position, Bytes)>>,
-    /// The whole-document answer as each wire frames it (native `synced`, y-websocket step 2),
+    /// The whole-document answer as each wire frames it, indexed by [`super::wire::WireId`],
     /// at a position: every client that joins with nothing gets the same bytes, so the owner
     /// encodes and frames a large document once per join storm, not once per joiner. (Each
     /// socket's writer still copies the frame into its own buffer while it sends it: 100 joins
     /// of a 5 MB document peaked at +490 MB before and after this cache.)
-    whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; 2]>,
+    whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; MAX_WIRES]>,
+}
+
+/// Whether the clocks an applied entry reaches are known (added to what the owner publishes),
+/// or must be read from the document's exact state vector.
+enum Reach {
+    Told,
+    Unknown,
 }
 
 /// Callers waiting for one document to apply an entry (read-your-writes, a position from
@@ -109,14 +114,12 @@ impl Owner {
             missing_deps: false,
             since_snapshot: (0, 0),
             subs: HashMap::new(),
-            native_subs: 0,
-            yjs_subs: 0,
             waiters: Vec::new(),
             remote_awareness: HashMap::new(),
             awareness_owner: HashMap::new(),
             departed: 0,
             full_state: std::cell::RefCell::new(None),
-            whole_answers: std::cell::RefCell::new([None, None]),
+            whole_answers: std::cell::RefCell::new(Default::default()),
         }
     }
 
@@ -235,38 +238,8 @@ impl Owner {
                     }
                     continue;
                 }
-                let applied = catch_unwind(AssertUnwindSafe(|| {
-                    Update::decode_v1(&e.update)
-                        .map_err(|err| err.to_string())
-                        .and_then(|u| txn.apply_update(u).map_err(|err| err.to_string()))
-                }));
-                match applied {
-                    Ok(Ok(())) => {
-                        // yrs's `Update::state_vector` only counts updates that start at clock
-                        // 0, so the reach comes from our own walk of the entry: the one this
-                        // node's write door made, when the entry carries it, else a new one.
-                        let clock = |end: u64| u32::try_from(end).unwrap_or(u32::MAX);
-                        match e.reach.as_ref().and_then(|r| r.of(&e.update)) {
-                            Some(ends) => grown.extend(
-                                ends.iter().map(|&(c, end)| (ClientID::new(c), clock(end))),
-                            ),
-                            None => match crate::validate::scan_update(&e.update) {
-                                Ok(deps) => grown.extend(
-                                    deps.ends().map(|(c, end)| (ClientID::new(c), clock(end))),
-                                ),
-                                Err(_) => exact = true,
-                            },
-                        }
-                    }
-                    // Entries are validated before they are appended, so this means a yrs bug
-                    // or a log written by something else. The node keeps serving; the entry's
-                    // position still counts as passed so positions stay meaningful.
-                    Ok(Err(err)) => {
-                        tracing::error!(doc = %self.doc, id = %e.id, error = %err, "log entry did not apply")
-                    }
-                    Err(_) => {
-                        tracing::error!(doc = %self.doc, id = %e.id, "log entry made yrs panic; skipped")
-                    }
+                if let Reach::Unknown = self.apply_entry(&mut txn, &e, &mut grown) {
+                    exact = true;
                 }
                 self.applied = e.id;
                 self.since_snapshot.0 += 1;
@@ -305,6 +278,49 @@ impl Owner {
             None => {}
         }
         fresh
+    }
+
+    /// Applies one fresh entry to the document and adds the clocks it reaches to `grown`.
+    fn apply_entry(
+        &self,
+        txn: &mut yrs::TransactionMut<'_>,
+        e: &Entry,
+        grown: &mut Vec<(ClientID, u32)>,
+    ) -> Reach {
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            Update::decode_v1(&e.update)
+                .map_err(|err| err.to_string())
+                .and_then(|u| txn.apply_update(u).map_err(|err| err.to_string()))
+        }));
+        match applied {
+            Ok(Ok(())) => {
+                // yrs's `Update::state_vector` only counts updates that start at clock 0, so
+                // the reach comes from our own walk of the entry: the one this node's write
+                // door made, when the entry carries it, else a new one.
+                let clock = |end: u64| u32::try_from(end).unwrap_or(u32::MAX);
+                match e.reach.as_ref().and_then(|r| r.of(&e.update)) {
+                    Some(ends) => {
+                        grown.extend(ends.iter().map(|&(c, end)| (ClientID::new(c), clock(end))))
+                    }
+                    None => match crate::validate::scan_update(&e.update) {
+                        Ok(deps) => {
+                            grown.extend(deps.ends().map(|(c, end)| (ClientID::new(c), clock(end))))
+                        }
+                        Err(_) => return Reach::Unknown,
+                    },
+                }
+            }
+            // Entries are validated before they are appended, so this means a yrs bug or a
+            // log written by something else. The node keeps serving; the entry's position
+            // still counts as passed so positions stay meaningful.
+            Ok(Err(err)) => {
+                tracing::error!(doc = %self.doc, id = %e.id, error = %err, "log entry did not apply")
+            }
+            Err(_) => {
+                tracing::error!(doc = %self.doc, id = %e.id, "log entry made yrs panic; skipped")
+            }
+        }
+        Reach::Told
     }
 
     fn remember(&mut self, id: StreamId, update: Bytes) {
@@ -350,32 +366,28 @@ impl Owner {
 
     /// Hands `e` to every subscriber: written to its socket at once where nothing is queued
     /// for it (at most `direct_left` such writes; past that the connections' writers do it).
+    /// Each wire in use encodes the entry once, when its first recipient comes up; the rest
+    /// of that wire's recipients share the bytes.
     fn fan_out(&self, e: &Entry, direct_left: &mut usize) {
         let started = std::time::Instant::now();
         let position = Position::new(self.epoch, e.id);
-        let native = (self.native_subs > 0)
-            .then(|| update_frame(Proto::Native, &self.doc, &e.update, position));
-        let yjs =
-            (self.yjs_subs > 0).then(|| update_frame(Proto::Yjs, &self.doc, &e.update, position));
+        let mut frames: [Option<Bytes>; MAX_WIRES] = Default::default();
         let own = e.origin.filter(|o| o.node == self.shared.node);
         for (conn, sub) in &self.subs {
             if let Some(o) = own.filter(|o| o.conn == *conn) {
                 sub.outbox.push_own(&self.doc, o.seq, position);
                 continue;
             }
-            let frame = match sub.outbox.proto {
-                Proto::Native => native.clone(),
-                Proto::Yjs => yjs.clone(),
-            };
-            if let Some(frame) = frame
-                && sub.outbox.push_update(
-                    &self.doc,
-                    frame,
-                    e.update.clone(),
-                    position,
-                    *direct_left > 0,
-                )
-            {
+            let frame = frames[sub.outbox.wire_id().index()]
+                .get_or_insert_with(|| sub.outbox.wire.update(&self.doc, &e.update, position))
+                .clone();
+            if sub.outbox.push_update(
+                &self.doc,
+                frame,
+                e.update.clone(),
+                position,
+                *direct_left > 0,
+            ) {
                 *direct_left -= 1;
             }
         }
@@ -432,16 +444,7 @@ impl Owner {
             }
             Command::Unsubscribe { conn } => self.unsubscribe(conn),
             Command::Awareness { conn, update } => self.apply_awareness(conn, update),
-            Command::SyncStep1 { conn, state_vector } => {
-                if let Some(sub) = self.subs.get(&conn) {
-                    let frame = if state_vector.is_empty() {
-                        self.whole_answer(Proto::Yjs)
-                    } else {
-                        Bytes::from(yws::sync_step2(&self.encode_diff(&state_vector)))
-                    };
-                    sub.outbox.push_synced(&self.doc, frame, self.position());
-                }
-            }
+            Command::Diff { conn, state_vector } => self.send_diff(conn, &state_vector),
             Command::QueryAwareness { conn } => self.send_awareness_snapshot(conn),
             Command::Resync { conn, from } => self.send_sync(
                 conn,
@@ -462,42 +465,35 @@ impl Owner {
 
     fn subscribe(&mut self, sub: Subscriber, from: SyncFrom) {
         let conn = sub.conn;
-        let offer_only = sub.outbox.proto == Proto::Yjs
-            && from.position.is_none()
-            && from.state_vector.is_none();
+        let join = sub.outbox.wire.join();
         self.add_sub(sub);
-        if offer_only {
-            // y-websocket join: offer our state vector. The client answers with what we miss
-            // and its own step 1, whose answer (step 2) carries the document. The offer has
-            // no content, so it moves no position.
-            let sv = self.awareness.doc().transact().state_vector();
-            if let Some(sub) = self.subs.get(&conn) {
-                sub.outbox
-                    .push_frame(&self.doc, Bytes::from(yws::sync_step1(&sv.encode_v1())));
+        match join {
+            Join::Offer(offer) if from.position.is_none() && from.state_vector.is_none() => {
+                self.send_offer(conn, offer)
             }
-        } else {
-            self.send_sync(conn, &from);
+            _ => self.send_sync(conn, &from),
         }
         self.send_awareness_snapshot(conn);
+    }
+
+    /// Offers our state vector (see [`Join::Offer`]): the client answers with what we miss
+    /// and asks for what it lacks, and that answer carries the document. The offer has no
+    /// content, so it moves no position.
+    fn send_offer(&self, conn: u64, offer: fn(&DocId, &[u8]) -> Bytes) {
+        let sv = self.awareness.doc().transact().state_vector();
+        if let Some(sub) = self.subs.get(&conn) {
+            sub.outbox
+                .push_frame(&self.doc, offer(&self.doc, &sv.encode_v1()));
+        }
     }
 
     fn add_sub(&mut self, sub: Subscriber) {
         let conn = sub.conn;
         sub.outbox.attach(&self.doc, self.handle.clone());
-        match sub.outbox.proto {
-            Proto::Native => self.native_subs += 1,
-            Proto::Yjs => self.yjs_subs += 1,
-        }
         // Re-subscribing on the same socket keeps the presence it introduced: those ids are
         // still its own (`awareness_owner` says so), and its leave must still clear them.
         let awareness_ids = match self.subs.remove(&conn) {
-            Some(old) => {
-                match old.outbox.proto {
-                    Proto::Native => self.native_subs -= 1,
-                    Proto::Yjs => self.yjs_subs -= 1,
-                }
-                old.awareness_ids
-            }
+            Some(old) => old.awareness_ids,
             None => HashSet::new(),
         };
         self.subs.insert(
@@ -514,10 +510,6 @@ impl Owner {
             return;
         };
         sub.outbox.detach(&self.doc);
-        match sub.outbox.proto {
-            Proto::Native => self.native_subs -= 1,
-            Proto::Yjs => self.yjs_subs -= 1,
-        }
         if sub.awareness_ids.is_empty() {
             return;
         }

@@ -7,9 +7,8 @@ use super::upgrade::{NotUpgrade, WsUpgrade};
 use crate::auth::Access;
 use crate::connection::native::NativeSession;
 use crate::connection::yjs::YjsSession;
-use crate::connection::{self, ConnContext};
+use crate::connection::{self, ConnContext, wires};
 use crate::doc::DocError;
-use crate::doc::outbox::Proto;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -41,7 +40,7 @@ pub(super) async fn native_ws(
     // Upgraded sockets outlive the HTTP request: they are tracked by the node, not by axum.
     let tracker = ctx.tracker.clone();
     let resp = ws.on_upgrade(&tracker, move |socket| {
-        let outbox = ctx.new_outbox(Proto::Native);
+        let outbox = ctx.new_outbox(&wires::NATIVE);
         let session = NativeSession::new(ctx.clone(), outbox.clone(), principal);
         let run = connection::run(socket, ctx, slot, outbox, session);
         async move {
@@ -84,7 +83,7 @@ pub(super) async fn yjs_ws(
         async move {
             // The socket counts against its address for as long as this task runs.
             let _ip = ip;
-            let outbox = ctx.new_outbox(Proto::Yjs);
+            let outbox = ctx.new_outbox(&wires::Y_WEBSOCKET);
             let conn = outbox.conn;
             match ctx
                 .registry

@@ -3,11 +3,10 @@
 //! from its bytes.
 
 use super::{Owner, recover, refuse};
-use crate::doc::outbox::Proto;
+use crate::doc::wire::Join;
 use crate::doc::{Command, DocError};
 use bytes::Bytes;
 use chorus_protocol::Position;
-use chorus_protocol::y_websocket as yws;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
@@ -93,8 +92,8 @@ impl Owner {
         let position = self.position();
         let mut waiting: Vec<Command> = Vec::new();
         let mut blocked: HashSet<u64> = HashSet::new();
-        // y-websocket joins answered early still owe their sync step 1 (our state vector).
-        let mut step1_owed: Vec<u64> = Vec::new();
+        // Joins that offer our state vector (`Join::Offer`) owe the offer until there is one.
+        let mut offer_owed: Vec<u64> = Vec::new();
         let integrated = loop {
             tokio::select! {
                 done = &mut integrate => break done,
@@ -104,7 +103,7 @@ impl Owner {
                         waiting.push(cmd);
                         continue;
                     }
-                    if let Some(cmd) = self.answer_from_state(cmd, &state, position, &mut step1_owed) {
+                    if let Some(cmd) = self.answer_from_state(cmd, &state, position, &mut offer_owed) {
                         blocked.extend(conn);
                         waiting.push(cmd);
                     }
@@ -125,12 +124,14 @@ impl Owner {
             }
             return Err(e);
         }
-        if !step1_owed.is_empty() {
-            let sv = self.awareness.doc().transact().state_vector();
-            let frame = Bytes::from(yws::sync_step1(&sv.encode_v1()));
-            for conn in step1_owed {
-                if let Some(sub) = self.subs.get(&conn) {
-                    sub.outbox.push_frame(&self.doc, frame.clone());
+        if !offer_owed.is_empty() {
+            // One state vector for every join that waited for it.
+            let sv = self.awareness.doc().transact().state_vector().encode_v1();
+            for conn in offer_owed {
+                if let Some(sub) = self.subs.get(&conn)
+                    && let Join::Offer(offer) = sub.outbox.wire.join()
+                {
+                    sub.outbox.push_frame(&self.doc, offer(&self.doc, &sv));
                 }
             }
         }
@@ -147,7 +148,7 @@ impl Owner {
         cmd: Command,
         state: &Bytes,
         position: Position,
-        step1_owed: &mut Vec<u64>,
+        offer_owed: &mut Vec<u64>,
     ) -> Option<Command> {
         let answered = || {
             metrics::counter!(crate::metrics::names::ANSWERED_WHILE_LOADING).increment(1);
@@ -159,29 +160,30 @@ impl Owner {
             {
                 let _ = reply.send(Ok(()));
                 let conn = sub.conn;
-                let proto = sub.outbox.proto;
+                let wire = sub.outbox.wire;
                 self.add_sub(sub);
-                let outbox = &self.subs[&conn].outbox;
-                match proto {
-                    Proto::Native => {
+                match wire.join() {
+                    Join::Answer => {
                         answered();
-                        outbox.push_synced(&self.doc, self.whole_answer(proto), position)
+                        let frame = self.whole_answer(wire);
+                        self.subs[&conn]
+                            .outbox
+                            .push_synced(&self.doc, frame, position)
                     }
-                    // A y-websocket client asks with its own step 1; ours follows once we have
-                    // a state vector.
-                    Proto::Yjs => step1_owed.push(conn),
+                    // The client asks with its own state vector (answered below); our offer
+                    // follows once we have a state vector.
+                    Join::Offer(_) => offer_owed.push(conn),
                 }
                 self.send_awareness_snapshot(conn);
                 None
             }
-            Command::SyncStep1 { conn, state_vector }
+            Command::Diff { conn, state_vector }
                 if state_vector.is_empty() && self.subs.contains_key(&conn) =>
             {
                 answered();
-                let frame = self.whole_answer(Proto::Yjs);
-                self.subs[&conn]
-                    .outbox
-                    .push_synced(&self.doc, frame, position);
+                let outbox = &self.subs[&conn].outbox;
+                let frame = self.whole_answer(outbox.wire);
+                outbox.push_synced(&self.doc, frame, position);
                 None
             }
             Command::State { reply } => {

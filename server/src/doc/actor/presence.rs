@@ -3,7 +3,7 @@
 
 use super::Owner;
 use crate::backplane::now_ms;
-use crate::doc::outbox::{Proto, awareness_frame};
+use crate::doc::wire::MAX_WIRES;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -34,9 +34,10 @@ impl Owner {
             return;
         }
         let raw = update.encode_v1();
-        let frame = awareness_frame(sub.outbox.proto, &self.doc, &raw);
-        sub.outbox
-            .push_awareness(&self.doc, frame, Bytes::from(raw));
+        if let Some(frame) = sub.outbox.wire.awareness(&self.doc, &raw) {
+            sub.outbox
+                .push_awareness(&self.doc, frame, Bytes::from(raw));
+        }
     }
 
     /// yrs keeps a removed client's clock forever (a tombstone, so that a late copy of its
@@ -118,21 +119,14 @@ impl Owner {
                 .refused_awareness
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(doc = %self.doc, conn, foreign, "awareness update refused");
-            if sub.outbox.proto == Proto::Native {
-                let message = if foreign {
-                    "the awareness update touches a client id another connection introduced"
-                } else {
-                    "this socket already introduced the most awareness client ids allowed"
-                };
-                let frame = chorus_protocol::ServerFrame::Error {
-                    code: chorus_protocol::ErrorCode::AwarenessNotOwned,
-                    message: message.into(),
-                    doc: Some(self.doc.as_str().to_owned()),
-                    seq: None,
-                };
-                if let Ok(bytes) = frame.encode() {
-                    sub.outbox.push_control(Bytes::from(bytes));
-                }
+            let message = if foreign {
+                "the awareness update touches a client id another connection introduced"
+            } else {
+                "this socket already introduced the most awareness client ids allowed"
+            };
+            let code = chorus_protocol::ErrorCode::AwarenessNotOwned;
+            if let Some(frame) = sub.outbox.wire.error(&self.doc, code, message) {
+                sub.outbox.push_control(frame);
             }
             return;
         }
@@ -166,19 +160,18 @@ impl Owner {
 
     pub(super) fn broadcast_awareness(&self, except: Option<u64>, raw: &[u8]) {
         let raw = Bytes::copy_from_slice(raw);
-        let native =
-            (self.native_subs > 0).then(|| awareness_frame(Proto::Native, &self.doc, &raw));
-        let yjs = (self.yjs_subs > 0).then(|| awareness_frame(Proto::Yjs, &self.doc, &raw));
+        // Once per wire in use, shared by its recipients (`None` inside: a wire without
+        // presence).
+        let mut frames: [Option<Option<Bytes>>; MAX_WIRES] = Default::default();
         for (conn, sub) in &self.subs {
             if Some(*conn) == except {
                 continue;
             }
-            let frame = match sub.outbox.proto {
-                Proto::Native => native.clone(),
-                Proto::Yjs => yjs.clone(),
-            };
+            let frame = frames[sub.outbox.wire_id().index()]
+                .get_or_insert_with(|| sub.outbox.wire.awareness(&self.doc, &raw));
             if let Some(frame) = frame {
-                sub.outbox.push_awareness(&self.doc, frame, raw.clone());
+                sub.outbox
+                    .push_awareness(&self.doc, frame.clone(), raw.clone());
             }
         }
     }

@@ -3,10 +3,9 @@
 
 use super::Owner;
 use crate::doc::SyncFrom;
-use crate::doc::outbox::Proto;
+use crate::doc::wire::{Answer, Wire};
 use bytes::Bytes;
-use chorus_protocol::y_websocket as yws;
-use chorus_protocol::{Position, encode};
+use chorus_protocol::Position;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
@@ -16,9 +15,9 @@ const LARGE_REPLAY: usize = 64 * 1024;
 impl Owner {
     /// Brings one subscriber up to the current position: exact replay when its position is
     /// still in memory, otherwise a diff against its state vector (or the whole document).
-    /// Always with content, for either protocol: a catch-up that only offered our state vector
-    /// would leave a stock y-websocket client, which has already sent its own step 1, without
-    /// the document.
+    /// Always with content, whatever the wire's join: a catch-up that only offered our state
+    /// vector would leave a stock y-websocket client, which has already sent its own step 1,
+    /// without the document.
     pub(super) fn send_sync(&self, conn: u64, from: &SyncFrom) {
         let Some(sub) = self.subs.get(&conn) else {
             return;
@@ -27,33 +26,45 @@ impl Owner {
         let wants_all = from.state_vector.as_ref().is_none_or(|sv| sv.is_empty());
         let replay = from.position.and_then(|p| self.replay_after(p));
         if replay.is_none() && wants_all {
-            let frame = self.whole_answer(sub.outbox.proto);
+            let frame = self.whole_answer(sub.outbox.wire);
             sub.outbox.push_synced(&self.doc, frame, position);
             return;
         }
         let state_diff = || self.encode_diff(&from.state_vector.clone().unwrap_or_default());
-        let (update, replay) = match replay {
-            Some(update) if update.len() <= LARGE_REPLAY => (update, true),
+        let (update, answer) = match replay {
+            Some(update) if update.len() <= LARGE_REPLAY => (update, Answer::Replay),
             Some(update) => {
                 // A long replay can be far larger than the state it leads to (a value
                 // overwritten many times): send whichever is smaller. Both bring the client
                 // to `position`; the state is a superset of what it had.
                 let state = state_diff();
                 if state.len() < update.len() {
-                    (state, false)
+                    (state, Answer::State)
                 } else {
-                    (update, true)
+                    (update, Answer::Replay)
                 }
             }
-            None => (state_diff(), false),
+            None => (state_diff(), Answer::State),
         };
-        let frame = match sub.outbox.proto {
-            Proto::Native => {
-                Bytes::from(encode::synced(self.doc.as_str(), &update, position, replay))
-            }
-            Proto::Yjs => Bytes::from(yws::sync_step2(&update)),
-        };
+        let frame = sub.outbox.wire.synced(&self.doc, &update, position, answer);
         sub.outbox.push_synced(&self.doc, frame, position);
+    }
+
+    /// Answers a client that sent its state vector and waits for what it lacks (see
+    /// [`crate::doc::wire::Join::Offer`]); an empty state vector gets the cached whole answer.
+    pub(super) fn send_diff(&self, conn: u64, state_vector: &StateVector) {
+        let Some(sub) = self.subs.get(&conn) else {
+            return;
+        };
+        let frame = if state_vector.is_empty() {
+            self.whole_answer(sub.outbox.wire)
+        } else {
+            let diff = self.encode_against(state_vector);
+            sub.outbox
+                .wire
+                .synced(&self.doc, &diff, self.position(), Answer::State)
+        };
+        sub.outbox.push_synced(&self.doc, frame, self.position());
     }
 
     /// The entries after `p`, merged, if `p` is a position we can replay from exactly.
@@ -91,24 +102,18 @@ impl Owner {
         })
     }
 
-    /// The whole document framed for `proto` at the current position (cached: see
+    /// The whole document framed for `wire` at the current position (cached: see
     /// `Owner::whole_answers`).
-    pub(super) fn whole_answer(&self, proto: Proto) -> Bytes {
+    pub(super) fn whole_answer(&self, wire: &dyn Wire) -> Bytes {
         let position = self.position();
-        let slot = match proto {
-            Proto::Native => 0,
-            Proto::Yjs => 1,
-        };
+        let slot = wire.id().index();
         if let Some((at, frame)) = &self.whole_answers.borrow()[slot]
             && *at == position
         {
             return frame.clone();
         }
         let state = self.encode_whole();
-        let frame = Bytes::from(match proto {
-            Proto::Native => encode::synced(self.doc.as_str(), &state, position, false),
-            Proto::Yjs => yws::sync_step2(&state),
-        });
+        let frame = wire.synced(&self.doc, &state, position, Answer::State);
         self.whole_answers.borrow_mut()[slot] = Some((position, frame.clone()));
         frame
     }
@@ -117,7 +122,7 @@ impl Owner {
     /// drop them.
     pub(super) fn forget_encoded(&mut self) {
         *self.full_state.get_mut() = None;
-        *self.whole_answers.get_mut() = [None, None];
+        *self.whole_answers.get_mut() = Default::default();
     }
 
     /// The whole document, from the cache when it is still at the current position.
