@@ -37,6 +37,8 @@ use yrs::{GetString, ReadTxn, Text, Transact, Update};
 
 #[path = "loadgen/join.rs"]
 mod join;
+#[path = "loadgen/rawjoin.rs"]
+mod rawjoin;
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -188,6 +190,16 @@ impl Target {
         Message::Binary(out.into())
     }
 
+    /// Hocuspocus's token message (Auth 2 / Token 0), its clients' first; sync step 1 follows
+    /// once authenticated.
+    fn auth(&self, doc: &str) -> Message {
+        let mut out = self.prefix(doc);
+        put_var(&mut out, 2);
+        put_var(&mut out, 0);
+        put_bytes(&mut out, b"bench");
+        Message::Binary(out.into())
+    }
+
     /// Where to connect for `doc`.
     async fn ws_url(&self, doc: &str) -> anyhow::Result<String> {
         Ok(match self.proto {
@@ -218,14 +230,7 @@ impl Target {
                 }))
                 .await?
             }
-            Proto::Hocuspocus => {
-                // Token message first (Auth 2 / Token 0); sync step 1 once authenticated.
-                let mut out = self.prefix(doc);
-                put_var(&mut out, 2);
-                put_var(&mut out, 0);
-                put_bytes(&mut out, b"bench");
-                ws.send(Message::Binary(out.into())).await?;
-            }
+            Proto::Hocuspocus => ws.send(self.auth(doc)).await?,
             Proto::Yws | Proto::Ysweet => ws.send(self.sync(doc, 0, &[0])).await?,
         }
         Ok(ws)

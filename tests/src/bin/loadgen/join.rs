@@ -11,7 +11,7 @@
 //! has received the whole document's bytes. Memory is the growth of the peak (VmHWM) over the
 //! RSS before the storm.
 
-use super::{Args, Got, Proc, Target, emit, upper_clocks};
+use super::{Args, Got, Proc, Target, emit, rawjoin, upper_clocks};
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
@@ -106,39 +106,6 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// One joiner: connects, syncs, and returns the time from `t0` until it had `bytes` bytes of
-/// document content (and that content, when `keep`, for the check after the storm).
-async fn joiner(
-    target: Arc<Target>,
-    doc: String,
-    ip: u8,
-    t0: Instant,
-    bytes: usize,
-    keep: bool,
-) -> anyhow::Result<(Duration, Vec<Vec<u8>>, super::Ws)> {
-    let mut ws = target.open(&doc, ip).await?;
-    let mut scratch = Vec::new();
-    let (mut have, mut parts) = (0usize, Vec::new());
-    loop {
-        let msg = ws
-            .next()
-            .await
-            .context("closed before the whole document")??;
-        let Message::Binary(b) = msg else { continue };
-        let got = target.parse(&b, &mut scratch);
-        if let Got::Update(u) | Got::Synced(u) = &got {
-            have += u.len();
-            if keep {
-                parts.push(u.to_vec());
-            }
-        }
-        target.answer(&mut ws, &doc, &got).await?;
-        if have >= bytes {
-            return Ok((t0.elapsed(), parts, ws));
-        }
-    }
-}
-
 pub async fn join(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result<()> {
     let mb = a.n("mb", 20.0) as usize;
     let clients = a.n("clients", 150.0) as usize;
@@ -156,6 +123,7 @@ pub async fn join(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result
     // Peak RSS from here on: the seeding's own peak must not count as the storm's.
     let reset = std::fs::write(format!("/proc/{}/clear_refs", server.pid), "5").is_ok();
     let rss0 = server.rss_kb();
+    let cpu0 = server.cpu();
     // The whole document's bytes, less what encoders may legitimately differ by (item
     // boundaries: a few bytes per insert).
     let want = doc_bytes - doc_bytes / 100;
@@ -165,18 +133,19 @@ pub async fn join(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result
             let (target, doc) = (target.clone(), doc.clone());
             let ip = 10 + (i % 200) as u8;
             tokio::spawn(async move {
-                tokio::time::timeout(deadline, joiner(target, doc, ip, t0, want, i == 0)).await
+                let joined = rawjoin::join(&target, &doc, ip, t0, want, i == 0);
+                tokio::time::timeout(deadline, joined).await
             })
         })
         .collect();
     let (mut times, mut failed, mut sockets, mut first) = (Vec::new(), 0, Vec::new(), None);
     for t in tasks {
         match t.await {
-            Ok(Ok(Ok((took, parts, ws)))) => {
-                times.push(took.as_millis() as u32);
-                sockets.push(ws);
-                if !parts.is_empty() {
-                    first = Some(parts);
+            Ok(Ok(Ok(joined))) => {
+                times.push(joined.took.as_millis() as u32);
+                sockets.push(joined.stream);
+                if !joined.kept.is_empty() {
+                    first = Some(joined.kept);
                 }
             }
             Ok(Ok(Err(e))) => {
@@ -187,10 +156,12 @@ pub async fn join(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result
         }
     }
     let hwm = status_kb(server.pid, "VmHWM:");
+    let server_cpu_s = server.cpu() - cpu0;
     drop(sockets);
     drain.abort();
     // The first joiner's content must really be the document, not just as many bytes.
     let whole = first
+        .map(|messages| content(&target, &messages))
         .and_then(|p| yrs::merge_updates_v1(p.iter().map(Vec::as_slice)).ok())
         .and_then(|u| Update::decode_v1(&u).ok())
         .is_some_and(|u| {
@@ -207,9 +178,22 @@ pub async fn join(target: Arc<Target>, a: &Args, server: Proc) -> anyhow::Result
         reset,
         rss0,
         hwm,
+        server_cpu_s,
     };
     storm.report(&out, &label);
     Ok(())
+}
+
+/// The updates in whole protocol messages.
+fn content(target: &Target, messages: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut scratch = Vec::new();
+    messages
+        .iter()
+        .filter_map(|m| match target.parse(m, &mut scratch) {
+            Got::Update(u) | Got::Synced(u) => Some(u.to_vec()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What one storm measured.
@@ -225,6 +209,8 @@ struct Storm {
     reset: bool,
     rss0: u64,
     hwm: u64,
+    /// Server CPU (user + system) from the first connect until the last joiner was done.
+    server_cpu_s: f64,
 }
 
 impl Storm {
@@ -241,11 +227,12 @@ impl Storm {
         println!(
             "{label}: {clients} joiners, {doc_bytes} B document: p50 {:?} ms, p99 {:?} ms, max \
              {:?} ms, {failed} failed, whole={whole}; RSS {} MB before, peak +{growth_mb:.0} MB \
-             ({growth_x:.2}× the document){}",
+             ({growth_x:.2}× the document), server CPU {:.2} s{}",
             at(0.5),
             at(0.99),
             at(1.0),
             self.rss0 / 1024,
+            self.server_cpu_s,
             if self.reset {
                 ""
             } else {
@@ -258,7 +245,7 @@ impl Storm {
                 "scenario": "join", "server": label, "joiners": clients, "doc_bytes": doc_bytes,
                 "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0), "failed": failed,
                 "whole": whole, "peak_reset": self.reset, "rss_before_kb": self.rss0,
-                "hwm_kb": self.hwm, "rss_growth_mb": growth_mb, "growth_per_doc": growth_x,
+                "hwm_kb": self.hwm, "rss_growth_mb": growth_mb, "server_cpu_s": self.server_cpu_s, "growth_per_doc": growth_x,
             }),
         );
     }
