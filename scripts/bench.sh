@@ -15,14 +15,15 @@
 # differ in how updates are written and fanned out, which neither scenario exercises.
 # A/B against earlier builds in the same run: put their binaries at bench-peers/builds/LABEL/chorus
 # and add chorus@LABEL to SERVERS (served like `chorus`, on /y).
-# Knobs (environment): REPS, SCENARIOS (floor fanout s1 s2 s3 s4 s5), SERVERS, S1_DOCS, S1_STEPS,
-# S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, MEASURE, WARMUP.
+# The join storm (join) runs against `chorus` and the peers only, after its own floor row.
+# Knobs (environment): REPS, SCENARIOS (floor fanout s1 s2 s3 s4 s5 join), SERVERS, S1_DOCS,
+# S1_STEPS, S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, JOIN_MB, JOIN_CLIENTS, MEASURE, WARMUP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PEERS=$ROOT/bench-peers
 REPS=${REPS:-3}
-SCENARIOS=${SCENARIOS:-"floor fanout s1 s2 s3 s4 s5"}
+SCENARIOS=${SCENARIOS:-"floor fanout s1 s2 s3 s4 s5 join"}
 SERVERS=${SERVERS:-"chorus chorus-native chorus-redis chorus-flush30 ywebsocket hocuspocus ysweet"}
 S1_DOCS=${S1_DOCS:-200}
 S1_STEPS=${S1_STEPS:-"1,2,3,4,6,8,12,16"}
@@ -34,6 +35,9 @@ S3_OPS=${S3_OPS:-259778}
 S3_COPIES=${S3_COPIES:-100}
 # A server that has not delivered the trace's last edit by then is recorded as unfinished.
 S3_DEADLINE=${S3_DEADLINE:-180}
+# Join storm: JOIN_CLIENTS stock clients join a document of about JOIN_MB MB at once.
+JOIN_MB=${JOIN_MB:-20}
+JOIN_CLIENTS=${JOIN_CLIENTS:-150}
 MEASURE=${MEASURE:-6}
 WARMUP=${WARMUP:-2}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -196,6 +200,12 @@ for rep in $(seq "$REPS"); do
     taskset -c "$SERVER_CPU" "$ROOT/target/release/bench_send_floor" --reader-cpu "$GEN_CPU" \
       | tee -a "$RUN/floor.txt" | sed -n 's/^RESULT //p' >>"$RESULTS"
   fi
+  if [[ " $SCENARIOS " == *" join "* ]]; then
+    say "[$rep/$REPS] join floor: ${JOIN_MB} MB by plain writes to each of $JOIN_CLIENTS loopback sockets"
+    taskset -c "$SERVER_CPU" "$ROOT/target/release/bench_send_floor" --reader-cpu "$GEN_CPU" \
+      --join $((JOIN_MB * 1000000)) --readers "$JOIN_CLIENTS" \
+      | tee -a "$RUN/floor.txt" | sed -n 's/^RESULT //p' >>"$RESULTS"
+  fi
   for s in $SERVERS; do
     if [[ " $SCENARIOS " == *" fanout "* ]]; then
       say "[$rep/$REPS] $s: fan-out efficiency (1 doc, 50 readers, 2 writers × 50 updates/s)"
@@ -243,6 +253,13 @@ for rep in $(seq "$REPS"); do
       fi
       start "$s" 1
       gen --scenario load --label "$s" --doc "${big}r$rep" --file "$BIG" --quiet-ms 45000 || true
+      stop
+    fi
+    if [[ " $SCENARIOS " == *" join "* ]] && [ "$variant" = 0 ]; then
+      say "[$rep/$REPS] $s: join storm ($JOIN_CLIENTS clients join a ${JOIN_MB} MB document at once)"
+      # A fresh process: the storm's peak RSS is measured against what it held before.
+      start "$s"
+      gen --scenario join --label "$s" --doc "j$rep" --mb "$JOIN_MB" --clients "$JOIN_CLIENTS" || true
       stop
     fi
   done

@@ -49,6 +49,46 @@ def ratio(chorus, peer, higher_better):
     return f"{r:.1f}×"
 
 
+def join_table(L, by, servers, reps):
+    """The join storm: each server's time to the whole document and peak memory, against the
+    floor (plain writes of as many bytes to as many sockets) measured in the same run."""
+    rows = {s: by.get(("join", s), []) for s in servers}
+    if not any(rows.values()):
+        return
+    floor = by.get(("join-floor", "floor"), [])
+    floor_ms, _ = med(floor, "all_ms")
+    first = next(r for rs in rows.values() for r in rs)
+    mb = first.get("doc_bytes", 0) / 1e6
+    L.append(f"### Join storm ({first.get('joiners', '?')} stock clients join a {mb:.1f} MB document at once)")
+    L.append("")
+    L.append("Each client sends sync step 1 with an empty state vector and is timed until it has "
+             "received the whole document. Growth is the server's peak RSS (VmHWM, reset just "
+             "before the storm) over its RSS before it. The floor is the time plain blocking "
+             "writes take to push the same bytes to the same number of loopback sockets "
+             "(bench_send_floor --join, readers in another process on the generator's core).")
+    L.append("")
+    L.append("| server | p50 ms | max ms | failed | RSS growth MB | growth ÷ document | p50 ÷ floor |")
+    L.append("|---|---|---|---|---|---|---|")
+    if floor:
+        p50, _ = med(floor, "p50_ms")
+        L.append(f"| floor: plain writes (every reader done / median reader) | {fmt(p50, 0)} | "
+                 f"{fmt(floor_ms, 0)} | — | — | — | (denominator) |")
+    for s in servers:
+        rs = rows.get(s)
+        if not rs:
+            continue
+        p50, n = med(rs, "p50_ms")
+        mx, _ = med(rs, "max_ms")
+        failed, _ = med(rs, "failed")
+        growth, _ = med(rs, "rss_growth_mb")
+        per_doc, _ = med(rs, "growth_per_doc")
+        vs_floor = f"{p50 / floor_ms:.2f}" if p50 is not None and floor_ms else "—"
+        note = "" if n in (0, reps) or reps == 0 else f" (n={n})"
+        L.append(f"| {NAMES[s]} | {fmt(p50, 0)}{note} | {fmt(mx, 0)} | {fmt(failed, 0)} | "
+                 f"{fmt(growth, 0)} | {fmt(per_doc, 2)} | {vs_floor} |")
+    L.append("")
+
+
 def main():
     run, out = sys.argv[1], sys.argv[2]
     rows = [json.loads(l) for l in open(os.path.join(run, "results.jsonl")) if l.strip()]
@@ -69,7 +109,7 @@ def main():
     order = list(NAMES)
     order.sort(key=lambda s: (0 if s == "chorus" else 1 if s.startswith("chorus@") else 2))
     servers = [s for s in order if any(k[1] == s for k in by)]
-    reps = max((len(v) for (sc, _), v in by.items() if sc in ("s1", "fanout")), default=0)
+    reps = max((len(v) for (sc, _), v in by.items() if sc in ("s1", "fanout", "join")), default=0)
 
     L = [START, ""]
     L.append(f"Run `{os.path.basename(run)}` — {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
@@ -200,6 +240,8 @@ def main():
         ], "A fresh client syncs the document right after the server restarted; 'characters received' "
            "shows whether the server persisted it (0 = it did not survive the restart); ratios are "
            "given only against servers that gave back the whole document.")
+
+    join_table(L, by, servers, reps)
 
     for name, title in (("s4.txt", "S4 slow readers (Chorus, bench_slow_readers)"), ("s5.txt", "S5 two nodes over Redis (Chorus, bench_redis)")):
         p = os.path.join(run, name)

@@ -492,3 +492,87 @@ async fn with_a_flush_interval_updates_share_writes_and_none_is_held_back() {
     );
     server.stop().await;
 }
+
+/// yhub#55: a joiner whose whole-document answer takes longer than the heartbeat still gets
+/// pings while the answer is written (between its fragments), so it can answer them and the
+/// silence check never closes it mid-answer. The joiner reads nothing until a second client
+/// has been pinged: by then the sweep has queued a ping for the joiner too, while its answer
+/// (far larger than the loopback buffers) is stuck mid-way.
+#[tokio::test]
+async fn a_joiner_gets_pings_between_the_fragments_of_its_long_answer() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const DOC_MB: usize = 16;
+    let server = TestServer::start(|c| {
+        c.ping_interval = Duration::from_millis(300);
+        c.ping_timeout = Duration::from_secs(60);
+        c.slow_client_timeout = Duration::from_secs(60);
+        c.max_update_bytes = 64 << 20;
+        c.max_message_bytes = 64 << 20;
+        c.max_api_requests_per_second = 1_000;
+    })
+    .await;
+    let doc = yrs::Doc::new();
+    let text = doc.get_or_insert_text("t");
+    let chunk = "abcdefghij".repeat(100_000);
+    for _ in 0..DOC_MB {
+        let mut txn = doc.transact_mut();
+        let at = yrs::Text::len(&text, &txn);
+        yrs::Text::insert(&text, &mut txn, at, &chunk);
+    }
+    let update = doc
+        .transact()
+        .encode_state_as_update_v1(&yrs::StateVector::default());
+    let posted = http::post(server.addr, "/v1/docs/huge/updates", &update)
+        .await
+        .expect("post");
+    assert_eq!(posted.status, 200, "seeded");
+
+    let joiner_url = format!("{}/huge", server.yjs_base());
+    // A small receive window, so the loopback buffers hold only a few MB of the answer.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
+    let (mut joiner, _) =
+        tokio_tungstenite::client_async_with_config(&joiner_url, stream, Some(config))
+            .await
+            .expect("joiner handshake");
+    // Sync step 1 with an empty state vector: the whole document, please.
+    joiner
+        .send(Message::Binary(vec![0, 0, 1, 0].into()))
+        .await
+        .expect("step 1");
+    let (mut witness, _) = tokio_tungstenite::connect_async(format!("{}/other", server.yjs_base()))
+        .await
+        .expect("witness");
+    tokio::time::timeout(DEADLINE, async {
+        while !matches!(witness.next().await, Some(Ok(Message::Ping(_)))) {}
+    })
+    .await
+    .expect("the witness was pinged");
+
+    let mut pinged = false;
+    let answer = tokio::time::timeout(DEADLINE * 4, async {
+        loop {
+            match joiner.next().await {
+                Some(Ok(Message::Ping(_))) => pinged = true,
+                Some(Ok(Message::Binary(b))) if b.starts_with(&[0, 1]) => return b.len(),
+                Some(Ok(_)) => {}
+                other => panic!("joiner closed before its answer: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the answer arrived");
+    assert!(
+        answer >= update.len(),
+        "the whole document came ({answer} B)"
+    );
+    assert!(
+        pinged,
+        "a ping reached the joiner before its answer was complete"
+    );
+}

@@ -610,8 +610,8 @@ async fn write_loop(
             _ = &mut shutdown_cancelled => {
                 // Drain: flush what is already waiting (bounded), then say "going away".
                 let drained = outbox.drain();
-                let chunks = socket::frame_all(drained.raw, drained.frames);
-                let _ = Box::pin(socket.write_all(chunks, Duration::from_secs(2))).await;
+                let runs = socket::frame_all(drained.raw, drained.frames);
+                let _ = Box::pin(socket.write_runs(runs, Duration::from_secs(2), Vec::new)).await;
                 outbox.finish_write();
                 break Some(CloseCode::GoingAway);
             }
@@ -673,9 +673,11 @@ async fn write_drained(
     hot.frames_out.increment(n);
     hot.bytes_out
         .increment(drained.frames.iter().map(|f| f.len() as u64).sum());
-    let chunks = socket::frame_all(drained.raw, drained.frames);
+    let runs = socket::frame_all(drained.raw, drained.frames);
+    // Pings and pongs that come up while a long answer is written go between its fragments.
+    let controls = || outbox.take_raw_while(socket::is_ping_or_pong);
     let wrote = socket
-        .write_all(chunks, ctx.config.slow_client_timeout)
+        .write_runs(runs, ctx.config.slow_client_timeout, controls)
         .await;
     outbox.finish_write();
     (wrote, close)

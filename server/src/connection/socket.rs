@@ -11,6 +11,13 @@
 //! nothing else is queued for the socket ([`DirectSocket`]). Writing frames is small and
 //! carries no parsing of hostile input.
 //!
+//! A payload larger than [`FRAGMENT`] (a whole-document answer, say) is never written
+//! directly: the connection's writer sends it as a fragmented message, one run of header and
+//! slice per fragment, and pings and pongs that come up meanwhile go between fragments (control
+//! frames may interleave a fragmented message). So a joiner whose 20 MB answer takes longer than
+//! the heartbeat timeout still gets pings and can answer them, and the silence check sees its
+//! pongs instead of closing it mid-answer.
+//!
 //! Reading stays with tungstenite: it parses what the client sends (masking, fragmentation,
 //! control frames, size limits), which is where a hand-written parser would be a risk. It runs
 //! over the socket's non-blocking reads; what it wants to send itself (a pong, the reply to a
@@ -25,14 +32,26 @@ use tokio::net::TcpStream;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 /// Opcodes of the frames we write.
+pub const CONTINUATION: u8 = 0x0;
 pub const BINARY: u8 = 0x2;
 pub const CLOSE: u8 = 0x8;
 pub const PING: u8 = 0x9;
+pub const PONG: u8 = 0xA;
+
+/// Payloads larger than this go out as fragments of this size. 1 MiB: a fragment takes about a
+/// second on a 10 Mbit/s link, so a ping waits at most that long behind it; per fragment the
+/// writer pays one header and one check for pings, nothing per byte.
+pub const FRAGMENT: usize = 1 << 20;
 
 /// A frame header: FIN set, no mask, the payload length in the shortest form.
 pub fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    fragment_header(opcode, true, len)
+}
+
+/// A frame header with FIN as given (a fragment of a longer message has it only on the last).
+fn fragment_header(opcode: u8, fin: bool, len: usize) -> ([u8; 10], usize) {
     let mut h = [0u8; 10];
-    h[0] = 0x80 | opcode;
+    h[0] = if fin { 0x80 } else { 0 } | opcode;
     match len {
         0..=125 => {
             h[1] = len as u8;
@@ -120,6 +139,39 @@ impl Socket {
         }
     }
 
+    /// Writes `runs` in order, waiting for the socket as needed; between two runs, writes the
+    /// frames `between` hands out first (pings and pongs that came up while a long message
+    /// was being written). Gives up like [`Socket::write_all`].
+    pub async fn write_runs(
+        &self,
+        runs: Vec<Vec<Bytes>>,
+        stall: Duration,
+        mut between: impl FnMut() -> Vec<Bytes>,
+    ) -> Wrote {
+        let mut runs = runs.into_iter();
+        while let Some(run) = runs.next() {
+            let wrote = match self.write_all(run, stall).await {
+                Wrote::Ok if runs.len() > 0 => {
+                    let controls = between();
+                    if controls.is_empty() {
+                        continue;
+                    }
+                    self.write_all(controls, stall).await
+                }
+                wrote => wrote,
+            };
+            match wrote {
+                Wrote::Ok => {}
+                Wrote::Failed => return Wrote::Failed,
+                Wrote::Stalled(mut rest) => {
+                    rest.extend(runs.flatten());
+                    return Wrote::Stalled(rest);
+                }
+            }
+        }
+        Wrote::Ok
+    }
+
     /// Half-closes the stream after our close frame: the peer reads the frame and then the end.
     pub fn shutdown_write(&self) {
         let _ = socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Write);
@@ -138,6 +190,9 @@ pub enum Wrote {
 
 impl DirectSocket for Socket {
     fn try_send(&self, payload: &Bytes) -> Sent {
+        if payload.len() > FRAGMENT {
+            return Sent::Later;
+        }
         let (h, n) = header(BINARY, payload.len());
         let slices = [IoSlice::new(&h[..n]), IoSlice::new(payload)];
         match self.tcp.try_write_vectored(&slices) {
@@ -163,16 +218,48 @@ impl DirectSocket for Socket {
     }
 }
 
-/// The frames a writer sends for drained payloads: header and shared payload, no copy of it.
-pub fn frame_all(raw: Vec<Bytes>, payloads: Vec<Bytes>) -> Vec<Bytes> {
-    let mut chunks = raw;
-    chunks.reserve(payloads.len() * 2);
+/// The frames a writer sends for drained payloads, as runs that [`Socket::write_runs`] may
+/// put pings between: header and shared payload, no copy of it; a payload over [`FRAGMENT`]
+/// becomes one run per fragment (slices of the same bytes), smaller frames share a run.
+pub fn frame_all(raw: Vec<Bytes>, payloads: Vec<Bytes>) -> Vec<Vec<Bytes>> {
+    let mut runs = Vec::new();
+    let mut run = raw;
+    run.reserve(payloads.len() * 2);
     for p in payloads {
-        let (h, n) = header(BINARY, p.len());
-        chunks.push(Bytes::copy_from_slice(&h[..n]));
-        chunks.push(p);
+        if p.len() <= FRAGMENT {
+            let (h, n) = header(BINARY, p.len());
+            run.push(Bytes::copy_from_slice(&h[..n]));
+            run.push(p);
+            continue;
+        }
+        let mut at = 0;
+        while at < p.len() {
+            let end = (at + FRAGMENT).min(p.len());
+            let opcode = if at == 0 { BINARY } else { CONTINUATION };
+            let (h, n) = fragment_header(opcode, end == p.len(), end - at);
+            run.push(Bytes::copy_from_slice(&h[..n]));
+            run.push(p.slice(at..end));
+            runs.push(std::mem::take(&mut run));
+            at = end;
+        }
     }
-    chunks
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
+/// Whether `raw` is exactly one ping or pong frame of ours (unmasked), the frames that may go
+/// between the fragments of a message. A close reply may not: nothing follows a close.
+pub fn is_ping_or_pong(raw: &Bytes) -> bool {
+    match raw.as_ref() {
+        [b0, b1, rest @ ..] => {
+            (*b0 == 0x80 | PING || *b0 == 0x80 | PONG)
+                && *b1 <= 125
+                && rest.len() == usize::from(*b1)
+        }
+        _ => false,
+    }
 }
 
 /// What the reader got from the socket.
@@ -274,6 +361,67 @@ mod tests {
             u64::from_be_bytes(h[2..10].try_into().expect("eight bytes")),
             70_000
         );
+    }
+
+    /// Parses every frame of `runs` (concatenated): (opcode, fin, payload) each.
+    fn parse_frames(runs: &[Vec<Bytes>]) -> Vec<(u8, bool, Vec<u8>)> {
+        use tungstenite::protocol::frame::FrameHeader;
+        let bytes: Vec<u8> = runs.iter().flatten().flat_map(|c| c.to_vec()).collect();
+        let mut cursor = io::Cursor::new(&bytes[..]);
+        let mut frames = Vec::new();
+        while (cursor.position() as usize) < bytes.len() {
+            let (head, len) = FrameHeader::parse(&mut cursor)
+                .expect("parses")
+                .expect("whole header");
+            let at = cursor.position() as usize;
+            frames.push((
+                u8::from(head.opcode),
+                head.is_final,
+                bytes[at..at + len as usize].to_vec(),
+            ));
+            cursor.set_position((at + len as usize) as u64);
+        }
+        frames
+    }
+
+    #[test]
+    fn a_payload_over_a_fragment_goes_as_a_fragmented_message_one_run_per_fragment() {
+        let big: Vec<u8> = (0..FRAGMENT * 2 + 10).map(|i| i as u8).collect();
+        let runs = frame_all(
+            vec![framed(PING, b"p")],
+            vec![Bytes::from_static(b"small"), Bytes::from(big.clone())],
+        );
+        // The ping and the small frame ride with the first fragment; then one run each.
+        assert_eq!(runs.len(), 3);
+        let frames = parse_frames(&runs);
+        let kinds: Vec<(u8, bool)> = frames.iter().map(|(o, f, _)| (*o, *f)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (PING, true),
+                (BINARY, true),
+                (BINARY, false),
+                (CONTINUATION, false),
+                (CONTINUATION, true)
+            ]
+        );
+        assert_eq!(frames[1].2, b"small");
+        let joined: Vec<u8> = frames[2..].iter().flat_map(|f| f.2.clone()).collect();
+        assert_eq!(joined, big, "the fragments are the payload, in order");
+        assert!(frames[2..4].iter().all(|f| f.2.len() == FRAGMENT));
+    }
+
+    #[test]
+    fn only_single_pings_and_pongs_may_go_between_fragments() {
+        assert!(is_ping_or_pong(&framed(PING, &[])));
+        assert!(is_ping_or_pong(&framed(PONG, b"0123456789")));
+        assert!(!is_ping_or_pong(&close_frame(
+            chorus_protocol::CloseCode::GoingAway
+        )));
+        let two = [framed(PONG, b"a").to_vec(), framed(PING, b"b").to_vec()].concat();
+        assert!(!is_ping_or_pong(&Bytes::from(two)));
+        assert!(!is_ping_or_pong(&framed(BINARY, b"x")));
+        assert!(!is_ping_or_pong(&Bytes::from_static(&[0x89])));
     }
 
     #[test]

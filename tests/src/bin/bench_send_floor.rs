@@ -5,12 +5,17 @@
 //! other core, as the load generator is for the servers.
 //!
 //! bench_send_floor [--readers 50] [--rate 100] [--seconds 10] [--bytes 32] [--reader-cpu 1]
+//! bench_send_floor --join BYTES [--readers 150] [--reader-cpu 1]
 //!
 //! Run it pinned like a server (`taskset -c 0`; scripts/bench.sh does). It measures one write
 //! per delivery, then several messages per write (what holding a connection's writer gathers),
 //! and prints sender CPU per 1,000 deliveries from `/proc/self/stat` (utime+stime), the figure
 //! the servers are measured by. On loopback the sender also pays for the receive side's TCP
 //! processing, as every server does.
+//!
+//! `--join BYTES` is the join storm's floor instead: one payload of BYTES (the document's
+//! encoded size) written by blocking `write_all`s to each of the readers in turn, and the time
+//! until every reader has all of it (each reader answers one byte once it has the payload).
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -24,6 +29,23 @@ fn main() -> anyhow::Result<()> {
             .get(i + 1)
             .ok_or_else(|| anyhow::anyhow!("--read-from ADDR"))?;
         return read_all(addr, chorus_tests::arg("--readers", 50));
+    }
+    if let Some(i) = args.iter().position(|a| a == "--read-join") {
+        let addr = args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!("--read-join ADDR"))?;
+        return read_join(
+            addr,
+            chorus_tests::arg("--readers", 150),
+            chorus_tests::arg("--expect", 0),
+        );
+    }
+    if args.iter().any(|a| a == "--join") {
+        return join(
+            chorus_tests::arg("--join", 20_000_000),
+            chorus_tests::arg("--readers", 150),
+            chorus_tests::arg("--reader-cpu", 1),
+        );
     }
     let readers = chorus_tests::arg("--readers", 50);
     let rate = chorus_tests::arg("--rate", 100);
@@ -141,4 +163,107 @@ fn read_all(addr: &str, readers: usize) -> anyhow::Result<()> {
     })?;
     println!("{total}");
     Ok(())
+}
+
+/// The join storm's floor: `bytes` to each of `readers` sockets by plain blocking writes, one
+/// socket after another. Prints the time until every reader had all of it (and the median
+/// reader's), as a `join-floor` result.
+fn join(bytes: usize, readers: usize, reader_cpu: usize) -> anyhow::Result<()> {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg(reader_cpu.to_string())
+        .arg(std::env::current_exe()?)
+        .args(["--read-join", &addr, "--readers", &readers.to_string()])
+        .args(["--expect", &bytes.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut socks = Vec::with_capacity(readers);
+    for _ in 0..readers {
+        let (s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        socks.push(s);
+    }
+    let payload = vec![0x55u8; bytes];
+    let cpu0 = chorus_tests::process_cpu_seconds(std::process::id());
+    let t0 = Instant::now();
+    // One thread per socket waits for its reader's "have it all" byte, so that each reader's
+    // time is taken when it answers, not when the writing is over.
+    let acks: Vec<_> = socks
+        .iter()
+        .map(|s| {
+            let mut s = s.try_clone()?;
+            Ok(std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).map(|()| t0.elapsed())
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for s in &mut socks {
+        s.write_all(&payload)?;
+    }
+    let mut times = Vec::with_capacity(readers);
+    for a in acks {
+        let t = a
+            .join()
+            .map_err(|_| anyhow::anyhow!("ack thread panicked"))??;
+        times.push(t.as_secs_f64() * 1000.0);
+    }
+    let cpu = chorus_tests::process_cpu_seconds(std::process::id()) - cpu0;
+    drop(socks);
+    child.wait_with_output()?;
+    times.sort_by(f64::total_cmp);
+    let all_ms = times.last().copied().unwrap_or(0.0);
+    let p50_ms = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "bench_send_floor --join: {bytes} B to each of {readers} loopback sockets by blocking \
+         writes: every reader had it all after {all_ms:.0} ms (median reader {p50_ms:.0} ms), \
+         sender CPU {cpu:.2} s"
+    );
+    println!(
+        "RESULT {}",
+        serde_json::json!({
+            "scenario": "join-floor", "server": "floor", "readers": readers, "doc_bytes": bytes,
+            "all_ms": all_ms, "p50_ms": p50_ms, "sender_cpu_s": cpu,
+        })
+    );
+    Ok(())
+}
+
+/// The join floor's reader process: one task per socket reads until it has `expect` bytes,
+/// answers one byte, then reads on until the sender closes.
+fn read_join(addr: &str, readers: usize, expect: usize) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async {
+        let mut tasks = Vec::with_capacity(readers);
+        for _ in 0..readers {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0usize;
+                let mut acked = false;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                    if !acked && total >= expect {
+                        acked = true;
+                        if s.write_all(&[1]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        anyhow::Ok(())
+    })
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! loadgen --proto native|yws|hocuspocus|ysweet --url URL --pid SERVER_PID --label NAME
-//!         --scenario typing|idle|ingest|load|put|gen-trace|gen-doc [options] [--out FILE]
+//!         --scenario typing|idle|ingest|load|put|join|gen-trace|gen-doc [options] [--out FILE]
 //! ```
 //!
 //! Protocols: `native` is Chorus `/v1/ws` (URL `ws://host/v1/ws`); `yws` is the y-websocket
@@ -34,6 +34,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use yrs::updates::decoder::Decode;
 use yrs::{GetString, ReadTxn, Text, Transact, Update};
+
+#[path = "loadgen/join.rs"]
+mod join;
+#[path = "loadgen/rawjoin.rs"]
+mod rawjoin;
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -135,6 +140,8 @@ struct Target {
     /// y-sweet: the WebSocket URL its token endpoint gave for each document. Behind an async
     /// lock so concurrent clients of one document create it once.
     ysweet_urls: tokio::sync::Mutex<HashMap<String, String>>,
+    /// Bytes per socket read: small for many idle sockets, larger for a few big answers.
+    read_buffer: usize,
 }
 
 impl Target {
@@ -183,6 +190,16 @@ impl Target {
         Message::Binary(out.into())
     }
 
+    /// Hocuspocus's token message (Auth 2 / Token 0), its clients' first; sync step 1 follows
+    /// once authenticated.
+    fn auth(&self, doc: &str) -> Message {
+        let mut out = self.prefix(doc);
+        put_var(&mut out, 2);
+        put_var(&mut out, 0);
+        put_bytes(&mut out, b"bench");
+        Message::Binary(out.into())
+    }
+
     /// Where to connect for `doc`.
     async fn ws_url(&self, doc: &str) -> anyhow::Result<String> {
         Ok(match self.proto {
@@ -203,7 +220,7 @@ impl Target {
     /// Opens a socket for `doc` and sends what a stock client sends first.
     async fn open(&self, doc: &str, ip: u8) -> anyhow::Result<Ws> {
         let url = self.ws_url(doc).await?;
-        let mut ws = connect(&url, ip).await?;
+        let mut ws = connect(&url, ip, self.read_buffer).await?;
         match self.proto {
             Proto::Native => {
                 ws.send(native(&ClientFrame::Subscribe {
@@ -213,14 +230,7 @@ impl Target {
                 }))
                 .await?
             }
-            Proto::Hocuspocus => {
-                // Token message first (Auth 2 / Token 0); sync step 1 once authenticated.
-                let mut out = self.prefix(doc);
-                put_var(&mut out, 2);
-                put_var(&mut out, 0);
-                put_bytes(&mut out, b"bench");
-                ws.send(Message::Binary(out.into())).await?;
-            }
+            Proto::Hocuspocus => ws.send(self.auth(doc)).await?,
             Proto::Yws | Proto::Ysweet => ws.send(self.sync(doc, 0, &[0])).await?,
         }
         Ok(ws)
@@ -322,15 +332,14 @@ fn host_port(url: &str) -> anyhow::Result<SocketAddr> {
 
 /// Connects from 127.0.0.`ip` so that tens of thousands of sockets (and their TIME_WAITs over
 /// repeated runs) do not exhaust one source address's ephemeral ports.
-async fn connect(url: &str, ip: u8) -> anyhow::Result<Ws> {
+async fn connect(url: &str, ip: u8, read_buffer: usize) -> anyhow::Result<Ws> {
     let addr = host_port(url)?;
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, ip.max(2)), 0)))?;
     let stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
-    // Small buffers: a generator holding 19k sockets must not be the one that runs out.
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0)
         .max_message_size(Some(256 << 20))
         .max_frame_size(Some(256 << 20));
@@ -1168,6 +1177,9 @@ async fn main() -> anyhow::Result<()> {
         proto,
         url: a.s("url", "ws://127.0.0.1:8080/y"),
         ysweet_urls: tokio::sync::Mutex::new(HashMap::new()),
+        // Small buffers: a generator holding 19k sockets must not be the one that runs out;
+        // joiners each read a whole document.
+        read_buffer: if scenario == "join" { 64 * 1024 } else { 4096 },
     });
     let server = Proc {
         pid: a.n("pid", 0.0) as u32,
@@ -1178,6 +1190,7 @@ async fn main() -> anyhow::Result<()> {
         "ingest" => ingest(target, &a, server).await,
         "put" => put(target, &a).await,
         "load" => load(target, &a, server).await,
+        "join" => join::join(target, &a, server).await,
         s => bail!("unknown --scenario {s}"),
     }
 }

@@ -60,7 +60,7 @@ impl Outbox {
                 s.raw.extend(rest);
                 Some(false)
             }
-            Sent::Blocked | Sent::Failed => None,
+            Sent::Blocked | Sent::Later | Sent::Failed => None,
         }
     }
 

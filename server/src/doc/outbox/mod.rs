@@ -72,6 +72,8 @@ pub enum Sent {
     Partial(Vec<Bytes>),
     /// The socket takes nothing now.
     Blocked,
+    /// Not for a direct write (a payload the writer sends in pieces): queue it.
+    Later,
     /// The socket is broken; the writer finds out and ends the connection.
     Failed,
 }
@@ -218,6 +220,16 @@ impl Outbox {
     pub fn take_raw(&self) -> Vec<Bytes> {
         let mut s = self.lock();
         let raw = std::mem::take(&mut s.raw);
+        s.bytes = s.bytes.saturating_sub(raw.iter().map(Bytes::len).sum());
+        raw
+    }
+
+    /// The framed bytes at the front of what must go first, as long as `take` accepts them
+    /// (the writer, between two fragments of a long message, takes pings and pongs).
+    pub fn take_raw_while(&self, take: impl Fn(&Bytes) -> bool) -> Vec<Bytes> {
+        let mut s = self.lock();
+        let n = s.raw.iter().take_while(|r| take(r)).count();
+        let raw: Vec<Bytes> = s.raw.drain(..n).collect();
         s.bytes = s.bytes.saturating_sub(raw.iter().map(Bytes::len).sum());
         raw
     }

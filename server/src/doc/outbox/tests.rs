@@ -441,3 +441,20 @@ fn a_short_direct_write_leaves_the_rest_of_the_shared_frame_in_front_of_everythi
         first.len() / 2
     );
 }
+
+#[test]
+fn while_the_writer_writes_pings_queue_and_are_taken_from_the_front_only() {
+    let (o, _socket) = direct(usize::MAX);
+    // The writer is writing what it drained (a long answer, say): raw frames queue.
+    o.lock().writing = true;
+    let ping = Bytes::from_static(b"ping");
+    let other = Bytes::from_static(b"close reply");
+    o.push_raw(ping.clone());
+    o.push_raw(other.clone());
+    o.push_raw(ping.clone());
+    let before = o.pending_bytes();
+    let taken = o.take_raw_while(|r| r == &ping);
+    assert_eq!(taken, std::slice::from_ref(&ping), "only the leading ping");
+    assert_eq!(o.pending_bytes(), before - ping.len(), "and its bytes");
+    assert_eq!(o.take_raw(), [other, ping], "the rest keeps its order");
+}
