@@ -1,6 +1,7 @@
 //! One WebSocket connection (data-flow steps 1 and 6): a reader that turns frames into
 //! document commands and appends, and a writer that drains the connection's outbox into the
-//! socket, sends heartbeats and closes with a documented code.
+//! socket and closes with a documented code. Heartbeats and token deadlines are not the
+//! connection's: the node's [`sweep`] keeps them for every connection at once.
 //!
 //! Reader and writer are separate tracked tasks so that a client that stops reading cannot
 //! stop us from reading it (and the other way round); the protocol-specific part is a
@@ -9,6 +10,7 @@
 pub mod native;
 pub mod socket;
 pub mod sse;
+pub mod sweep;
 pub mod yjs;
 
 use crate::auth::{Auth, Principal};
@@ -25,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use sweep::{Sweep, WarnFrame};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,8 +59,8 @@ pub struct ConnContext {
     accept_rate: Mutex<TokenBucket>,
     outboxes: Mutex<HashMap<ConnId, Weak<Outbox>>>,
     next_conn: AtomicU64,
-    /// Pings, keepalives and silence checks for every open WebSocket.
-    heartbeat: Arc<Heartbeat>,
+    /// Pings, keepalives, silence checks and token deadlines for every open connection.
+    sweep: Arc<Sweep>,
 }
 
 /// Why a new connection was not admitted.
@@ -98,10 +101,10 @@ impl ConnContext {
             auth.clone(),
             limits,
         );
-        let heartbeat = Arc::new(Heartbeat::new());
-        heartbeat.spawn(&config, shutdown.clone(), &tracker);
+        let sweep = Arc::new(Sweep::new(config.token_warning));
+        sweep.spawn(&config, shutdown.clone(), &tracker);
         ConnContext {
-            heartbeat,
+            sweep,
             flush_clock,
             registry,
             config,
@@ -158,18 +161,21 @@ impl ConnContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn);
-        self.heartbeat.forget(conn);
+        self.sweep.forget(conn);
         self.holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn);
     }
 
-    /// Records (or, after a refresh, replaces) who holds a connection. A revocation applied
-    /// after the token was verified but before this registration found nothing to close, so
-    /// the token is checked again once registered (`revoke` records before it looks here):
-    /// every revocation is seen by one of the two.
-    pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal) {
+    /// Records (or, after a refresh, replaces) who holds a connection, and files its token's
+    /// expiry with the sweep: `warn` is how the connection's protocol says the token expires
+    /// soon (`None`: it has no way to). A revocation applied after the token was verified but
+    /// before this registration found nothing to close, so the token is checked again once
+    /// registered (`revoke` records before it looks here): every revocation is seen by one of
+    /// the two.
+    pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal, warn: Option<WarnFrame>) {
+        self.sweep.schedule_expiry(outbox, principal.exp, warn);
         let check = principal.clone();
         self.holders
             .lock()
@@ -234,10 +240,6 @@ pub trait Session: Send + 'static {
     fn on_appended(&mut self, done: native::AppendDone) -> Step;
     /// Documents this connection holds, to release when it ends.
     fn documents(&mut self) -> Vec<DocHandle>;
-    /// When the connection's token expires (Unix seconds); it is closed with 4101 then.
-    fn expires_at(&self) -> Option<u64>;
-    /// The token expires soon: tell the client, if the protocol can.
-    fn warn_expiring(&mut self);
     /// Updates the session holds back, while the socket keeps being read, until what they
     /// build on arrives: when to look at them again. `None` while nothing is held.
     fn held(&self) -> Option<HeldWake> {
@@ -289,13 +291,6 @@ pub struct Upgraded {
     pub read_buf: Bytes,
 }
 
-/// What the node-wide heartbeat sweep knows of one open WebSocket.
-struct Live {
-    outbox: Weak<Outbox>,
-    /// Milliseconds since the node's start when the client last sent anything.
-    last_seen: AtomicU64,
-}
-
 /// Runs a connection to the end: spawns its writer, reads until either side is done, then
 /// releases everything it held.
 ///
@@ -341,7 +336,7 @@ async fn run_boxed<S: Session>(
     let rate = ctx.config.max_messages_per_second;
     let mut messages = TokenBucket::new(rate, rate.saturating_mul(2));
     let done = CancellationToken::new();
-    let live = ctx.heartbeat.watch(&outbox);
+    let live = ctx.sweep.watch(&outbox);
     let writer = ctx.tracker.spawn(write_loop(
         socket.clone(),
         outbox.clone(),
@@ -349,8 +344,6 @@ async fn run_boxed<S: Session>(
         done.clone(),
     ));
 
-    let mut warned_for = None;
-    let mut expired = false;
     let reason = loop {
         let inflight_full = session.inflight().len() >= MAX_INFLIGHT;
         // Backpressure on the client's own requests: while more waits for it than its budget
@@ -358,23 +351,9 @@ async fn run_boxed<S: Session>(
         // in the socket, so asking again and again without reading costs nothing here.
         let over_budget = outbox.over_budget();
         let held = session.held();
-        let expiry = session.expires_at();
-        let expire_at = expiry.filter(|_| !expired).map(instant_at);
-        let warn_at = expiry
-            .filter(|e| warned_for != Some(*e))
-            .map(|e| instant_at(e) - ctx.config.token_warning);
         tokio::select! {
             biased;
             _ = done.cancelled() => break "writer finished",
-            _ = sleep_until_opt(expire_at) => {
-                expired = true;
-                tracing::info!(conn, "token expired; closing");
-                outbox.request_close(CloseCode::TokenExpired);
-            }
-            _ = sleep_until_opt(warn_at) => {
-                warned_for = expiry;
-                session.warn_expiring();
-            }
             Some(appended) = session.inflight().next() => {
                 if let Step::Close(code) = session.on_appended(appended) {
                     outbox.request_close(code);
@@ -389,7 +368,7 @@ async fn run_boxed<S: Session>(
             // Once a close is asked for (revoked, expired, misbehaving) nothing more the
             // client sends is acted on, even while the writer is still stuck on a slow peer.
             got = next_message(&mut reader, &socket), if !inflight_full && !over_budget && !outbox.close_requested() => {
-                ctx.heartbeat.seen(&live);
+                ctx.sweep.seen(&live);
                 if let Some(replies) = reader.take_replies() {
                     outbox.push_raw(replies);
                 }
@@ -472,113 +451,6 @@ async fn linger(reader: &mut FrameReader, socket: &Socket) {
         while let Got::Message(_) | Got::WouldBlock = next_message(reader, socket).await {}
     })
     .await;
-}
-
-/// An empty awareness update: y-websocket clients drop a socket after 30 s without any
-/// message (WebSocket pings never reach their JavaScript), so y-websocket sockets get this
-/// harmless message every 15 s.
-const YJS_KEEPALIVE: &[u8] = &[1, 1, 0];
-const YJS_KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
-
-/// Pings, keepalives and the silence check for every WebSocket of the node, from one timer:
-/// per-connection timers cost a timer entry and a task wake per connection and period, and
-/// their futures are memory every idle connection carries.
-pub struct Heartbeat {
-    live: Mutex<HashMap<ConnId, Arc<Live>>>,
-    started: Instant,
-}
-
-impl Heartbeat {
-    fn new() -> Self {
-        Heartbeat {
-            live: Mutex::new(HashMap::new()),
-            started: Instant::now(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<Live>>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    fn watch(&self, outbox: &Arc<Outbox>) -> Arc<Live> {
-        let live = Arc::new(Live {
-            outbox: Arc::downgrade(outbox),
-            last_seen: AtomicU64::new(self.now_ms()),
-        });
-        self.lock().insert(outbox.conn, live.clone());
-        live
-    }
-
-    fn seen(&self, live: &Live) {
-        live.last_seen.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn forget(&self, conn: ConnId) {
-        self.lock().remove(&conn);
-    }
-
-    /// Ticks every `min(ping_interval, 15 s)`: pings (and checks silence) once per ping
-    /// interval, sends y-websocket keepalives once per 15 s.
-    fn spawn(
-        self: &Arc<Self>,
-        config: &crate::Config,
-        shutdown: CancellationToken,
-        tracker: &TaskTracker,
-    ) {
-        let this = self.clone();
-        let ping_every = config.ping_interval;
-        let silence_limit = (config.ping_interval + config.ping_timeout).as_millis() as u64;
-        tracker.spawn(async move {
-            let period = ping_every.min(YJS_KEEPALIVE_EVERY);
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            tick.tick().await;
-            let (mut last_ping, mut last_keepalive) = (Instant::now(), Instant::now());
-            let ping = socket::framed(socket::PING, &[]);
-            let keepalive = Bytes::from_static(YJS_KEEPALIVE);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                let now = Instant::now();
-                let ping_due = now - last_ping >= ping_every;
-                let keepalive_due = now - last_keepalive >= YJS_KEEPALIVE_EVERY;
-                if ping_due {
-                    last_ping = now;
-                }
-                if keepalive_due {
-                    last_keepalive = now;
-                }
-                let all: Vec<Arc<Live>> = this.lock().values().cloned().collect();
-                let now_ms = this.now_ms();
-                for live in all {
-                    let Some(outbox) = live.outbox.upgrade() else {
-                        continue;
-                    };
-                    if ping_due {
-                        let seen = live.last_seen.load(Ordering::Relaxed);
-                        if now_ms.saturating_sub(seen) > silence_limit {
-                            tracing::info!(
-                                conn = outbox.conn,
-                                "no frame or pong within the heartbeat timeout; closing"
-                            );
-                            outbox.request_close(CloseCode::HeartbeatTimeout);
-                            continue;
-                        }
-                        outbox.push_raw(ping.clone());
-                    }
-                    if keepalive_due && outbox.proto == Proto::Yjs {
-                        outbox.push_control(keepalive.clone());
-                    }
-                }
-            }
-        });
-    }
 }
 
 async fn write_loop(
@@ -701,15 +573,6 @@ async fn on_stall(
         Wrote::Ok => Some(CloseCode::TooSlow),
         _ => None,
     }
-}
-
-/// The instant a Unix time (seconds) falls on, at millisecond precision.
-fn instant_at(unix_secs: u64) -> Instant {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    Instant::now() + Duration::from_millis((unix_secs * 1000).saturating_sub(now_ms))
 }
 
 /// The node's flush tick for `--flush-interval`. A writer that wrote updates is held: pushes

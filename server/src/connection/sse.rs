@@ -82,7 +82,8 @@ pub async fn start_sse(
                 return;
             }
         };
-        ctx.set_holder(&outbox, req.principal.clone());
+        // The sweep closes the stream (4101) when the token expires.
+        ctx.set_holder(&outbox, req.principal.clone(), None);
         // One chunk in flight: the body is pulled by hyper only as fast as the socket takes
         // it, so everything else waits (merged) in the outbox, under its byte budget. If the
         // request is gone already, the pump sees the closed channel at once and cleans up.
@@ -96,7 +97,6 @@ pub async fn start_sse(
 enum Wake {
     Gone,
     Shutdown,
-    Expired,
     Drain,
     Heartbeat,
 }
@@ -132,7 +132,6 @@ async fn pump(
     let mut heartbeat = tokio::time::interval(ctx.config.ping_interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     heartbeat.tick().await;
-    let expire_at = req.principal.exp.map(super::instant_at);
     let mut wake_at: Option<Instant> = None;
     let mut ok = send(Bytes::from(format!(
         "retry: {SSE_RETRY_MS}\n: chorus {} events\n\n",
@@ -144,7 +143,6 @@ async fn pump(
             biased;
             _ = tx.closed() => Wake::Gone,
             _ = ctx.shutdown.cancelled() => Wake::Shutdown,
-            _ = super::sleep_until_opt(expire_at) => Wake::Expired,
             _ = outbox.ready() => Wake::Drain,
             _ = super::sleep_until_opt(wake_at) => Wake::Drain,
             _ = heartbeat.tick() => Wake::Heartbeat,
@@ -161,17 +159,13 @@ async fn pump(
                     tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(chunk))).await;
                 break;
             }
-            Wake::Expired => {
-                tracing::info!(conn, "token expired; ending event stream");
-                let _ = send(close_event(CloseCode::TokenExpired)).await;
-                break;
-            }
             Wake::Drain => {
                 let mut drained = outbox.drain();
                 wake_at = drained.wake_at;
                 drained.request_owed(conn).await;
                 if let Some(code) = drained.close {
-                    // Revoked (or the document failed): what waits is not sent any more.
+                    // Revoked, expired (see `super::sweep`) or the document failed: what
+                    // waits is not sent any more.
                     let _ = send(close_event(code)).await;
                     break;
                 }
@@ -336,7 +330,7 @@ async fn poll_once(
             return Err(e);
         }
     };
-    ctx.set_holder(&outbox, principal);
+    ctx.set_holder(&outbox, principal, None);
     let mut answer = PollAnswer {
         update: None,
         position: after,
