@@ -21,6 +21,7 @@ use crate::limits::{ConnectionSlot, TokenBucket};
 use bytes::Bytes;
 use chorus_protocol::CloseCode;
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use socket::{FrameReader, Got, Socket, Wrote};
 use std::collections::HashMap;
@@ -260,19 +261,39 @@ pub struct HeldWake {
 }
 
 impl HeldWake {
-    async fn wait(held: Option<HeldWake>) {
-        let Some(mut h) = held else {
-            return std::future::pending().await;
-        };
+    /// Boxed, and only while something is held: the reader's future keeps room for every
+    /// future its `select!` waits on, and an idle connection should not carry this one's
+    /// timer and watch for nothing.
+    fn wait(held: Option<HeldWake>) -> impl Future<Output = ()> + Send {
+        match held {
+            Some(h) => Either::Left(Box::pin(h.until_due())),
+            None => Either::Right(std::future::pending()),
+        }
+    }
+
+    async fn until_due(mut self) {
+        let until = self.until;
         tokio::select! {
-            changed = h.changed.changed() => {
+            changed = self.changed.changed() => {
                 // The document is gone: only the deadline is left to wait for.
                 if changed.is_err() {
-                    tokio::time::sleep_until(h.until).await;
+                    tokio::time::sleep_until(until).await;
                 }
             }
-            _ = tokio::time::sleep_until(h.until) => {}
+            _ = tokio::time::sleep_until(until) => {}
         }
+    }
+}
+
+/// `make()`'s future, boxed, if `now`; otherwise one that never resolves. For waits that only
+/// happen now and then: an idle connection's future does not keep room for them.
+fn when<F: Future<Output = ()> + Send>(
+    now: bool,
+    make: impl FnOnce() -> F,
+) -> impl Future<Output = ()> + Send {
+    match now {
+        true => Either::Left(Box::pin(make())),
+        false => Either::Right(std::future::pending()),
     }
 }
 
@@ -359,7 +380,7 @@ async fn run_boxed<S: Session>(
                     outbox.request_close(code);
                 }
             }
-            _ = outbox.room(), if over_budget => {}
+            _ = when(over_budget, || outbox.room()) => {}
             _ = HeldWake::wait(held) => {
                 if let Step::Close(code) = session.on_held_wake() {
                     outbox.request_close(code);
