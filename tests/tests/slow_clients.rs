@@ -396,12 +396,8 @@ async fn each_limit_answers_with_its_documented_error_or_status() {
     drop(a);
 
     // Document size: an update that would take the document past the limit is refused; the
-    // document stays readable and what was accepted stays. (`a`'s place under
-    // --max-connections is free once the node has seen its socket close.)
-    let mut d = eventually("a free connection slot", DEADLINE, || {
-        NativeClient::try_connect(&url)
-    })
-    .await;
+    // document stays readable and what was accepted stays.
+    let mut d = NativeClient::connect(&url).await;
     d.subscribe_synced("small").await;
     let ok = d.insert("small", 0, &"a".repeat(500)).await;
     d.wait_acked(ok).await;
