@@ -51,6 +51,25 @@ impl NativeClient {
         Self::from_stream(ws)
     }
 
+    /// Connects once the node has room: a slot freed by a client that just went away is
+    /// free only after the node has read that client's end, so a 503 is retried until then.
+    pub async fn connect_when_admitted(url: &str) -> Self {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match tokio_tungstenite::connect_async_with_config(url, Some(client_config()), false)
+                .await
+            {
+                Ok((ws, _)) => return Self::from_stream(ws),
+                Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                    if r.status() == 503 && tokio::time::Instant::now() < until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("websocket connect: {e:?}"),
+            }
+        }
+    }
+
     /// Connects, or `None` if the node refuses or is gone (for clients that reconnect to
     /// whichever node is up).
     pub async fn try_connect(url: &str) -> Option<Self> {

@@ -397,7 +397,7 @@ async fn each_limit_answers_with_its_documented_error_or_status() {
 
     // Document size: an update that would take the document past the limit is refused; the
     // document stays readable and what was accepted stays.
-    let mut d = NativeClient::connect(&url).await;
+    let mut d = NativeClient::connect_when_admitted(&url).await;
     d.subscribe_synced("small").await;
     let ok = d.insert("small", 0, &"a".repeat(500)).await;
     d.wait_acked(ok).await;
