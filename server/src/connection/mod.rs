@@ -643,9 +643,11 @@ impl FlushClock {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+/// Sleeps until `at`; never resolves for `None`. The timer is boxed and made only when there is
+/// one: a writer waits here for its whole life, nearly always with nothing to wait for.
+fn sleep_until_opt(at: Option<Instant>) -> impl Future<Output = ()> + Send {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+        Some(at) => Either::Left(Box::pin(tokio::time::sleep_until(at))),
+        None => Either::Right(std::future::pending()),
     }
 }
