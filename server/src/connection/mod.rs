@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use sweep::{Sweep, WarnFrame};
+use sweep::{Liveness, Sweep, WarnFrame};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -206,6 +206,12 @@ impl ConnContext {
         hit.len()
     }
 
+    /// Keeps a one-way stream alive from the node's sweep: `keepalive` (in the stream's own
+    /// framing) goes into its outbox every ping interval, until [`ConnContext::forget_outbox`].
+    pub fn keep_alive(&self, outbox: &Arc<Outbox>, keepalive: &'static Bytes) {
+        self.sweep.watch(outbox, Liveness::Stream(keepalive));
+    }
+
     /// (total, largest) bytes waiting in connection outboxes right now.
     pub fn outbox_bytes(&self) -> (usize, usize) {
         let outboxes: Vec<Arc<Outbox>> = self
@@ -357,7 +363,7 @@ async fn run_boxed<S: Session>(
     let rate = ctx.config.max_messages_per_second;
     let mut messages = TokenBucket::new(rate, rate.saturating_mul(2));
     let done = CancellationToken::new();
-    let live = ctx.sweep.watch(&outbox);
+    let live = ctx.sweep.watch(&outbox, Liveness::Socket);
     let writer = ctx.tracker.spawn(write_loop(
         socket.clone(),
         outbox.clone(),

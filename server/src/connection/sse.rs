@@ -22,7 +22,7 @@ use chorus_protocol::{CloseCode, DocId, Position, ServerFrame};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 /// How long a node waits to apply a position a client brings from another node (the other
 /// node may have read the log a few milliseconds earlier) before it answers with full state.
@@ -98,8 +98,12 @@ enum Wake {
     Gone,
     Shutdown,
     Drain,
-    Heartbeat,
 }
+
+/// A comment line: ignored by EventSource, but it keeps proxies from closing an idle stream
+/// and finds readers that went away without a FIN. The node's sweep queues it every ping
+/// interval (see `super::sweep`).
+static KEEPALIVE: Bytes = Bytes::from_static(b": keepalive\n\n");
 
 /// How an SSE stream ends, said to the reader in a last `event: close`.
 fn close_event(code: CloseCode) -> Bytes {
@@ -129,9 +133,7 @@ async fn pump(
             )
         }
     };
-    let mut heartbeat = tokio::time::interval(ctx.config.ping_interval);
-    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    heartbeat.tick().await;
+    ctx.keep_alive(&outbox, &KEEPALIVE);
     let mut wake_at: Option<Instant> = None;
     let mut ok = send(Bytes::from(format!(
         "retry: {SSE_RETRY_MS}\n: chorus {} events\n\n",
@@ -145,7 +147,6 @@ async fn pump(
             _ = ctx.shutdown.cancelled() => Wake::Shutdown,
             _ = outbox.ready() => Wake::Drain,
             _ = super::sleep_until_opt(wake_at) => Wake::Drain,
-            _ = heartbeat.tick() => Wake::Heartbeat,
         };
         match wake {
             Wake::Gone => break,
@@ -169,14 +170,13 @@ async fn pump(
                     let _ = send(close_event(code)).await;
                     break;
                 }
-                let chunk = events(&drained.frames, req.presence);
+                // Raw bytes are keepalive comments from the sweep: they go first, as is.
+                let mut chunk = drained.raw.concat();
+                chunk.extend_from_slice(&events(&drained.frames, req.presence));
                 if !chunk.is_empty() {
                     ok = send(Bytes::from(chunk)).await;
                 }
             }
-            // A comment line: ignored by EventSource, but it keeps proxies from closing an
-            // idle stream and finds readers that went away without a FIN.
-            Wake::Heartbeat => ok = send(Bytes::from_static(b": keepalive\n\n")).await,
         }
     }
     if !ok && !tx.is_closed() {

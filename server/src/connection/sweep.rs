@@ -1,6 +1,6 @@
 //! The node-wide sweep (data-flow steps 1 and 6, for every connection at once): pings,
-//! y-websocket keepalives and the silence check, token-expiry warnings and expiry closes, from
-//! one task and at most two timers for the whole node.
+//! y-websocket and SSE keepalives and the silence check, token-expiry warnings and expiry
+//! closes, from one task and at most two timers for the whole node.
 //!
 //! Why one sweep rather than timers in each connection: a timer per connection is a timer
 //! entry, a task wake per period, and room in the connection's task future for the `Sleep` —
@@ -10,8 +10,8 @@
 //! until the earliest of them (so expiry stays precise to the millisecond).
 //!
 //! What a sweep entry does to a connection goes through its outbox, as everything else that
-//! reaches a socket does: a ping is raw framed bytes, a keepalive or a warning a control frame,
-//! an expiry a close request (4101). The session keeps owning its protocol: it registers how
+//! reaches a socket does: a ping (or an SSE comment line) is raw framed bytes, a y-websocket
+//! keepalive or a warning a control frame, an expiry a close request (4101). The session keeps owning its protocol: it registers how
 //! its wire says "your token expires at X" ([`WarnFrame`]), or nothing if the wire has no such
 //! message, and the sweep encodes it only when the warning is due.
 //!
@@ -24,9 +24,14 @@
 //! - A held update's deadline (`HeldWake`) runs only while an update waits for what it builds on.
 //! - The linger after a close and the wait for a close frame after an oversized message run
 //!   only while the connection is ending.
-//! - SSE streams keep their own keepalive interval (a comment line per ping interval, whose
-//!   send timeout finds readers that went away): an SSE stream is a task that already waits on
-//!   its response body, and it has no outbox path for bytes outside its events.
+//! - A long-poll's wait is what the poll is (at most 30 s); it is not kept alive.
+//!
+//! What an idle WebSocket still carries besides its buffers: its reader task, waiting on the
+//! socket, and its writer task, waiting on the outbox (a 384-byte future, debug build, plus
+//! the task's header). Starting the writer only while something is queued would save that, but
+//! the start must come from whoever queues (the document's owner, through the outbox's
+//! `DirectSocket`), not from the reader: the reader can be busy for a while with one frame (a
+//! document load, a dependency wait), and queued frames must not wait behind it.
 
 use crate::doc::ConnId;
 use crate::doc::outbox::{Outbox, Proto};
@@ -51,11 +56,24 @@ pub type WarnFrame = fn(expires_at: u64) -> Option<Bytes>;
 const YJS_KEEPALIVE: &[u8] = &[1, 1, 0];
 const YJS_KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
 
-/// What the sweep knows of one open WebSocket for its heartbeat.
+/// What keeps a connection alive, and finds it dead.
+pub enum Liveness {
+    /// A WebSocket: pinged every ping interval, closed (4000) when its client has sent
+    /// nothing, not even a pong, for the ping interval plus the ping timeout.
+    Socket,
+    /// A one-way stream (SSE): these bytes, already in its framing, every ping interval. Its
+    /// client sends nothing, so it is never checked for silence; a reader that went away is
+    /// found by the stream's own write timeout. (A reference, not the bytes: this is in every
+    /// connection's entry, and a thin pointer keeps the entry as small as without it.)
+    Stream(&'static Bytes),
+}
+
+/// What the sweep knows of one open connection for its heartbeat.
 pub struct Live {
     outbox: Weak<Outbox>,
     /// Milliseconds since the node's start when the client last sent anything.
     last_seen: AtomicU64,
+    liveness: Liveness,
 }
 
 /// Every connection whose token runs out, ordered by when it is next due.
@@ -161,12 +179,12 @@ impl Sweep {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Pings the socket behind `outbox` and closes it when its client goes silent, until
-    /// [`Sweep::forget`].
-    pub fn watch(&self, outbox: &Arc<Outbox>) -> Arc<Live> {
+    /// Keeps the connection behind `outbox` alive as `liveness` says, until [`Sweep::forget`].
+    pub fn watch(&self, outbox: &Arc<Outbox>, liveness: Liveness) -> Arc<Live> {
         let live = Arc::new(Live {
             outbox: Arc::downgrade(outbox),
             last_seen: AtomicU64::new(self.now_ms()),
+            liveness,
         });
         self.live().insert(outbox.conn, live.clone());
         live
@@ -251,7 +269,7 @@ impl Sweep {
         });
     }
 
-    /// One heartbeat pass over every open WebSocket.
+    /// One heartbeat pass over every open connection.
     fn beat(&self, beat: &mut Beat) {
         let (ping_due, keepalive_due) = beat.due(Instant::now());
         if !ping_due && !keepalive_due {
@@ -264,6 +282,12 @@ impl Sweep {
             let Some(outbox) = live.outbox.upgrade() else {
                 continue;
             };
+            if let Liveness::Stream(keepalive) = live.liveness {
+                if ping_due {
+                    outbox.push_raw(keepalive.clone());
+                }
+                continue;
+            }
             if ping_due {
                 let seen = live.last_seen.load(Ordering::Relaxed);
                 if now_ms.saturating_sub(seen) > beat.silence_limit_ms {
@@ -480,7 +504,7 @@ mod tests {
     async fn entries_leave_with_their_connection_or_their_token() {
         let (sweep, shutdown, _tracker) = sweep();
         let (a, b) = (outbox(1, Proto::Native), outbox(2, Proto::Native));
-        sweep.watch(&a);
+        sweep.watch(&a, Liveness::Socket);
         sweep.schedule_expiry(&a, Some(unix_now() + 60), Some(warning));
         // A token far in the future (or at the end of time) is filed without overflow.
         sweep.schedule_expiry(&b, Some(u64::MAX), Some(warning));
