@@ -1,7 +1,8 @@
 //! One WebSocket connection (data-flow steps 1 and 6): a reader that turns frames into
-//! document commands and appends, and a writer that drains the connection's outbox into the
-//! socket and closes with a documented code. Heartbeats and token deadlines are not the
-//! connection's: the node's [`sweep`] keeps them for every connection at once.
+//! document commands and appends, and — only while something is queued for the socket — a
+//! writer that drains the connection's outbox into it and closes with a documented code.
+//! Heartbeats and token deadlines are not the connection's: the node's [`sweep`] keeps them
+//! for every connection at once.
 //!
 //! Reader and writer are separate tracked tasks so that a client that stops reading cannot
 //! stop us from reading it (and the other way round); the protocol-specific part is a
@@ -11,6 +12,7 @@ pub mod native;
 pub mod socket;
 pub mod sse;
 pub mod sweep;
+mod writer;
 pub mod yjs;
 
 use crate::auth::{Auth, Principal};
@@ -23,7 +25,7 @@ use chorus_protocol::CloseCode;
 use futures_util::StreamExt;
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
-use socket::{FrameReader, Got, Socket, Wrote};
+use socket::{FrameReader, Got, Socket};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -33,6 +35,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tungstenite::Message;
+use writer::Writer;
 
 /// What every connection needs from the node.
 pub struct ConnContext {
@@ -49,6 +52,9 @@ pub struct ConnContext {
     pub applied_late: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,
+    /// Connections whose writer task runs right now: something is queued for their socket
+    /// (see `writer`; an idle connection has none).
+    pub writers: AtomicUsize,
     /// Open TCP connections per client address (see `crate::serve`).
     pub per_ip: Arc<crate::serve::PerIp>,
     /// Document-API requests per client address (`--max-api-requests-per-second`).
@@ -117,6 +123,7 @@ impl ConnContext {
             applied_late: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
+            writers: AtomicUsize::new(0),
             per_ip: Arc::new(crate::serve::PerIp::new(per_ip)),
             api_rate,
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
@@ -362,25 +369,27 @@ async fn run_boxed<S: Session>(
     }
     let rate = ctx.config.max_messages_per_second;
     let mut messages = TokenBucket::new(rate, rate.saturating_mul(2));
-    let done = CancellationToken::new();
     let live = ctx.sweep.watch(&outbox, Liveness::Socket);
-    let writer = ctx.tracker.spawn(write_loop(
-        socket.clone(),
-        outbox.clone(),
-        ctx.clone(),
-        done.clone(),
-    ));
+    // Started when something is queued, not before (see `writer`).
+    let mut writer = Writer::new(socket.clone(), outbox.clone(), ctx.clone());
 
     let reason = loop {
+        if writer.finished() {
+            break "writer finished";
+        }
         let inflight_full = session.inflight().len() >= MAX_INFLIGHT;
         // Backpressure on the client's own requests: while more waits for it than its budget
         // (an answer to a document larger than the budget, say), what it sends stays unread
         // in the socket, so asking again and again without reading costs nothing here.
         let over_budget = outbox.over_budget();
         let held = session.held();
+        let (may_start, writing) = (writer.may_start(), writer.running());
         tokio::select! {
             biased;
-            _ = done.cancelled() => break "writer finished",
+            _ = writer.joined(), if writing => {}
+            _ = outbox.ready(), if may_start => writer.start(),
+            // The writer says "going away" (after flushing what waits).
+            _ = ctx.shutdown.cancelled(), if may_start => writer.start(),
             Some(appended) = session.inflight().next() => {
                 if let Step::Close(code) = session.on_appended(appended) {
                     outbox.request_close(code);
@@ -402,7 +411,8 @@ async fn run_boxed<S: Session>(
                 match got {
                     Got::Closed => break "client went away",
                     Got::Message(Message::Binary(bytes)) => {
-                        let step = Box::pin(on_binary(&mut *session, &mut messages, bytes)).await;
+                        let handling = on_binary(&mut *session, &mut messages, bytes);
+                        let step = Box::pin(writer.alongside(handling)).await;
                         if let Step::Close(code) = step {
                             outbox.request_close(code);
                         }
@@ -414,10 +424,13 @@ async fn run_boxed<S: Session>(
                     Got::Error(tungstenite::Error::Capacity(_)) => {
                         outbox.request_close(CloseCode::MessageTooBig);
                         // Give the writer its chance to send the close frame.
-                        tokio::select! {
-                            _ = done.cancelled() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
+                        let closing = async {
+                            while !writer.finished() {
+                                writer.start();
+                                writer.joined().await;
+                            }
+                        };
+                        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), closing)).await;
                         break "message too big";
                     }
                     Got::Error(_) => break "read error",
@@ -426,8 +439,7 @@ async fn run_boxed<S: Session>(
         }
     };
     tracing::debug!(conn, reason, "connection reader finished");
-    done.cancel();
-    let _ = writer.await;
+    Box::pin(writer.end()).await;
     for handle in session.documents() {
         handle.unsubscribe(conn).await;
     }
@@ -478,128 +490,6 @@ async fn linger(reader: &mut FrameReader, socket: &Socket) {
         while let Got::Message(_) | Got::WouldBlock = next_message(reader, socket).await {}
     })
     .await;
-}
-
-async fn write_loop(
-    socket: Arc<Socket>,
-    outbox: Arc<Outbox>,
-    ctx: Arc<ConnContext>,
-    done: CancellationToken,
-) {
-    let mut wake_at: Option<Instant> = None;
-    // Made once: a cancellation future registers with its token when first polled, and
-    // re-making it on every wake would do that for every write.
-    let done_cancelled = done.cancelled();
-    let shutdown_cancelled = ctx.shutdown.cancelled();
-    tokio::pin!(done_cancelled, shutdown_cancelled);
-
-    let close = loop {
-        tokio::select! {
-            biased;
-            _ = &mut done_cancelled => {
-                // The reader ended: what tungstenite owes the client (the reply to its close)
-                // and the rest of a short write still go out.
-                let raw = outbox.take_raw();
-                if !raw.is_empty() {
-                    let _ = Box::pin(socket.write_all(raw, Duration::from_secs(1))).await;
-                }
-                break None;
-            }
-            _ = &mut shutdown_cancelled => {
-                // Drain: flush what is already waiting (bounded), then say "going away".
-                let drained = outbox.drain();
-                let chunks = socket::frame_all(drained.raw, drained.frames);
-                let _ = Box::pin(socket.write_all(chunks, Duration::from_secs(2))).await;
-                outbox.finish_write();
-                break Some(CloseCode::GoingAway);
-            }
-            _ = outbox.ready() => {}
-            _ = sleep_until_opt(wake_at) => {}
-        };
-        if ctx.flush_clock.is_some() && outbox.is_held() && !outbox.urgent() {
-            // Held for the flush tick, which drains everything (awareness held back by its
-            // rate cap included); only a close or an error frame goes first.
-            wake_at = None;
-            continue;
-        }
-        let (wrote, close) = Box::pin(write_drained(&socket, &outbox, &ctx, &mut wake_at)).await;
-        match wrote {
-            Wrote::Ok => {
-                if close.is_some() {
-                    break close;
-                }
-            }
-            Wrote::Failed => break None,
-            Wrote::Stalled(rest) => break Box::pin(on_stall(&socket, &outbox, &ctx, rest)).await,
-        }
-    };
-    let code_label = close.map_or_else(|| "none".to_owned(), |c| c.code().to_string());
-    metrics::counter!(crate::metrics::names::CLOSES, "code" => code_label).increment(1);
-    if let Some(code) = close {
-        let frame = vec![socket::close_frame(code)];
-        let _ = Box::pin(socket.write_all(frame, Duration::from_secs(1))).await;
-    }
-    socket.shutdown_write();
-    done.cancel();
-}
-
-/// One drain of the outbox into the socket; returns how the write went and the close the
-/// drain asked for.
-async fn write_drained(
-    socket: &Socket,
-    outbox: &Arc<Outbox>,
-    ctx: &ConnContext,
-    wake_at: &mut Option<Instant>,
-) -> (Wrote, Option<CloseCode>) {
-    let mut drained = outbox.drain();
-    *wake_at = drained.wake_at;
-    drained.request_owed(outbox.conn).await;
-    let close = drained.close;
-    if drained.raw.is_empty() && drained.frames.is_empty() {
-        outbox.finish_write();
-        return (Wrote::Ok, close);
-    }
-    if let Some(clock) = &ctx.flush_clock {
-        // Before the write: a tick during it releases the writer at once.
-        clock.hold(outbox);
-    }
-    let stats = &ctx.stats;
-    stats.writes.fetch_add(1, Ordering::Relaxed);
-    let n = drained.frames.len() as u64;
-    stats.frames_written.fetch_add(n, Ordering::Relaxed);
-    let hot = crate::metrics::hot();
-    hot.frames_out.increment(n);
-    hot.bytes_out
-        .increment(drained.frames.iter().map(|f| f.len() as u64).sum());
-    let chunks = socket::frame_all(drained.raw, drained.frames);
-    let wrote = socket
-        .write_all(chunks, ctx.config.slow_client_timeout)
-        .await;
-    outbox.finish_write();
-    (wrote, close)
-}
-
-/// The peer stopped reading. Give it one more period to take what is already in flight, so
-/// that if it comes back it reads a clean close telling it to resume; otherwise drop it (it
-/// resumes by position all the same).
-async fn on_stall(
-    socket: &Socket,
-    outbox: &Outbox,
-    ctx: &ConnContext,
-    rest: Vec<Bytes>,
-) -> Option<CloseCode> {
-    tracing::info!(
-        conn = outbox.conn,
-        "peer stopped reading; closing as too slow"
-    );
-    ctx.stats.stalled.fetch_add(1, Ordering::Relaxed);
-    let flushed = socket.write_all(rest, ctx.config.slow_client_timeout).await;
-    ctx.stats.stalled.fetch_sub(1, Ordering::Relaxed);
-    ctx.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-    match flushed {
-        Wrote::Ok => Some(CloseCode::TooSlow),
-        _ => None,
-    }
 }
 
 /// The node's flush tick for `--flush-interval`. A writer that wrote updates is held: pushes

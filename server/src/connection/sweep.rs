@@ -26,12 +26,9 @@
 //!   only while the connection is ending.
 //! - A long-poll's wait is what the poll is (at most 30 s); it is not kept alive.
 //!
-//! What an idle WebSocket still carries besides its buffers: its reader task, waiting on the
-//! socket, and its writer task, waiting on the outbox (a 384-byte future, debug build, plus
-//! the task's header). Starting the writer only while something is queued would save that, but
-//! the start must come from whoever queues (the document's owner, through the outbox's
-//! `DirectSocket`), not from the reader: the reader can be busy for a while with one frame (a
-//! document load, a dependency wait), and queued frames must not wait behind it.
+//! What an idle WebSocket still carries besides its buffers and its entries here: one task,
+//! its reader, waiting on the socket and the outbox. Its writer task runs only while something
+//! is queued for the socket (see `super::writer`).
 
 use crate::doc::ConnId;
 use crate::doc::outbox::{Outbox, Proto};
