@@ -408,32 +408,9 @@ async fn run_boxed<S: Session>(
                 if let Some(replies) = reader.take_replies() {
                     outbox.push_raw(replies);
                 }
-                match got {
-                    Got::Closed => break "client went away",
-                    Got::Message(Message::Binary(bytes)) => {
-                        let handling = on_binary(&mut *session, &mut messages, bytes);
-                        let step = Box::pin(writer.alongside(handling)).await;
-                        if let Step::Close(code) = step {
-                            outbox.request_close(code);
-                        }
-                    }
-                    Got::Message(Message::Text(_)) => outbox.request_close(CloseCode::UnsupportedData),
-                    Got::Message(Message::Close(_)) => break "client closed",
-                    Got::Message(_) => {}
-                    Got::WouldBlock => {}
-                    Got::Error(tungstenite::Error::Capacity(_)) => {
-                        outbox.request_close(CloseCode::MessageTooBig);
-                        // Give the writer its chance to send the close frame.
-                        let closing = async {
-                            while !writer.finished() {
-                                writer.start();
-                                writer.joined().await;
-                            }
-                        };
-                        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), closing)).await;
-                        break "message too big";
-                    }
-                    Got::Error(_) => break "read error",
+                let handled = on_message(got, &mut *session, &mut messages, &mut writer, &outbox);
+                if let Some(reason) = Box::pin(handled).await {
+                    break reason;
                 }
             }
         }
@@ -447,6 +424,45 @@ async fn run_boxed<S: Session>(
     ctx.forget_outbox(conn);
     linger(&mut reader, &socket).await;
     drop(slot);
+}
+
+/// Acts on one message from the client; `Some(reason)` ends the connection.
+async fn on_message<S: Session>(
+    got: Got,
+    session: &mut S,
+    messages: &mut TokenBucket,
+    writer: &mut Writer,
+    outbox: &Outbox,
+) -> Option<&'static str> {
+    match got {
+        Got::Closed => Some("client went away"),
+        Got::Message(Message::Binary(bytes)) => {
+            let handling = on_binary(session, messages, bytes);
+            if let Step::Close(code) = writer.alongside(handling).await {
+                outbox.request_close(code);
+            }
+            None
+        }
+        Got::Message(Message::Text(_)) => {
+            outbox.request_close(CloseCode::UnsupportedData);
+            None
+        }
+        Got::Message(Message::Close(_)) => Some("client closed"),
+        Got::Message(_) | Got::WouldBlock => None,
+        Got::Error(tungstenite::Error::Capacity(_)) => {
+            outbox.request_close(CloseCode::MessageTooBig);
+            // Give the writer its chance to send the close frame.
+            let closing = async {
+                while !writer.finished() {
+                    writer.start();
+                    writer.joined().await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+            Some("message too big")
+        }
+        Got::Error(_) => Some("read error"),
+    }
 }
 
 /// The next message from the client (tungstenite keeps frames it already read, so it is asked
