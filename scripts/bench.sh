@@ -17,7 +17,8 @@
 # and add chorus@LABEL to SERVERS (served like `chorus`, on /y).
 # The join storm (join) runs against `chorus` and the peers only, after its own floor row.
 # Knobs (environment): REPS, SCENARIOS (floor fanout s1 s2 s3 s4 s5 join), SERVERS, S1_DOCS,
-# S1_STEPS, S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, JOIN_MB, JOIN_CLIENTS, MEASURE, WARMUP.
+# S1_STEPS, S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, JOIN_MB, JOIN_CLIENTS, MEASURE, WARMUP,
+# CHORUS_BIN (another build as `chorus`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -65,7 +66,8 @@ fi
 say "cargo build --release (chorus, loadgen, bench_send_floor, bench_slow_readers, bench_redis)"
 cargo build --release -p chorus-server --bin chorus -p chorus-tests --bin loadgen --bin bench_send_floor \
   --bin bench_slow_readers --bin bench_redis
-CHORUS=$ROOT/target/release/chorus
+# CHORUS_BIN: another chorus binary in place of this checkout's (A/B runs of two builds).
+CHORUS=${CHORUS_BIN:-$ROOT/target/release/chorus}
 LOADGEN=$ROOT/target/release/loadgen
 
 # --- servers -------------------------------------------------------------------------------

@@ -238,6 +238,37 @@ async fn refresh_keeps_the_socket_and_expiry_closes_it_within_a_second() {
 }
 
 #[tokio::test]
+async fn a_y_websocket_socket_is_closed_with_4101_when_its_token_expires() {
+    let server = server().await;
+    let exp = now() + 2;
+    let docs = json!([{"doc": "page", "access": "write"}]);
+    let t = token_with(json!({"sub": "ann", "exp": exp, "docs": docs}), SECRET);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}/page?token={t}", server.yjs_base()))
+            .await
+            .expect("connect");
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let code = loop {
+        match tokio::time::timeout_at(until, ws.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("the socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4101));
+    let late = SystemTime::now()
+        .duration_since(UNIX_EPOCH + Duration::from_secs(exp))
+        .unwrap_or_default();
+    assert!(
+        late <= Duration::from_secs(1),
+        "closed {late:?} after expiry"
+    );
+}
+
+#[tokio::test]
 async fn revocation_closes_the_subjects_sockets_within_a_second() {
     let server = server().await;
     let t = token("eve", 600, json!([{"doc": "*", "access": "write"}]));

@@ -576,3 +576,53 @@ async fn a_joiner_gets_pings_between_the_fragments_of_its_long_answer() {
         "a ping reached the joiner before its answer was complete"
     );
 }
+
+async fn writers(addr: SocketAddr) -> u64 {
+    stats(addr).await["outbox"]["writers"]
+        .as_u64()
+        .expect("outbox.writers in /v1/stats")
+}
+
+#[tokio::test]
+async fn a_connection_has_a_writer_task_only_while_something_waits_for_its_socket() {
+    let server = TestServer::start(|c| {
+        c.outbox_bytes = BUDGET;
+        c.max_messages_per_second = 1_000_000;
+        c.ping_interval = Duration::from_secs(120);
+        c.slow_client_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let (url, addr) = (server.ws_url(), server.addr);
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let mut c = NativeClient::connect(&url).await;
+        c.subscribe_synced("w").await;
+        idle.push(c);
+    }
+    eventually("no writer for idle connections", DEADLINE, || async {
+        (writers(addr).await == 0).then_some(())
+    })
+    .await;
+    drop(idle);
+
+    // A reader that stops reading while the document changes: what it cannot take waits in
+    // its outbox, and its writer runs (stuck on the full socket) until it reads again.
+    let mut slow = NativeClient::connect_small_window(&url, 16 * 1024).await;
+    slow.subscribe_synced("w").await;
+    let mut w = push_values(&url, "w", false).await;
+    eventually("a writer for the stalled reader", DEADLINE, || async {
+        (writers(addr).await >= 1).then_some(())
+    })
+    .await;
+
+    let until = tokio::time::Instant::now() + DEADLINE * 2;
+    while slow.map_value("w", "done").as_deref() != Some("yes") {
+        assert!(tokio::time::Instant::now() < until, "the reader caught up");
+        let _ = slow.next_event(Duration::from_millis(100)).await;
+    }
+    let _ = w.drain_for(Duration::from_millis(100)).await;
+    eventually("no writer once everything is written", DEADLINE, || async {
+        (writers(addr).await == 0).then_some(())
+    })
+    .await;
+}

@@ -225,6 +225,52 @@ async fn streams_need_a_read_grant_and_end_when_the_token_expires() {
 }
 
 #[tokio::test]
+async fn a_long_poll_still_waiting_when_its_token_expires_ends_with_401_at_expiry() {
+    let server = TestServer::start(|c| c.auth_secret = Some(SECRET.into())).await;
+    let t = token(2, json!([{"doc": "lp", "access": "write"}]));
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 2;
+    let doc = yrs::Doc::new();
+    let text = doc.get_or_insert_text("t");
+    text.insert(&mut doc.transact_mut(), 0, "x");
+    let update = doc
+        .transact()
+        .encode_state_as_update_v1(&Default::default());
+    let posted = http::post(
+        server.addr,
+        &format!("/v1/docs/lp/updates?token={t}"),
+        &update,
+    )
+    .await
+    .expect("POST");
+    assert_eq!(posted.status, 200);
+    let at: Position = posted.json()["position"]
+        .as_str()
+        .expect("position")
+        .parse()
+        .expect("parse");
+    // Nothing will follow `at`: the poll waits, and its token runs out long before `wait`.
+    let r = http::get(
+        server.addr,
+        &format!("/v1/docs/lp/updates?token={t}&after={at}&wait=25"),
+    )
+    .await
+    .expect("GET");
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "token_expired");
+    let late = SystemTime::now()
+        .duration_since(UNIX_EPOCH + Duration::from_secs(exp))
+        .unwrap_or_default();
+    assert!(
+        late <= Duration::from_secs(1),
+        "ended {late:?} after expiry"
+    );
+}
+
+#[tokio::test]
 async fn revoking_the_token_ends_its_streams() {
     let server = TestServer::start(|c| {
         c.auth_secret = Some(SECRET.into());

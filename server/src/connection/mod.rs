@@ -1,6 +1,8 @@
 //! One WebSocket connection (data-flow steps 1 and 6): a reader that turns frames into
-//! document commands and appends, and a writer that drains the connection's outbox into the
-//! socket, sends heartbeats and closes with a documented code.
+//! document commands and appends, and — only while something is queued for the socket — a
+//! writer that drains the connection's outbox into it and closes with a documented code.
+//! Heartbeats and token deadlines are not the connection's: the node's [`sweep`] keeps them
+//! for every connection at once.
 //!
 //! Reader and writer are separate tracked tasks so that a client that stops reading cannot
 //! stop us from reading it (and the other way round); the protocol-specific part is a
@@ -9,7 +11,9 @@
 pub mod native;
 pub mod socket;
 pub mod sse;
+pub mod sweep;
 pub mod wires;
+mod writer;
 pub mod yjs;
 
 use crate::auth::{Auth, Principal};
@@ -21,16 +25,19 @@ use crate::limits::{ConnectionSlot, TokenBucket};
 use bytes::Bytes;
 use chorus_protocol::CloseCode;
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
-use socket::{FrameReader, Got, Socket, Wrote};
+use socket::{FrameReader, Got, Socket};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use sweep::{Liveness, Sweep, WarnFrame};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tungstenite::Message;
+use writer::Writer;
 
 /// What every connection needs from the node.
 pub struct ConnContext {
@@ -47,6 +54,9 @@ pub struct ConnContext {
     pub applied_late: AtomicU64,
     /// Open WebSocket connections (admission slots).
     pub open: Arc<AtomicUsize>,
+    /// Connections whose writer task runs right now: something is queued for their socket
+    /// (see `writer`; an idle connection has none).
+    pub writers: AtomicUsize,
     /// Open TCP connections per client address (see `crate::serve`).
     pub per_ip: Arc<crate::serve::PerIp>,
     /// Document-API requests per client address (`--max-api-requests-per-second`).
@@ -58,8 +68,8 @@ pub struct ConnContext {
     accept_rate: Mutex<TokenBucket>,
     outboxes: Mutex<HashMap<ConnId, Weak<Outbox>>>,
     next_conn: AtomicU64,
-    /// Pings, keepalives and silence checks for every open WebSocket.
-    heartbeat: Arc<Heartbeat>,
+    /// Pings, keepalives, silence checks and token deadlines for every open connection.
+    sweep: Arc<Sweep>,
 }
 
 /// Why a new connection was not admitted.
@@ -100,10 +110,10 @@ impl ConnContext {
             auth.clone(),
             limits,
         );
-        let heartbeat = Arc::new(Heartbeat::new());
-        heartbeat.spawn(&config, shutdown.clone(), &tracker);
+        let sweep = Arc::new(Sweep::new(config.token_warning));
+        sweep.spawn(&config, shutdown.clone(), &tracker);
         ConnContext {
-            heartbeat,
+            sweep,
             flush_clock,
             registry,
             config,
@@ -115,6 +125,7 @@ impl ConnContext {
             applied_late: AtomicU64::new(0),
             holders: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
+            writers: AtomicUsize::new(0),
             per_ip: Arc::new(crate::serve::PerIp::new(per_ip)),
             api_rate,
             accept_rate: Mutex::new(TokenBucket::new(rate, rate)),
@@ -160,18 +171,21 @@ impl ConnContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn);
-        self.heartbeat.forget(conn);
+        self.sweep.forget(conn);
         self.holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn);
     }
 
-    /// Records (or, after a refresh, replaces) who holds a connection. A revocation applied
-    /// after the token was verified but before this registration found nothing to close, so
-    /// the token is checked again once registered (`revoke` records before it looks here):
-    /// every revocation is seen by one of the two.
-    pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal) {
+    /// Records (or, after a refresh, replaces) who holds a connection, and files its token's
+    /// expiry with the sweep: `warn` is how the connection's protocol says the token expires
+    /// soon (`None`: it has no way to). A revocation applied after the token was verified but
+    /// before this registration found nothing to close, so the token is checked again once
+    /// registered (`revoke` records before it looks here): every revocation is seen by one of
+    /// the two.
+    pub fn set_holder(&self, outbox: &Arc<Outbox>, principal: Principal, warn: Option<WarnFrame>) {
+        self.sweep.schedule_expiry(outbox, principal.exp, warn);
         let check = principal.clone();
         self.holders
             .lock()
@@ -199,6 +213,12 @@ impl ConnContext {
             outbox.request_close(CloseCode::Revoked);
         }
         hit.len()
+    }
+
+    /// Keeps a one-way stream alive from the node's sweep: `keepalive` (in the stream's own
+    /// framing) goes into its outbox every ping interval, until [`ConnContext::forget_outbox`].
+    pub fn keep_alive(&self, outbox: &Arc<Outbox>, keepalive: &'static Bytes) {
+        self.sweep.watch(outbox, Liveness::Stream(keepalive));
     }
 
     /// (total, largest) bytes waiting in connection outboxes right now.
@@ -236,10 +256,6 @@ pub trait Session: Send + 'static {
     fn on_appended(&mut self, done: native::AppendDone) -> Step;
     /// Documents this connection holds, to release when it ends.
     fn documents(&mut self) -> Vec<DocHandle>;
-    /// When the connection's token expires (Unix seconds); it is closed with 4101 then.
-    fn expires_at(&self) -> Option<u64>;
-    /// The token expires soon: tell the client, if the protocol can.
-    fn warn_expiring(&mut self);
     /// Updates the session holds back, while the socket keeps being read, until what they
     /// build on arrives: when to look at them again. `None` while nothing is held.
     fn held(&self) -> Option<HeldWake> {
@@ -260,19 +276,39 @@ pub struct HeldWake {
 }
 
 impl HeldWake {
-    async fn wait(held: Option<HeldWake>) {
-        let Some(mut h) = held else {
-            return std::future::pending().await;
-        };
+    /// Boxed, and only while something is held: the reader's future keeps room for every
+    /// future its `select!` waits on, and an idle connection should not carry this one's
+    /// timer and watch for nothing.
+    fn wait(held: Option<HeldWake>) -> impl Future<Output = ()> + Send {
+        match held {
+            Some(h) => Either::Left(Box::pin(h.until_due())),
+            None => Either::Right(std::future::pending()),
+        }
+    }
+
+    async fn until_due(mut self) {
+        let until = self.until;
         tokio::select! {
-            changed = h.changed.changed() => {
+            changed = self.changed.changed() => {
                 // The document is gone: only the deadline is left to wait for.
                 if changed.is_err() {
-                    tokio::time::sleep_until(h.until).await;
+                    tokio::time::sleep_until(until).await;
                 }
             }
-            _ = tokio::time::sleep_until(h.until) => {}
+            _ = tokio::time::sleep_until(until) => {}
         }
+    }
+}
+
+/// `make()`'s future, boxed, if `now`; otherwise one that never resolves. For waits that only
+/// happen now and then: an idle connection's future does not keep room for them.
+fn when<F: Future<Output = ()> + Send>(
+    now: bool,
+    make: impl FnOnce() -> F,
+) -> impl Future<Output = ()> + Send {
+    match now {
+        true => Either::Left(Box::pin(make())),
+        false => Either::Right(std::future::pending()),
     }
 }
 
@@ -289,13 +325,6 @@ const READ_BUFFER: usize = 1024;
 pub struct Upgraded {
     pub socket: Arc<Socket>,
     pub read_buf: Bytes,
-}
-
-/// What the node-wide heartbeat sweep knows of one open WebSocket.
-struct Live {
-    outbox: Weak<Outbox>,
-    /// Milliseconds since the node's start when the client last sent anything.
-    last_seen: AtomicU64,
 }
 
 /// Runs a connection to the end: spawns its writer, reads until either side is done, then
@@ -342,47 +371,33 @@ async fn run_boxed<S: Session>(
     }
     let rate = ctx.config.max_messages_per_second;
     let mut messages = TokenBucket::new(rate, rate.saturating_mul(2));
-    let done = CancellationToken::new();
-    let live = ctx.heartbeat.watch(&outbox);
-    let writer = ctx.tracker.spawn(write_loop(
-        socket.clone(),
-        outbox.clone(),
-        ctx.clone(),
-        done.clone(),
-    ));
+    let live = ctx.sweep.watch(&outbox, Liveness::Socket);
+    // Started when something is queued, not before (see `writer`).
+    let mut writer = Writer::new(socket.clone(), outbox.clone(), ctx.clone());
 
-    let mut warned_for = None;
-    let mut expired = false;
     let reason = loop {
+        if writer.finished() {
+            break "writer finished";
+        }
         let inflight_full = session.inflight().len() >= MAX_INFLIGHT;
         // Backpressure on the client's own requests: while more waits for it than its budget
         // (an answer to a document larger than the budget, say), what it sends stays unread
         // in the socket, so asking again and again without reading costs nothing here.
         let over_budget = outbox.over_budget();
         let held = session.held();
-        let expiry = session.expires_at();
-        let expire_at = expiry.filter(|_| !expired).map(instant_at);
-        let warn_at = expiry
-            .filter(|e| warned_for != Some(*e))
-            .map(|e| instant_at(e) - ctx.config.token_warning);
+        let (may_start, writing) = (writer.may_start(), writer.running());
         tokio::select! {
             biased;
-            _ = done.cancelled() => break "writer finished",
-            _ = sleep_until_opt(expire_at) => {
-                expired = true;
-                tracing::info!(conn, "token expired; closing");
-                outbox.request_close(CloseCode::TokenExpired);
-            }
-            _ = sleep_until_opt(warn_at) => {
-                warned_for = expiry;
-                session.warn_expiring();
-            }
+            _ = writer.joined(), if writing => {}
+            _ = outbox.ready(), if may_start => writer.start(),
+            // The writer says "going away" (after flushing what waits).
+            _ = ctx.shutdown.cancelled(), if may_start => writer.start(),
             Some(appended) = session.inflight().next() => {
                 if let Step::Close(code) = session.on_appended(appended) {
                     outbox.request_close(code);
                 }
             }
-            _ = outbox.room(), if over_budget => {}
+            _ = when(over_budget, || outbox.room()) => {}
             _ = HeldWake::wait(held) => {
                 if let Step::Close(code) = session.on_held_wake() {
                     outbox.request_close(code);
@@ -391,39 +406,19 @@ async fn run_boxed<S: Session>(
             // Once a close is asked for (revoked, expired, misbehaving) nothing more the
             // client sends is acted on, even while the writer is still stuck on a slow peer.
             got = next_message(&mut reader, &socket), if !inflight_full && !over_budget && !outbox.close_requested() => {
-                ctx.heartbeat.seen(&live);
+                ctx.sweep.seen(&live);
                 if let Some(replies) = reader.take_replies() {
                     outbox.push_raw(replies);
                 }
-                match got {
-                    Got::Closed => break "client went away",
-                    Got::Message(Message::Binary(bytes)) => {
-                        let step = Box::pin(on_binary(&mut *session, &mut messages, bytes)).await;
-                        if let Step::Close(code) = step {
-                            outbox.request_close(code);
-                        }
-                    }
-                    Got::Message(Message::Text(_)) => outbox.request_close(CloseCode::UnsupportedData),
-                    Got::Message(Message::Close(_)) => break "client closed",
-                    Got::Message(_) => {}
-                    Got::WouldBlock => {}
-                    Got::Error(tungstenite::Error::Capacity(_)) => {
-                        outbox.request_close(CloseCode::MessageTooBig);
-                        // Give the writer its chance to send the close frame.
-                        tokio::select! {
-                            _ = done.cancelled() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                        break "message too big";
-                    }
-                    Got::Error(_) => break "read error",
+                let handled = on_message(got, &mut *session, &mut messages, &mut writer, &outbox);
+                if let Some(reason) = Box::pin(handled).await {
+                    break reason;
                 }
             }
         }
     };
     tracing::debug!(conn, reason, "connection reader finished");
-    done.cancel();
-    let _ = writer.await;
+    Box::pin(writer.end()).await;
     for handle in session.documents() {
         handle.unsubscribe(conn).await;
     }
@@ -431,6 +426,45 @@ async fn run_boxed<S: Session>(
     ctx.forget_outbox(conn);
     linger(&mut reader, &socket).await;
     drop(slot);
+}
+
+/// Acts on one message from the client; `Some(reason)` ends the connection.
+async fn on_message<S: Session>(
+    got: Got,
+    session: &mut S,
+    messages: &mut TokenBucket,
+    writer: &mut Writer,
+    outbox: &Outbox,
+) -> Option<&'static str> {
+    match got {
+        Got::Closed => Some("client went away"),
+        Got::Message(Message::Binary(bytes)) => {
+            let handling = on_binary(session, messages, bytes);
+            if let Step::Close(code) = writer.alongside(handling).await {
+                outbox.request_close(code);
+            }
+            None
+        }
+        Got::Message(Message::Text(_)) => {
+            outbox.request_close(CloseCode::UnsupportedData);
+            None
+        }
+        Got::Message(Message::Close(_)) => Some("client closed"),
+        Got::Message(_) | Got::WouldBlock => None,
+        Got::Error(tungstenite::Error::Capacity(_)) => {
+            outbox.request_close(CloseCode::MessageTooBig);
+            // Give the writer its chance to send the close frame.
+            let closing = async {
+                while !writer.finished() {
+                    writer.start();
+                    writer.joined().await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+            Some("message too big")
+        }
+        Got::Error(_) => Some("read error"),
+    }
 }
 
 /// The next message from the client (tungstenite keeps frames it already read, so it is asked
@@ -474,245 +508,6 @@ async fn linger(reader: &mut FrameReader, socket: &Socket) {
         while let Got::Message(_) | Got::WouldBlock = next_message(reader, socket).await {}
     })
     .await;
-}
-
-/// y-websocket clients drop a socket after 30 s without any message (WebSocket pings never
-/// reach their JavaScript), so y-websocket sockets get a harmless empty awareness update
-/// ([`chorus_protocol::y_websocket::KEEPALIVE`]) this often.
-const YJS_KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
-
-/// Pings, keepalives and the silence check for every WebSocket of the node, from one timer:
-/// per-connection timers cost a timer entry and a task wake per connection and period, and
-/// their futures are memory every idle connection carries.
-pub struct Heartbeat {
-    live: Mutex<HashMap<ConnId, Arc<Live>>>,
-    started: Instant,
-}
-
-impl Heartbeat {
-    fn new() -> Self {
-        Heartbeat {
-            live: Mutex::new(HashMap::new()),
-            started: Instant::now(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<Live>>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    fn watch(&self, outbox: &Arc<Outbox>) -> Arc<Live> {
-        let live = Arc::new(Live {
-            outbox: Arc::downgrade(outbox),
-            last_seen: AtomicU64::new(self.now_ms()),
-        });
-        self.lock().insert(outbox.conn, live.clone());
-        live
-    }
-
-    fn seen(&self, live: &Live) {
-        live.last_seen.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn forget(&self, conn: ConnId) {
-        self.lock().remove(&conn);
-    }
-
-    /// Ticks every `min(ping_interval, 15 s)`: pings (and checks silence) once per ping
-    /// interval, sends y-websocket keepalives once per 15 s.
-    fn spawn(
-        self: &Arc<Self>,
-        config: &crate::Config,
-        shutdown: CancellationToken,
-        tracker: &TaskTracker,
-    ) {
-        let this = self.clone();
-        let ping_every = config.ping_interval;
-        let silence_limit = (config.ping_interval + config.ping_timeout).as_millis() as u64;
-        tracker.spawn(async move {
-            let period = ping_every.min(YJS_KEEPALIVE_EVERY);
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            tick.tick().await;
-            let (mut last_ping, mut last_keepalive) = (Instant::now(), Instant::now());
-            let ping = socket::framed(socket::PING, &[]);
-            let keepalive = Bytes::from_static(chorus_protocol::y_websocket::KEEPALIVE);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                let now = Instant::now();
-                let ping_due = now - last_ping >= ping_every;
-                let keepalive_due = now - last_keepalive >= YJS_KEEPALIVE_EVERY;
-                if ping_due {
-                    last_ping = now;
-                }
-                if keepalive_due {
-                    last_keepalive = now;
-                }
-                let all: Vec<Arc<Live>> = this.lock().values().cloned().collect();
-                let now_ms = this.now_ms();
-                for live in all {
-                    let Some(outbox) = live.outbox.upgrade() else {
-                        continue;
-                    };
-                    if ping_due {
-                        let seen = live.last_seen.load(Ordering::Relaxed);
-                        if now_ms.saturating_sub(seen) > silence_limit {
-                            tracing::info!(
-                                conn = outbox.conn,
-                                "no frame or pong within the heartbeat timeout; closing"
-                            );
-                            outbox.request_close(CloseCode::HeartbeatTimeout);
-                            continue;
-                        }
-                        outbox.push_raw(ping.clone());
-                    }
-                    if keepalive_due && outbox.wire_id() == wires::Y_WEBSOCKET.id() {
-                        outbox.push_control(keepalive.clone());
-                    }
-                }
-            }
-        });
-    }
-}
-
-async fn write_loop(
-    socket: Arc<Socket>,
-    outbox: Arc<Outbox>,
-    ctx: Arc<ConnContext>,
-    done: CancellationToken,
-) {
-    let mut wake_at: Option<Instant> = None;
-    // Made once: a cancellation future registers with its token when first polled, and
-    // re-making it on every wake would do that for every write.
-    let done_cancelled = done.cancelled();
-    let shutdown_cancelled = ctx.shutdown.cancelled();
-    tokio::pin!(done_cancelled, shutdown_cancelled);
-
-    let close = loop {
-        tokio::select! {
-            biased;
-            _ = &mut done_cancelled => {
-                // The reader ended: what tungstenite owes the client (the reply to its close)
-                // and the rest of a short write still go out.
-                let raw = outbox.take_raw();
-                if !raw.is_empty() {
-                    let _ = Box::pin(socket.write_all(raw, Duration::from_secs(1))).await;
-                }
-                break None;
-            }
-            _ = &mut shutdown_cancelled => {
-                // Drain: flush what is already waiting (bounded), then say "going away".
-                let drained = outbox.drain();
-                let runs = socket::frame_all(drained.raw, drained.frames);
-                let _ = Box::pin(socket.write_runs(runs, Duration::from_secs(2), Vec::new)).await;
-                outbox.finish_write();
-                break Some(CloseCode::GoingAway);
-            }
-            _ = outbox.ready() => {}
-            _ = sleep_until_opt(wake_at) => {}
-        };
-        if ctx.flush_clock.is_some() && outbox.is_held() && !outbox.urgent() {
-            // Held for the flush tick, which drains everything (awareness held back by its
-            // rate cap included); only a close or an error frame goes first.
-            wake_at = None;
-            continue;
-        }
-        let (wrote, close) = Box::pin(write_drained(&socket, &outbox, &ctx, &mut wake_at)).await;
-        match wrote {
-            Wrote::Ok => {
-                if close.is_some() {
-                    break close;
-                }
-            }
-            Wrote::Failed => break None,
-            Wrote::Stalled(rest) => break Box::pin(on_stall(&socket, &outbox, &ctx, rest)).await,
-        }
-    };
-    let code_label = close.map_or_else(|| "none".to_owned(), |c| c.code().to_string());
-    metrics::counter!(crate::metrics::names::CLOSES, "code" => code_label).increment(1);
-    if let Some(code) = close {
-        let frame = vec![socket::close_frame(code)];
-        let _ = Box::pin(socket.write_all(frame, Duration::from_secs(1))).await;
-    }
-    socket.shutdown_write();
-    done.cancel();
-}
-
-/// One drain of the outbox into the socket; returns how the write went and the close the
-/// drain asked for.
-async fn write_drained(
-    socket: &Socket,
-    outbox: &Arc<Outbox>,
-    ctx: &ConnContext,
-    wake_at: &mut Option<Instant>,
-) -> (Wrote, Option<CloseCode>) {
-    let mut drained = outbox.drain();
-    *wake_at = drained.wake_at;
-    drained.request_owed(outbox.conn).await;
-    let close = drained.close;
-    if drained.raw.is_empty() && drained.frames.is_empty() {
-        outbox.finish_write();
-        return (Wrote::Ok, close);
-    }
-    if let Some(clock) = &ctx.flush_clock {
-        // Before the write: a tick during it releases the writer at once.
-        clock.hold(outbox);
-    }
-    let stats = &ctx.stats;
-    stats.writes.fetch_add(1, Ordering::Relaxed);
-    let n = drained.frames.len() as u64;
-    stats.frames_written.fetch_add(n, Ordering::Relaxed);
-    let hot = crate::metrics::hot();
-    hot.frames_out.increment(n);
-    hot.bytes_out
-        .increment(drained.frames.iter().map(|f| f.len() as u64).sum());
-    let runs = socket::frame_all(drained.raw, drained.frames);
-    // Pings and pongs that come up while a long answer is written go between its fragments.
-    let controls = || outbox.take_raw_while(socket::is_ping_or_pong);
-    let wrote = socket
-        .write_runs(runs, ctx.config.slow_client_timeout, controls)
-        .await;
-    outbox.finish_write();
-    (wrote, close)
-}
-
-/// The peer stopped reading. Give it one more period to take what is already in flight, so
-/// that if it comes back it reads a clean close telling it to resume; otherwise drop it (it
-/// resumes by position all the same).
-async fn on_stall(
-    socket: &Socket,
-    outbox: &Outbox,
-    ctx: &ConnContext,
-    rest: Vec<Bytes>,
-) -> Option<CloseCode> {
-    tracing::info!(
-        conn = outbox.conn,
-        "peer stopped reading; closing as too slow"
-    );
-    ctx.stats.stalled.fetch_add(1, Ordering::Relaxed);
-    let flushed = socket.write_all(rest, ctx.config.slow_client_timeout).await;
-    ctx.stats.stalled.fetch_sub(1, Ordering::Relaxed);
-    ctx.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
-    match flushed {
-        Wrote::Ok => Some(CloseCode::TooSlow),
-        _ => None,
-    }
-}
-
-/// The instant a Unix time (seconds) falls on, at millisecond precision.
-fn instant_at(unix_secs: u64) -> Instant {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    Instant::now() + Duration::from_millis((unix_secs * 1000).saturating_sub(now_ms))
 }
 
 /// The node's flush tick for `--flush-interval`. A writer that wrote updates is held: pushes
@@ -762,9 +557,11 @@ impl FlushClock {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+/// Sleeps until `at`; never resolves for `None`. The timer is boxed and made only when there is
+/// one: a writer waits here for its whole life, nearly always with nothing to wait for.
+fn sleep_until_opt(at: Option<Instant>) -> impl Future<Output = ()> + Send {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+        Some(at) => Either::Left(Box::pin(tokio::time::sleep_until(at))),
+        None => Either::Right(std::future::pending()),
     }
 }

@@ -75,7 +75,7 @@ pub struct NativeSession {
 
 impl NativeSession {
     pub fn new(ctx: Arc<ConnContext>, outbox: Arc<Outbox>, principal: Principal) -> Self {
-        ctx.set_holder(&outbox, principal.clone());
+        ctx.set_holder(&outbox, principal.clone(), Some(expiring_frame));
         let subscribes = crate::limits::TokenBucket::new(
             ctx.config.max_subscribes_per_second,
             u32::try_from(ctx.config.max_docs_per_connection).unwrap_or(u32::MAX),
@@ -224,7 +224,9 @@ impl NativeSession {
             Ok(p) => p,
             Err(e) => return self.error(ErrorCode::BadToken, e.to_string(), None, None),
         };
-        self.ctx.set_holder(&self.outbox, principal.clone());
+        // Re-files the expiry (and its warning) for the new token.
+        self.ctx
+            .set_holder(&self.outbox, principal.clone(), Some(expiring_frame));
         self.principal = principal;
         let denied: Vec<DocId> = self
             .docs
@@ -393,17 +395,13 @@ impl Session for NativeSession {
     fn documents(&mut self) -> Vec<DocHandle> {
         self.docs.drain().map(|(_, h)| h).collect()
     }
+}
 
-    fn expires_at(&self) -> Option<u64> {
-        self.principal.exp
-    }
-
-    fn warn_expiring(&mut self) {
-        if let Some(expires_at) = self.principal.exp {
-            let frame = ServerFrame::AuthExpiring { expires_at };
-            if let Ok(bytes) = frame.encode() {
-                self.outbox.push_control(Bytes::from(bytes));
-            }
-        }
-    }
+/// The native warning that the socket's token expires soon (sent by the node's sweep, see
+/// [`super::sweep`]): the client answers with an `auth` frame carrying a fresh token.
+fn expiring_frame(expires_at: u64) -> Option<Bytes> {
+    ServerFrame::AuthExpiring { expires_at }
+        .encode()
+        .ok()
+        .map(Bytes::from)
 }

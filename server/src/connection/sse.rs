@@ -22,7 +22,7 @@ use chorus_protocol::{CloseCode, DocId, Position, ServerFrame};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 /// How long a node waits to apply a position a client brings from another node (the other
 /// node may have read the log a few milliseconds earlier) before it answers with full state.
@@ -87,7 +87,8 @@ pub async fn start_sse(
                 return;
             }
         };
-        ctx.set_holder(&outbox, req.principal.clone());
+        // The sweep closes the stream (4101) when the token expires.
+        ctx.set_holder(&outbox, req.principal.clone(), None);
         // One chunk in flight: the body is pulled by hyper only as fast as the socket takes
         // it, so everything else waits (merged) in the outbox, under its byte budget. If the
         // request is gone already, the pump sees the closed channel at once and cleans up.
@@ -101,10 +102,13 @@ pub async fn start_sse(
 enum Wake {
     Gone,
     Shutdown,
-    Expired,
     Drain,
-    Heartbeat,
 }
+
+/// A comment line: ignored by EventSource, but it keeps proxies from closing an idle stream
+/// and finds readers that went away without a FIN. The node's sweep queues it every ping
+/// interval (see `super::sweep`).
+static KEEPALIVE: Bytes = Bytes::from_static(b": keepalive\n\n");
 
 /// How an SSE stream ends, said to the reader in a last `event: close`.
 fn close_event(code: CloseCode) -> Bytes {
@@ -134,10 +138,7 @@ async fn pump(
             )
         }
     };
-    let mut heartbeat = tokio::time::interval(ctx.config.ping_interval);
-    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    heartbeat.tick().await;
-    let expire_at = req.principal.exp.map(super::instant_at);
+    ctx.keep_alive(&outbox, &KEEPALIVE);
     let mut wake_at: Option<Instant> = None;
     let mut ok = send(Bytes::from(format!(
         "retry: {SSE_RETRY_MS}\n: chorus {} events\n\n",
@@ -149,10 +150,8 @@ async fn pump(
             biased;
             _ = tx.closed() => Wake::Gone,
             _ = ctx.shutdown.cancelled() => Wake::Shutdown,
-            _ = super::sleep_until_opt(expire_at) => Wake::Expired,
             _ = outbox.ready() => Wake::Drain,
             _ = super::sleep_until_opt(wake_at) => Wake::Drain,
-            _ = heartbeat.tick() => Wake::Heartbeat,
         };
         match wake {
             Wake::Gone => break,
@@ -160,27 +159,23 @@ async fn pump(
                 going_away(&outbox, &tx).await;
                 break;
             }
-            Wake::Expired => {
-                tracing::info!(conn, "token expired; ending event stream");
-                let _ = send(close_event(CloseCode::TokenExpired)).await;
-                break;
-            }
             Wake::Drain => {
                 let mut drained = outbox.drain();
                 wake_at = drained.wake_at;
                 drained.request_owed(conn).await;
                 if let Some(code) = drained.close {
-                    // Revoked (or the document failed): what waits is not sent any more.
+                    // Revoked, expired (see `super::sweep`) or the document failed: what
+                    // waits is not sent any more.
                     let _ = send(close_event(code)).await;
                     break;
                 }
-                if let Some(chunk) = chunk(drained.frames) {
+                // Raw bytes are keepalive comments from the sweep: they go first, as is.
+                let mut pieces = drained.raw;
+                pieces.extend(drained.frames);
+                if let Some(chunk) = chunk(pieces) {
                     ok = send(chunk).await;
                 }
             }
-            // A comment line: ignored by EventSource, but it keeps proxies from closing an
-            // idle stream and finds readers that went away without a FIN.
-            Wake::Heartbeat => ok = send(Bytes::from_static(b": keepalive\n\n")).await,
         }
     }
     if !ok && !tx.is_closed() {
@@ -309,7 +304,7 @@ async fn poll_once(
             return Err(e);
         }
     };
-    ctx.set_holder(&outbox, principal);
+    ctx.set_holder(&outbox, principal, None);
     let mut gathered = Gathered::default();
     let ended = loop {
         let mut drained = outbox.drain();

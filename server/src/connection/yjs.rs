@@ -92,7 +92,8 @@ impl YjsSession {
         handle: DocHandle,
         principal: Principal,
     ) -> Self {
-        ctx.set_holder(&outbox, principal.clone());
+        // y-websocket has no way to refresh a token: the socket is simply closed at expiry.
+        ctx.set_holder(&outbox, principal.clone(), None);
         YjsSession {
             writer: Writer::socket(outbox.conn),
             config: ctx.config.clone(),
@@ -251,13 +252,6 @@ impl Session for YjsSession {
     fn documents(&mut self) -> Vec<DocHandle> {
         self.handle.take().into_iter().collect()
     }
-
-    fn expires_at(&self) -> Option<u64> {
-        self.principal.exp
-    }
-
-    /// y-websocket has no way to refresh a token: the socket is simply closed at expiry.
-    fn warn_expiring(&mut self) {}
 
     fn held(&self) -> Option<HeldWake> {
         let (changed, until) = self.holding.wake()?;

@@ -111,6 +111,7 @@ pub(super) async fn stats(State(ctx): State<Arc<ConnContext>>) -> Response {
             "slow_closes": s.slow_closes.load(Ordering::Relaxed),
             "writes": s.writes.load(Ordering::Relaxed),
             "frames_written": s.frames_written.load(Ordering::Relaxed),
+            "writers": ctx.writers.load(Ordering::Relaxed),
         },
     }))
     .into_response()
