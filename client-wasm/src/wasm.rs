@@ -461,9 +461,15 @@ fn on_closed(shared: &Shared, generation: u64, code: u16) {
         if inner.generation != generation {
             return;
         }
-        // Invalidate this socket's remaining events.
+        // Invalidate this socket's remaining events, and unhook it: its closures are dropped
+        // when the next socket's replace them, and a socket closed by us (offline) still fires
+        // its close event later; calling a dropped closure throws in the page.
         inner.generation += 1;
-        inner.ws = None;
+        if let Some(ws) = inner.ws.take() {
+            ws.set_onopen(None);
+            ws.set_onmessage(None);
+            ws.set_onclose(None);
+        }
         let fresh = inner.token_provider.is_some();
         inner.session.closed(code, js_sys::Math::random(), fresh)
     };

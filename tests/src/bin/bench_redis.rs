@@ -39,7 +39,9 @@ fn observe(mut c: NativeClient) -> mpsc::Receiver<Instant> {
     tokio::spawn(async move {
         loop {
             match c.next_event(Duration::from_secs(30)).await {
-                Some(Event::Frame(ServerFrame::Update { .. })) => {
+                // The first write creates the document's log, whose new epoch resyncs every
+                // subscriber: that update arrives in a `synced` frame.
+                Some(Event::Frame(ServerFrame::Update { .. } | ServerFrame::Synced { .. })) => {
                     if tx.send(Instant::now()).await.is_err() {
                         return;
                     }
