@@ -277,16 +277,19 @@ impl DocHandle {
         self.inner.known_version.send_modify(|v| *v += 1);
     }
 
-    /// A handle whose owner is the test: it receives the commands sent to the document.
-    #[cfg(test)]
-    pub(crate) fn for_tests(doc: &DocId) -> (DocHandle, mpsc::Receiver<Command>) {
-        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
-        let handle = DocHandle {
+    /// A handle to a document's owner, which reads `commands` and `entries` at their other end.
+    pub(super) fn new(
+        doc: &DocId,
+        generation: u64,
+        commands: mpsc::Sender<Command>,
+        entries: mpsc::Sender<(u64, Vec<Entry>)>,
+    ) -> DocHandle {
+        DocHandle {
             inner: Arc::new(HandleInner {
                 doc: doc.clone(),
-                generation: 0,
+                generation,
                 commands,
-                entries: mpsc::channel(1).0,
+                entries,
                 lagged: AtomicBool::new(false),
                 approx_size: AtomicUsize::new(0),
                 known: std::sync::RwLock::new(StateVector::default()),
@@ -295,7 +298,14 @@ impl DocHandle {
                 evict_now: tokio::sync::Notify::new(),
                 recheck: tokio::sync::Notify::new(),
             }),
-        };
+        }
+    }
+
+    /// A handle whose owner is the test: it receives the commands sent to the document.
+    #[cfg(test)]
+    pub(crate) fn for_tests(doc: &DocId) -> (DocHandle, mpsc::Receiver<Command>) {
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let handle = DocHandle::new(doc, 0, commands, mpsc::channel(1).0);
         (handle, rx)
     }
 

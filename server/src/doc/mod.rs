@@ -20,16 +20,16 @@ use crate::storage::SnapshotStore;
 use chorus_protocol::{DocId, Position};
 use outbox::Outbox;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use yrs::StateVector;
 
 pub(crate) use handle::Command;
-use handle::{COMMAND_QUEUE, ENTRY_QUEUE, HandleInner};
+use handle::{COMMAND_QUEUE, ENTRY_QUEUE};
 pub use handle::{DocHandle, LOAD_WAIT, Readiness};
 
 /// A connection's id on this node.
@@ -200,21 +200,8 @@ impl Registry {
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (entries_tx, entries_rx) = mpsc::channel(ENTRY_QUEUE);
-        let handle = DocHandle {
-            inner: Arc::new(HandleInner {
-                doc: doc.clone(),
-                generation: self.generation.fetch_add(1, Ordering::Relaxed),
-                commands: cmd_tx,
-                entries: entries_tx,
-                lagged: AtomicBool::new(false),
-                approx_size: AtomicUsize::new(0),
-                known: std::sync::RwLock::new(StateVector::default()),
-                known_version: watch::channel(0).0,
-                idle: AtomicBool::new(false),
-                evict_now: tokio::sync::Notify::new(),
-                recheck: tokio::sync::Notify::new(),
-            }),
-        };
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let handle = DocHandle::new(doc, generation, cmd_tx, entries_tx);
         // Registered before the owner reads the log, so no entry appended meanwhile is missed
         // (duplicates are skipped by id).
         docs.insert(doc.clone(), handle.clone());
