@@ -82,22 +82,21 @@ fn main() -> anyhow::Result<()> {
 
 /// One row: `rate` updates a second for `seconds`, each written to every reader, `batch`
 /// updates to a write. Returns (deliveries, seconds, sender CPU seconds).
-fn run(
-    readers: usize,
-    rate: usize,
-    seconds: usize,
-    bytes: usize,
-    batch: usize,
+/// Starts this binary again on `reader_cpu` as the readers (`args`, then the address to read
+/// from) and accepts their `readers` connections.
+fn spawn_readers(
     reader_cpu: usize,
-) -> anyhow::Result<(u64, f64, f64)> {
+    readers: usize,
+    args: &[&str],
+) -> anyhow::Result<(std::process::Child, Vec<std::net::TcpStream>)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
-    let exe = std::env::current_exe()?;
     let child = Command::new("taskset")
         .arg("-c")
         .arg(reader_cpu.to_string())
-        .arg(exe)
-        .args(["--read-from", &addr, "--readers", &readers.to_string()])
+        .arg(std::env::current_exe()?)
+        .args(args)
+        .args([addr.as_str(), "--readers", &readers.to_string()])
         .stdout(Stdio::piped())
         .spawn()?;
     let mut socks = Vec::with_capacity(readers);
@@ -106,6 +105,18 @@ fn run(
         s.set_nodelay(true)?;
         socks.push(s);
     }
+    Ok((child, socks))
+}
+
+fn run(
+    readers: usize,
+    rate: usize,
+    seconds: usize,
+    bytes: usize,
+    batch: usize,
+    reader_cpu: usize,
+) -> anyhow::Result<(u64, f64, f64)> {
+    let (child, mut socks) = spawn_readers(reader_cpu, readers, &["--read-from"])?;
     let message = vec![0x55u8; bytes * batch];
     // Writes come every `batch` update periods, `batch` updates at a time.
     let period = Duration::from_secs_f64(batch as f64 / rate as f64);
@@ -170,22 +181,9 @@ fn read_all(addr: &str, readers: usize) -> anyhow::Result<()> {
 /// reader's), as a `join-floor` result.
 fn join(bytes: usize, readers: usize, reader_cpu: usize) -> anyhow::Result<()> {
     use std::io::Read;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?.to_string();
-    let child = Command::new("taskset")
-        .arg("-c")
-        .arg(reader_cpu.to_string())
-        .arg(std::env::current_exe()?)
-        .args(["--read-join", &addr, "--readers", &readers.to_string()])
-        .args(["--expect", &bytes.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut socks = Vec::with_capacity(readers);
-    for _ in 0..readers {
-        let (s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        socks.push(s);
-    }
+    let expect = bytes.to_string();
+    let (child, mut socks) =
+        spawn_readers(reader_cpu, readers, &["--expect", &expect, "--read-join"])?;
     let payload = vec![0x55u8; bytes];
     let cpu0 = chorus_tests::process_cpu_seconds(std::process::id());
     let t0 = Instant::now();
