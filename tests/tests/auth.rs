@@ -189,6 +189,46 @@ async fn a_denied_document_fails_alone_and_read_grants_never_write() {
         .await
         .expect("GET");
     assert_eq!(r.status, 403);
+    // The document as JSON and the inspector: a read grant of that document, or (the
+    // inspector only) the admin key.
+    for path in ["json", "inspect"] {
+        let r = http::get(server.addr, &format!("/v1/docs/shared-1/{path}?token={t}"))
+            .await
+            .expect("GET");
+        assert_eq!(r.status, 200, "read grant can GET {path}");
+        let r = http::get(server.addr, &format!("/v1/docs/secret/{path}?token={t}"))
+            .await
+            .expect("GET");
+        assert_eq!(r.status, 403, "{path} of an ungranted document");
+        let r = http::get(server.addr, &format!("/v1/docs/secret/{path}"))
+            .await
+            .expect("GET");
+        assert_eq!(r.status, 401, "{path} without a token");
+    }
+    let bearer = format!("Bearer {ADMIN}");
+    let r = http::request(
+        server.addr,
+        "GET",
+        "/v1/docs/secret/inspect",
+        &[("authorization", &bearer)],
+        &[],
+    )
+    .await
+    .expect("GET");
+    assert_eq!(r.status, 200, "the admin key inspects any document");
+    let r = http::request(
+        server.addr,
+        "GET",
+        "/v1/docs/secret/json",
+        &[("authorization", &bearer)],
+        &[],
+    )
+    .await
+    .expect("GET");
+    assert_eq!(
+        r.status, 401,
+        "the admin key is not a token for the document API"
+    );
 }
 
 #[tokio::test]

@@ -104,3 +104,110 @@ async fn posts_respect_the_document_size_limit_even_on_a_cold_document() {
     let got = http::get(server.addr, "/v1/docs/cap").await.expect("GET");
     assert_eq!(text_of(&got.body), "a".repeat(1500));
 }
+
+/// What a backend posts: a map with a nested type and an XML fragment, as yrs makes them.
+fn map_and_xml_update() -> Vec<u8> {
+    use yrs::{Map, MapPrelim, XmlElementPrelim, XmlFragment, XmlTextPrelim};
+    let doc = yrs::Doc::new();
+    let meta = doc.get_or_insert_map("meta");
+    let body = doc.get_or_insert_xml_fragment("body");
+    let mut txn = doc.transact_mut();
+    meta.insert(&mut txn, "author", "ada");
+    let nested = meta.insert(&mut txn, "nested", MapPrelim::default());
+    nested.insert(&mut txn, "n", 1);
+    let p = body.push_back(&mut txn, XmlElementPrelim::empty("paragraph"));
+    p.push_back(&mut txn, XmlTextPrelim::new("xml text"));
+    drop(txn);
+    doc.transact()
+        .encode_state_as_update_v1(&Default::default())
+}
+
+/// `GET …/json` reads back, as data, what a stock Yjs client and a backend wrote (the server
+/// never typed those roots); the inspector tells what the document is made of and how this
+/// node holds it, and a document it did not hold reads as not hot.
+#[tokio::test]
+async fn json_and_the_inspector_read_what_clients_wrote() {
+    use chorus_tests::stock::StockClient;
+    // No compaction during the test: the log since the snapshot is what was written.
+    let server = TestServer::start(|c| {
+        c.compact_entries = 1000;
+        c.compact_bytes = 1 << 20;
+    })
+    .await;
+    let cold = http::get(server.addr, "/v1/docs/ed/inspect")
+        .await
+        .expect("GET");
+    assert_eq!(cold.status, 200, "{}", String::from_utf8_lossy(&cold.body));
+    assert_eq!(cold.json()["hot"], false, "nobody had asked for it yet");
+    assert_eq!(cold.json()["roots"], serde_json::json!([]));
+
+    let mut stock = StockClient::spawn(&server.yjs_base(), "ed").await;
+    stock.append("typed in Yjs").await;
+    let mut live = NativeClient::connect(&server.ws_url()).await;
+    live.subscribe_synced("ed").await;
+    let posted = http::post(server.addr, "/v1/docs/ed/updates", &map_and_xml_update())
+        .await
+        .expect("POST");
+    assert_eq!(posted.status, 200);
+    live.wait_text("ed", "typed in Yjs").await;
+
+    let expected = serde_json::json!({
+        "body": [{"nodeName": "paragraph", "attributes": {}, "children": ["xml text"]}],
+        "meta": {"author": "ada", "nested": {"n": 1}},
+        "t": "typed in Yjs",
+    });
+    let json = http::get(server.addr, "/v1/docs/ed/json")
+        .await
+        .expect("GET");
+    assert_eq!(json.status, 200, "{}", String::from_utf8_lossy(&json.body));
+    assert_eq!(json.json(), expected);
+    let delta = http::get(server.addr, "/v1/docs/ed/json?text=delta")
+        .await
+        .expect("GET");
+    assert_eq!(
+        delta.json()["t"],
+        serde_json::json!([{"insert": "typed in Yjs"}])
+    );
+    let bad = http::get(server.addr, "/v1/docs/ed/json?types=t:blob")
+        .await
+        .expect("GET");
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"], "bad_query");
+
+    let state = http::get(server.addr, "/v1/docs/ed").await.expect("GET");
+    let inspect = http::get(server.addr, "/v1/docs/ed/inspect")
+        .await
+        .expect("GET");
+    let i = inspect.json();
+    assert_eq!(i["hot"], true);
+    assert_eq!(
+        i["position"].as_str(),
+        state.header("x-chorus-position"),
+        "{i}"
+    );
+    assert_eq!(i["state_bytes"], state.body.len());
+    assert_eq!(i["clients"], 2, "the stock client and the backend: {i}");
+    assert_eq!(i["subscribers"]["native"], 1, "{i}");
+    assert_eq!(i["subscribers"]["y-websocket"], 1, "{i}");
+    // The first append made the log (a new epoch), which this owner may have snapshotted; the
+    // second is in the log after whatever snapshot there is.
+    assert!(
+        i["log_since_snapshot"]["entries"].as_u64() >= Some(1),
+        "{i}"
+    );
+    assert!(i["log_since_snapshot"]["bytes"].as_u64() > Some(0), "{i}");
+    if !i["last_compaction"].is_null() {
+        assert_eq!(i["last_compaction"]["position"], i["snapshot_position"]);
+    }
+    assert_eq!(i["replay_memory"]["entries"], 2, "{i}");
+    assert_eq!(i["gap"], false);
+    assert_eq!(
+        i["roots"],
+        serde_json::json!([
+            {"name": "body", "kind": "xml", "length": 1},
+            {"name": "meta", "kind": "map", "length": 2},
+            {"name": "t", "kind": "text", "length": 12},
+        ])
+    );
+    stock.quit().await;
+}

@@ -70,7 +70,13 @@ pub struct ConnContext {
     next_conn: AtomicU64,
     /// Pings, keepalives, silence checks and token deadlines for every open connection.
     sweep: Arc<Sweep>,
+    /// Reads that decode a whole document off its owner (JSON, the inspector): at most this
+    /// many at once, since each holds a decoded copy (about ten times the encoded size).
+    pub decodes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Whole-document decodes a node runs at once (see [`ConnContext::decodes`]).
+pub const MAX_DECODES: usize = 2;
 
 /// Why a new connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,6 +120,7 @@ impl ConnContext {
         sweep.spawn(&config, shutdown.clone(), &tracker);
         ConnContext {
             sweep,
+            decodes: Arc::new(tokio::sync::Semaphore::new(MAX_DECODES)),
             flush_clock,
             registry,
             config,

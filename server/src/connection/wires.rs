@@ -47,6 +47,10 @@ impl Wire for Native {
         ID
     }
 
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
     fn update(&self, doc: &DocId, update: &[u8], position: Position) -> Bytes {
         Bytes::from(encode::update(doc.as_str(), update, position))
     }
@@ -90,6 +94,10 @@ impl Wire for YWebsocket {
         ID
     }
 
+    fn name(&self) -> &'static str {
+        "y-websocket"
+    }
+
     fn update(&self, _: &DocId, update: &[u8], _: Position) -> Bytes {
         Bytes::from(yws::sync_update(update))
     }
@@ -123,6 +131,10 @@ impl Wire for YWebsocket {
 impl Wire for Sse {
     fn id(&self) -> WireId {
         self.id
+    }
+
+    fn name(&self) -> &'static str {
+        if self.presence { "sse+presence" } else { "sse" }
     }
 
     fn update(&self, _: &DocId, update: &[u8], position: Position) -> Bytes {

@@ -5,6 +5,7 @@
 //! trimmed gaps).
 
 mod compaction;
+mod inspect;
 mod load;
 mod presence;
 mod recover;
@@ -77,6 +78,8 @@ pub(crate) struct Owner {
     /// socket's writer still copies the frame into its own buffer while it sends it: 100 joins
     /// of a 5 MB document peaked at +490 MB before and after this cache.)
     whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; MAX_WIRES]>,
+    /// When this owner last saved a snapshot, and at which position (for the inspector).
+    last_compaction: Option<(std::time::SystemTime, Position)>,
 }
 
 /// Whether the clocks an applied entry reaches are known (added to what the owner publishes),
@@ -120,6 +123,7 @@ impl Owner {
             departed: 0,
             full_state: std::cell::RefCell::new(None),
             whole_answers: std::cell::RefCell::new(Default::default()),
+            last_compaction: None,
         }
     }
 
@@ -460,6 +464,9 @@ impl Owner {
             Command::WaitApplied { id, reply } => self.wait_applied(id, reply),
             Command::RemoteAwareness { node, update } => self.apply_remote_awareness(node, &update),
             Command::NodeGone { node } => self.remove_node_awareness(node),
+            Command::Inspect { reply } => {
+                let _ = reply.send(self.facts());
+            }
         }
     }
 

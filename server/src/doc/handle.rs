@@ -60,6 +60,10 @@ pub(crate) enum Command {
     NodeGone {
         node: u64,
     },
+    /// What the owner knows about the document, for the inspector.
+    Inspect {
+        reply: oneshot::Sender<super::inspect::OwnerFacts>,
+    },
 }
 
 impl Command {
@@ -75,7 +79,8 @@ impl Command {
             Command::State { .. }
             | Command::WaitApplied { .. }
             | Command::RemoteAwareness { .. }
-            | Command::NodeGone { .. } => None,
+            | Command::NodeGone { .. }
+            | Command::Inspect { .. } => None,
         }
     }
 }
@@ -358,6 +363,13 @@ impl DocHandle {
     pub async fn state(&self) -> Result<(Vec<u8>, Position), DocError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::State { reply }).await?;
+        rx.await.map_err(|_| DocError::Gone)
+    }
+
+    /// What the owner knows about the document (see [`super::inspect`]).
+    pub async fn inspect(&self) -> Result<super::inspect::OwnerFacts, DocError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Inspect { reply }).await?;
         rx.await.map_err(|_| DocError::Gone)
     }
 

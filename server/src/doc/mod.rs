@@ -12,6 +12,8 @@
 mod actor;
 pub mod admit;
 mod handle;
+pub mod inspect;
+pub mod json;
 pub mod outbox;
 pub mod wire;
 
@@ -140,6 +142,13 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DocId, DocHandle>> {
         self.docs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the document is loaded on this node right now.
+    pub fn is_hot(&self, doc: &DocId) -> bool {
+        self.lock()
+            .get(doc)
+            .is_some_and(|h| !h.inner.commands.is_closed())
     }
 
     pub fn node(&self) -> u64 {

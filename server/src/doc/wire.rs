@@ -61,6 +61,9 @@ pub enum Join {
 pub trait Wire: Send + Sync + 'static {
     fn id(&self) -> WireId;
 
+    /// The protocol's name for operators (the inspector counts subscribers by it).
+    fn name(&self) -> &'static str;
+
     /// A log entry, or a run of them merged, that brings the client to `position`.
     fn update(&self, doc: &DocId, update: &[u8], position: Position) -> Bytes;
 
@@ -120,6 +123,9 @@ pub(crate) mod testing {
         fn id(&self) -> WireId {
             const ID: WireId = WireId::new(0);
             ID
+        }
+        fn name(&self) -> &'static str {
+            "test"
         }
         fn update(&self, _: &DocId, update: &[u8], position: Position) -> Bytes {
             framed(format!("update {position}"), update)

@@ -73,3 +73,19 @@ pub(super) fn authorize(
     }
     Ok((principal, p.subprotocol))
 }
+
+/// Whether the request carries the node's admin key (`Authorization: Bearer <--admin-key>`).
+/// `None` when the node has no admin key.
+pub(super) fn admin(ctx: &ConnContext, headers: &HeaderMap) -> Option<bool> {
+    let key = ctx.config.admin_key.as_ref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    Some(given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())))
+}
+
+/// Compares secrets without an early exit that would leak how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -30,6 +30,13 @@ pub enum ApiError {
     BadWait,
     #[error("{}", DocError::Full)]
     NodeFull,
+    #[error("bad query parameter: {0}")]
+    BadQuery(String),
+    /// Whole-document decodes are all taken (see `ConnContext::decodes`).
+    #[error("the node is busy decoding other documents; retry")]
+    Busy,
+    #[error("the document could not be read: {0}")]
+    Internal(String),
     #[error("more than --max-api-requests-per-second requests from this address; retry in {}s", .0.as_secs().max(1))]
     RateLimited(std::time::Duration),
 }
@@ -46,6 +53,9 @@ impl IntoResponse for ApiError {
             ApiError::BadWait => (StatusCode::BAD_REQUEST, "bad_wait"),
             ApiError::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "node_full"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query"),
+            ApiError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let retry_after = match &self {
             ApiError::RateLimited(wait) => Some(wait.as_secs().max(1)),

@@ -10,6 +10,7 @@
 mod authorize;
 mod docs;
 mod error;
+mod inspect;
 mod ops;
 mod upgrade;
 mod ws;
@@ -39,6 +40,8 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
                 .get(poll_updates),
         )
         .route("/v1/docs/{doc}/events", get(events))
+        .route("/v1/docs/{doc}/json", get(inspect::get_json))
+        .route("/v1/docs/{doc}/inspect", get(inspect::inspect))
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             limit_api_rate,

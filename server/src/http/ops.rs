@@ -24,15 +24,10 @@ pub(super) async fn revoke(
     headers: HeaderMap,
     axum::Json(req): axum::Json<Revoke>,
 ) -> Result<Response, ApiError> {
-    let Some(key) = &ctx.config.admin_key else {
-        return Ok(StatusCode::NOT_FOUND.into_response());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-        return Err(ApiError::Admin);
+    match super::authorize::admin(&ctx, &headers) {
+        None => return Ok(StatusCode::NOT_FOUND.into_response()),
+        Some(false) => return Err(ApiError::Admin),
+        Some(true) => {}
     }
     if req.sub.is_none() && req.jti.is_none() {
         return Ok((
@@ -66,11 +61,6 @@ pub(super) async fn revoke(
                 .into_response())
         }
     }
-}
-
-/// Compares secrets without an early exit that would leak how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(super) async fn healthz(State(ctx): State<Arc<ConnContext>>) -> Response {

@@ -4,6 +4,7 @@
 use super::{MAX_CLIENT, MAX_CLOCK, Rejected, Scan};
 
 /// A bounds-checked reader over lib0 encoding. Never allocates, never panics.
+#[derive(Clone)]
 pub struct Lib0Reader<'a> {
     buf: &'a [u8],
     pos: usize,

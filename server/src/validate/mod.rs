@@ -28,6 +28,7 @@
 //! document meets it), `check` (the door: size, scan, trial apply; the reach it carries to
 //! the log), `awareness` (presence updates). The limits are here.
 
+mod anatomy;
 mod awareness;
 mod check;
 mod deps;
@@ -36,6 +37,7 @@ mod scan;
 #[cfg(test)]
 mod testdata;
 
+pub use anatomy::{Anatomy, anatomy};
 pub use awareness::decode_awareness;
 pub use check::{Checked, Reach, check_update, trial_apply, trial_apply_and_reencode};
 pub use deps::Deps;

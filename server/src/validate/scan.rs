@@ -72,7 +72,7 @@ pub(super) const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
 pub(super) const HAS_PARENT_SUB: u8 = 0b0010_0000;
 
 /// One block: its length in clock units.
-fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<u64> {
+pub(super) fn scan_block(r: &mut Lib0Reader<'_>, deps: &mut Deps) -> Scan<u64> {
     let info = r.u8()?;
     match info {
         // GC: a length

@@ -100,6 +100,7 @@ impl Owner {
             Ok(_) => {
                 self.snapshot = Some(position);
                 self.since_snapshot = (0, 0);
+                self.last_compaction = Some((std::time::SystemTime::now(), position));
                 tracing::debug!(doc = %self.doc, %position, "snapshot saved");
                 true
             }
