@@ -3,6 +3,7 @@
 //! The router lives here; the handlers sit beside it by what they serve:
 //! - `ws`: the WebSocket upgrades, handed on to [`crate::connection`];
 //! - `docs`: the document API, SSE and long-poll;
+//! - `inspect`: the document as JSON and the inspector (decodes off the owner);
 //! - `ops`: health, readiness, metrics, stats and revocation, for operators;
 //! - `authorize`: origin and token checks shared by the first two;
 //! - `error`: [`ApiError`] and connection refusals, as HTTP statuses.
