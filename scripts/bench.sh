@@ -13,12 +13,13 @@
 # chorus-flush30 (/y with --flush-interval 30ms), ywebsocket, hocuspocus, ysweet. S2 and S3
 # (idle sockets, large documents) run against `chorus` and the peers only: the Chorus variants
 # differ in how updates are written and fanned out, which neither scenario exercises.
-# A/B against earlier builds in the same run: put their binaries at bench-peers/builds/LABEL/chorus
-# and add chorus@LABEL to SERVERS (served like `chorus`, on /y).
+# A/B of builds in the same run (the one way to compare builds: runs alternate with the rest, so
+# a busy machine weighs on all alike): add chorus@LABEL to SERVERS for the binary at
+# bench-peers/builds/LABEL/chorus, or chorus@/path/to/chorus for any binary (served like
+# `chorus`, on /y), e.g. SERVERS="chorus chorus@/tmp/before/chorus" SCENARIOS=fanout.
 # The join storm (join) runs against `chorus` and the peers only, after its own floor row.
 # Knobs (environment): REPS, SCENARIOS (floor fanout s1 s2 s3 s4 s5 join), SERVERS, S1_DOCS,
-# S1_STEPS, S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, JOIN_MB, JOIN_CLIENTS, MEASURE, WARMUP,
-# CHORUS_BIN (another build as `chorus`).
+# S1_STEPS, S2_CONNECTIONS, S3_OPS, S3_COPIES, S3_DEADLINE, JOIN_MB, JOIN_CLIENTS, MEASURE, WARMUP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -66,8 +67,14 @@ fi
 say "cargo build --release (chorus, loadgen, bench_send_floor, bench_slow_readers, bench_redis)"
 cargo build --release -p chorus-server --bin chorus -p chorus-tests --bin loadgen --bin bench_send_floor \
   --bin bench_slow_readers --bin bench_redis
-# CHORUS_BIN: another chorus binary in place of this checkout's (A/B runs of two builds).
-CHORUS=${CHORUS_BIN:-$ROOT/target/release/chorus}
+CHORUS=$ROOT/target/release/chorus
+# build_of chorus@X: the binary X names (a label under bench-peers/builds/, or a path).
+build_of() {
+  case ${1#chorus@} in
+    */*) echo "${1#chorus@}" ;;
+    *) echo "$PEERS/builds/${1#chorus@}/chorus" ;;
+  esac
+}
 LOADGEN=$ROOT/target/release/loadgen
 
 # --- servers -------------------------------------------------------------------------------
@@ -78,7 +85,7 @@ DATA=""
 version_of() {
   case $1 in
     chorus-redis) echo "$("$CHORUS" --version) + $(redis-server --version | cut -d' ' -f1-3)" ;;
-    chorus@*) echo "$("$PEERS/builds/${1#chorus@}/chorus" --version) (earlier build ${1#chorus@})" ;;
+    chorus@*) echo "$("$(build_of "$1")" --version) (build $(build_of "$1"))" ;;
     chorus*) "$CHORUS" --version ;;
     ywebsocket) echo "@y/websocket-server $(node -p "require('$PEERS/node/node_modules/@y/websocket-server/package.json').version")" ;;
     hocuspocus) echo "@hocuspocus/server $(node -p "require('$PEERS/node/node_modules/@hocuspocus/server/package.json').version") on node $(node --version)" ;;
@@ -104,38 +111,38 @@ start() {
         CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_CONNECTIONS_PER_IP=0 CHORUS_MAX_MESSAGES_PER_SECOND=1000000 \
         CHORUS_MAX_MESSAGE_BYTES=67108864 CHORUS_MAX_UPDATE_BYTES=67108864 \
         taskset -c "$SERVER_CPU" "$CHORUS" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
-        >"$RUN/$name.log" 2>&1 &
+        >"$RUN/${name//\//_}.log" 2>&1 &
       SERVER_PID=$!
       PROTO=yws URL=ws://127.0.0.1:$PORT/y
       ;;
     chorus*)
       # chorus-flush30: the same node trading up to 30 ms of latency for fewer writes.
-      # chorus@LABEL: an earlier build (bench-peers/builds/LABEL/chorus) for A/B in one run.
+      # chorus@X: another build for A/B in one run (see build_of).
       FLUSH=0ms; [ "$name" = chorus-flush30 ] && FLUSH=30ms
-      local bin=$CHORUS; case $name in chorus@*) bin=$PEERS/builds/${name#chorus@}/chorus ;; esac
+      local bin=$CHORUS; case $name in chorus@*) bin=$(build_of "$name") ;; esac
       CHORUS_FLUSH_INTERVAL=$FLUSH RUST_LOG=warn CHORUS_MAX_CONNECTIONS=20000 CHORUS_MAX_CONNECTIONS_PER_SECOND=100000 CHORUS_MAX_CONNECTIONS_PER_IP=0 \
         CHORUS_MAX_MESSAGES_PER_SECOND=1000000 CHORUS_MAX_MESSAGE_BYTES=67108864 \
         CHORUS_MAX_UPDATE_BYTES=67108864 \
         taskset -c "$SERVER_CPU" "$bin" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
-        >"$RUN/$name.log" 2>&1 &
+        >"$RUN/${name//\//_}.log" 2>&1 &
       SERVER_PID=$!
       if [ "$name" = chorus-native ]; then PROTO=native URL=ws://127.0.0.1:$PORT/v1/ws; else PROTO=yws URL=ws://127.0.0.1:$PORT/y; fi
       ;;
     ywebsocket)
       # YPERSISTENCE (LevelDB) so that the cold-load figure means the same thing as for the others.
       HOST=127.0.0.1 PORT=$PORT YPERSISTENCE=$DATA/leveldb taskset -c "$SERVER_CPU" \
-        node "$PEERS/node/node_modules/@y/websocket-server/src/server.js" >"$RUN/$name.log" 2>&1 &
+        node "$PEERS/node/node_modules/@y/websocket-server/src/server.js" >"$RUN/${name//\//_}.log" 2>&1 &
       SERVER_PID=$!
       PROTO=yws URL=ws://127.0.0.1:$PORT
       ;;
     hocuspocus)
-      PORT=$PORT taskset -c "$SERVER_CPU" node "$PEERS/node/hocuspocus-server.mjs" >"$RUN/$name.log" 2>&1 &
+      PORT=$PORT taskset -c "$SERVER_CPU" node "$PEERS/node/hocuspocus-server.mjs" >"$RUN/${name//\//_}.log" 2>&1 &
       SERVER_PID=$!
       PROTO=hocuspocus URL=ws://127.0.0.1:$PORT
       ;;
     ysweet)
       taskset -c "$SERVER_CPU" "$PEERS/y-sweet/bin/y-sweet" serve --host 127.0.0.1 --port "$PORT" "$DATA" \
-        >"$RUN/$name.log" 2>&1 &
+        >"$RUN/${name//\//_}.log" 2>&1 &
       SERVER_PID=$!
       PROTO=ysweet URL=http://127.0.0.1:$PORT
       ;;
