@@ -81,6 +81,25 @@ async fn three_nodes_converge_byte_identically() {
     }
     assert!(states.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(text.matches('[').count(), 150);
+    // Every node reads the document as the same data, and inspects it at the same position
+    // with its own two subscribers.
+    let mut positions = Vec::new();
+    for n in &nodes {
+        let json = chorus_tests::http::get(n.addr, &format!("/v1/docs/{DOC}/json"))
+            .await
+            .expect("GET")
+            .json();
+        assert_eq!(json, serde_json::json!({ "t": text }));
+        let i = chorus_tests::http::get(n.addr, &format!("/v1/docs/{DOC}/inspect"))
+            .await
+            .expect("GET")
+            .json();
+        assert_eq!(i["hot"], true, "{i}");
+        assert_eq!(i["clients"], 6, "one writer session per client: {i}");
+        assert_eq!(i["subscribers"], serde_json::json!({"native": 2}), "{i}");
+        positions.push(i["position"].clone());
+    }
+    assert!(positions.windows(2).all(|w| w[0] == w[1]), "{positions:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
