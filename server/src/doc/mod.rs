@@ -13,6 +13,7 @@ mod actor;
 pub mod admit;
 mod handle;
 pub mod outbox;
+pub mod restore;
 pub mod wire;
 
 use crate::backplane::{Backplane, Entry, EntrySink};
