@@ -14,6 +14,7 @@ pub mod admit;
 mod handle;
 pub mod outbox;
 pub mod restore;
+pub mod versions;
 pub mod wire;
 
 use crate::backplane::{Backplane, Entry, EntrySink};
@@ -46,6 +47,8 @@ pub struct DocSettings {
     pub replay_memory_bytes: usize,
     /// Most documents loaded at once on this node (`--max-hot-documents`).
     pub max_hot_documents: usize,
+    /// Automatic versions (`--version-interval`, `--keep-versions`).
+    pub versions: versions::VersionPolicy,
 }
 
 /// What a subscriber brings so the document can tell what it is missing.

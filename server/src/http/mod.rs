@@ -5,13 +5,15 @@
 //! - `docs`: the document API, SSE and long-poll;
 //! - `ops`: health, readiness, metrics, stats and revocation, for operators;
 //! - `authorize`: origin and token checks shared by the first two;
-//! - `error`: [`ApiError`] and connection refusals, as HTTP statuses.
+//! - `error`: [`ApiError`] and connection refusals, as HTTP statuses;
+//! - `versions`: version history (keep, list, read, delete, restore).
 
 mod authorize;
 mod docs;
 mod error;
 mod ops;
 mod upgrade;
+mod versions;
 mod ws;
 
 pub use error::ApiError;
@@ -39,6 +41,20 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
                 .get(poll_updates),
         )
         .route("/v1/docs/{doc}/events", get(events))
+        .route(
+            "/v1/docs/{doc}/versions",
+            post(versions::create)
+                .layer(DefaultBodyLimit::max(versions::CREATE_BODY_LIMIT))
+                .get(versions::list),
+        )
+        .route(
+            "/v1/docs/{doc}/versions/{id}",
+            get(versions::get).delete(versions::delete),
+        )
+        .route(
+            "/v1/docs/{doc}/versions/{id}/restore",
+            post(versions::restore),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             limit_api_rate,
@@ -68,7 +84,7 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
             .collect::<Vec<_>>();
         CorsLayer::new().allow_origin(AllowOrigin::list(origins))
     }
-    .allow_methods([Method::GET, Method::POST])
+    .allow_methods([Method::GET, Method::POST, Method::DELETE])
     .allow_headers([
         header::AUTHORIZATION,
         header::CONTENT_TYPE,
