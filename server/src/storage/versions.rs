@@ -12,6 +12,7 @@ use super::{SnapshotStore, StoreError};
 use chorus_protocol::{DocId, Position};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A version's id: creation time (ms since the epoch, 13 digits) and 64 random bits, so ids
 /// sort by age and two nodes never pick the same one.
@@ -26,11 +27,21 @@ pub struct BadVersionId;
 const ID_MS_DIGITS: usize = 13;
 const ID_RANDOM_DIGITS: usize = 16;
 
+/// The time part of the newest id this process made: ids made by one node strictly increase,
+/// so versions kept within one millisecond still list in the order they were kept.
+static LAST_ID_MS: AtomicU64 = AtomicU64::new(0);
+
 impl VersionId {
     pub fn new(created_ms: u64) -> Self {
+        let ms = created_ms % 10u64.pow(ID_MS_DIGITS as u32);
+        let prev = LAST_ID_MS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(ms.max(last + 1))
+            })
+            .unwrap_or(0);
         VersionId(format!(
             "{:0w$}-{:016x}",
-            created_ms % 10u64.pow(ID_MS_DIGITS as u32),
+            ms.max(prev + 1),
             rand::random::<u64>(),
             w = ID_MS_DIGITS
         ))
