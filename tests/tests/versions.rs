@@ -557,3 +557,51 @@ async fn versions_live_in_the_s3_store() {
     assert_eq!(list(addr, "s3doc", None).await, vec![b]);
     node.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_redis_keep_one_automatic_version_per_round() {
+    let redis = chorus_tests::redis::RedisServer::start().await;
+    let shared = tempfile::tempdir().expect("tempdir");
+    let interval = Duration::from_millis(300);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, dir) = (redis.url(), shared.path().to_path_buf());
+        nodes.push(
+            TestServer::start(move |c| {
+                c.redis_url = vec![url];
+                c.snapshot_dir = Some(dir);
+                c.replay_window = Duration::from_secs(10);
+                c.version_interval = interval;
+            })
+            .await,
+        );
+    }
+    // The document is hot on both nodes: both apply every edit, both clocks run out.
+    let mut watchers = Vec::new();
+    for node in &nodes {
+        let mut c = chorus_tests::native::NativeClient::connect(&node.ws_url()).await;
+        c.subscribe_synced("shared").await;
+        watchers.push(c);
+    }
+    let writer = HttpWriter::new();
+    for round in 1..=3usize {
+        writer
+            .append(nodes[0].addr, "shared", &format!("<{round}>"))
+            .await;
+        eventually("this round's automatic version", DEADLINE, || async {
+            (count(&list(nodes[1].addr, "shared", None).await, "auto") >= round).then_some(())
+        })
+        .await;
+        // Both nodes' clocks ran out; give the slower one several intervals (a bounded look
+        // for a duplicate, not a synchronisation).
+        tokio::time::sleep(interval * 3).await;
+        assert_eq!(
+            count(&list(nodes[1].addr, "shared", None).await, "auto"),
+            round
+        );
+    }
+    drop(watchers);
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -218,3 +218,55 @@ fn a_root_created_by_name_only_is_restored_too() {
     let text = doc.get_or_insert_text("plain");
     assert_eq!(text.get_string(&doc.transact()), "abc");
 }
+
+/// Figures, not a timed test: what a restore costs on a large document. Run with
+/// `cargo test -p chorus-server --release --lib restore_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn restore_cost_on_a_large_document() {
+    use rand::{Rng, SeedableRng};
+    let doc = Doc::new();
+    let text = doc.get_or_insert_text("t");
+    let chunk = "lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(18);
+    {
+        let mut txn = doc.transact_mut();
+        while text.len(&txn) < 1 << 20 {
+            let len = text.len(&txn);
+            text.insert(&mut txn, len, &chunk);
+        }
+    }
+    let version = state(&doc);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // 10 000 edits since the version, each its own transaction: inserts, deletes, formatting.
+    for i in 0..10_000u32 {
+        let mut txn = doc.transact_mut();
+        let len = text.len(&txn);
+        let at = rng.random_range(0..len - 20);
+        match i % 3 {
+            0 => text.insert(&mut txn, at, "edit "),
+            1 => text.remove_range(&mut txn, at, 7),
+            _ => text.format(&mut txn, at, 9, bold()),
+        }
+    }
+    let current = state(&doc);
+    let started = std::time::Instant::now();
+    let update = restore_update(&version, &current)
+        .expect("computes")
+        .expect("an update");
+    let took = started.elapsed();
+    let applied = std::time::Instant::now();
+    doc.transact_mut()
+        .apply_update(Update::decode_v1(&update).expect("decode"))
+        .expect("apply");
+    let apply_took = applied.elapsed();
+    assert_eq!(content(&doc), content(&load(&version)));
+    println!(
+        "restore of a {} byte version ({} byte current state, 10000 edits since): \
+         computed in {:.1} ms, update {} bytes, applied in {:.1} ms",
+        version.len(),
+        current.len(),
+        took.as_secs_f64() * 1e3,
+        update.len(),
+        apply_took.as_secs_f64() * 1e3
+    );
+}
