@@ -72,11 +72,12 @@ impl From<Refusal> for VersionError {
 
 impl IntoResponse for VersionError {
     fn into_response(self) -> Response {
-        let api = match self {
+        let ours = match self {
+            // The document API's own errors answer as they do there.
             VersionError::Api(e) => return e.into_response(),
-            other => other,
+            ours => ours,
         };
-        let (status, code) = match &api {
+        let (status, code) = match &ours {
             VersionError::Api(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             VersionError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_version_id"),
             VersionError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_version_name"),
@@ -91,7 +92,7 @@ impl IntoResponse for VersionError {
         };
         let mut resp = (
             status,
-            axum::Json(json!({"error": code, "message": api.to_string()})),
+            axum::Json(json!({"error": code, "message": ours.to_string()})),
         )
             .into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {

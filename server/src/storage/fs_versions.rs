@@ -128,3 +128,52 @@ pub(super) fn delete(dir: &Path, doc: &DocId, id: &VersionId) -> Result<bool, St
     }
     Ok(existed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_protocol::{Position, StreamId};
+
+    fn meta(name: Option<&str>) -> VersionMeta {
+        VersionMeta::new(
+            Position::new(1, StreamId::new(5, 0)),
+            name.map(String::from),
+            3,
+        )
+    }
+
+    #[test]
+    fn versions_list_newest_first_read_back_and_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let doc = DocId::parse("d").expect("id");
+        let (a, b) = (meta(None), meta(Some("b")));
+        put(dir.path(), &doc, &a, Bytes::from_static(b"aaa")).expect("put");
+        put(dir.path(), &doc, &b, Bytes::from_static(b"bbb")).expect("put");
+        assert_eq!(
+            list(dir.path(), &doc).expect("list"),
+            vec![b.clone(), a.clone()]
+        );
+        let (got, state) = get(dir.path(), &doc, &a.id).expect("get").expect("some");
+        assert_eq!((got, &state[..]), (a.clone(), &b"aaa"[..]));
+        assert!(delete(dir.path(), &doc, &a.id).expect("delete"));
+        assert!(!delete(dir.path(), &doc, &a.id).expect("delete"));
+        assert_eq!(get(dir.path(), &doc, &a.id).expect("get"), None);
+        assert_eq!(list(dir.path(), &doc).expect("list"), vec![b]);
+    }
+
+    #[test]
+    fn a_state_without_metadata_is_no_version() {
+        // A crash between the two writes leaves the state alone: not listed, not served, and
+        // removed by a delete of that id.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let doc = DocId::parse("d").expect("id");
+        let m = meta(None);
+        put(dir.path(), &doc, &m, Bytes::from_static(b"s")).expect("put");
+        let (state_path, meta_path) = paths(dir.path(), &doc, &m.id);
+        fs::remove_file(&meta_path).expect("remove");
+        assert!(list(dir.path(), &doc).expect("list").is_empty());
+        assert_eq!(get(dir.path(), &doc, &m.id).expect("get"), None);
+        assert!(!delete(dir.path(), &doc, &m.id).expect("delete"));
+        assert!(!state_path.exists());
+    }
+}
