@@ -275,6 +275,12 @@ async fn automatic_versions_follow_edits_and_keep_the_newest() {
     let before = list(addr, "auto", None).await;
     tokio::time::sleep(interval * 4).await;
     assert_eq!(list(addr, "auto", None).await, before);
+    // Unnamed versions kept over HTTP count with the automatic ones.
+    for _ in 0..4 {
+        keep(addr, "auto", None, None).await;
+    }
+    let after = list(addr, "auto", None).await;
+    assert_eq!((count(&after, "auto"), count(&after, "named")), (3, 1));
     server.stop().await;
 }
 

@@ -10,7 +10,10 @@ use crate::doc::DocError;
 use crate::doc::admit::{Refusal, Write, Writer};
 use crate::doc::restore::{RestoreError, restore_update};
 use crate::storage::StoreError;
-use crate::storage::versions::{BadVersionId, BadVersionName, VersionId, VersionMeta, check_name};
+use crate::storage::versions::{
+    BadVersionId, BadVersionName, MAX_NAMED_PER_DOCUMENT, VersionId, VersionKind, VersionMeta,
+    check_name, prune_auto,
+};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -56,6 +59,10 @@ pub enum VersionError {
     Restore(#[from] RestoreError),
     #[error("too many restores running on this node; retry")]
     Busy,
+    #[error(
+        "this document has {MAX_NAMED_PER_DOCUMENT} named versions, the most it may; delete some first"
+    )]
+    TooMany,
 }
 
 impl From<DocError> for VersionError {
@@ -89,6 +96,7 @@ impl IntoResponse for VersionError {
             }
             VersionError::Restore(_) => (StatusCode::UNPROCESSABLE_ENTITY, "restore_failed"),
             VersionError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "restore_busy"),
+            VersionError::TooMany => (StatusCode::CONFLICT, "too_many_versions"),
         };
         let mut resp = (
             status,
@@ -129,15 +137,27 @@ pub(super) async fn create(
 ) -> Result<Response, VersionError> {
     let (doc, _) = doc_for(&ctx, &doc, &headers, &query, Access::Write)?;
     let name = parse_name(&body)?;
+    let store = ctx.registry.snapshot_store();
+    if name.is_some() {
+        let named = store.list_versions(&doc).await?;
+        let named = named.iter().filter(|m| m.kind == VersionKind::Named);
+        if named.count() >= MAX_NAMED_PER_DOCUMENT {
+            return Err(VersionError::TooMany);
+        }
+    }
     let (state, position) = ctx
         .registry
         .with_owner(&doc, |h| async move { h.state().await })
         .await?;
     let meta = VersionMeta::new(position, name, state.len());
-    ctx.registry
-        .snapshot_store()
+    store
         .put_version(&doc, meta.clone(), Bytes::from(state))
         .await?;
+    if meta.kind == VersionKind::Auto {
+        // Unnamed versions count with the automatic ones: bounded by `--keep-versions` too (at
+        // least the one just kept stays).
+        prune_auto(store.as_ref(), &doc, ctx.config.keep_versions.max(1)).await?;
+    }
     Ok((StatusCode::CREATED, axum::Json(meta_json(&meta))).into_response())
 }
 

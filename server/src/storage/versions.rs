@@ -126,6 +126,10 @@ mod position_string {
     }
 }
 
+/// Most named versions one document may have: they are kept until deleted, and a listing holds
+/// every version's metadata, so a writer may not grow them without bound.
+pub const MAX_NAMED_PER_DOCUMENT: usize = 1000;
+
 /// Longest version name, in bytes.
 pub const MAX_NAME_BYTES: usize = 200;
 
