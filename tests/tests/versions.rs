@@ -204,6 +204,16 @@ async fn versions_are_kept_listed_read_and_deleted_under_auth() {
     );
     let r = call(addr, "POST", "/v1/docs/d/versions", Some(&writer), b"{nope").await;
     assert_eq!(r.status, 400);
+    // A writer restores (nothing changed since: nothing appended).
+    let r = call(
+        addr,
+        "POST",
+        &format!("/v1/docs/d/versions/{id}/restore"),
+        Some(&writer),
+        b"",
+    )
+    .await;
+    assert_eq!((r.status, r.json()["bytes"].clone()), (200, json!(0)));
     // Deleted: gone from the list, 404 after.
     let r = call(
         addr,
