@@ -33,9 +33,10 @@ pub(super) const CREATE_BODY_LIMIT: usize = 4096;
 const OWNER_WAIT: Duration = Duration::from_secs(5);
 
 /// Restores computed at once in this process: each holds two copies of a document (up to
-/// `--max-document-bytes` each) while it runs. Past this a restore answers 503 at once rather
-/// than queue.
+/// `--max-document-bytes` each) while it runs. Past this a restore waits its turn for up to
+/// [`RESTORE_WAIT`], then answers 503.
 static RESTORES: Semaphore = Semaphore::const_new(2);
+const RESTORE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VersionError {
@@ -253,13 +254,18 @@ pub(super) async fn restore(
 ) -> Result<Response, VersionError> {
     let (doc, principal) = doc_for(&ctx, &doc, &headers, &query, Access::Write)?;
     let id = VersionId::parse(&id)?;
+    // Before the version is read: a waiting or refused restore holds nothing. Waiters are
+    // bounded by the node's open HTTP connections, and each waits at most RESTORE_WAIT.
+    let _permit = tokio::time::timeout(RESTORE_WAIT, RESTORES.acquire())
+        .await
+        .map_err(|_| VersionError::Busy)?
+        .map_err(|_| VersionError::Busy)?;
     let (_, version) = ctx
         .registry
         .snapshot_store()
         .get_version(&doc, &id)
         .await?
         .ok_or(VersionError::NotFound)?;
-    let _permit = RESTORES.try_acquire().map_err(|_| VersionError::Busy)?;
     let handle = ctx
         .registry
         .with_owner(&doc, |h| async move {
