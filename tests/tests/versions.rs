@@ -294,6 +294,29 @@ async fn automatic_versions_follow_edits_and_keep_the_newest() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_document_unloading_with_unkept_edits_gets_an_automatic_version() {
+    let server = TestServer::start(|c| {
+        c.version_interval = Duration::from_secs(3600);
+        c.evict_after = Duration::from_millis(100);
+    })
+    .await;
+    let addr = server.addr;
+    HttpWriter::new()
+        .append(addr, "brief", "a short session")
+        .await;
+    // Nobody holds the document: it unloads well before the hour is up, and keeps its edits.
+    let kept = eventually("a version kept at unload", DEADLINE, || async {
+        let versions = list(addr, "brief", None).await;
+        (count(&versions, "auto") == 1).then_some(versions)
+    })
+    .await;
+    let id = kept[0]["id"].as_str().expect("id");
+    let path = format!("/v1/docs/brief/versions/{id}");
+    assert_eq!(served_text(addr, &path).await, "a short session");
+    server.stop().await;
+}
+
 const ROOTS: &str = r#"{"t":"text","m":"map","a":"array","x":"xml","late":"text"}"#;
 
 async fn content(c: &mut StockClient) -> Value {
