@@ -227,6 +227,15 @@ pub struct Config {
     /// documents and exits within this long.
     #[arg(long, env = "CHORUS_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Automatic versions of a document: one this long after the first edit since its last
+    /// version (a document nobody edits gets none); 0 turns them off.
+    #[arg(long, env = "CHORUS_VERSION_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub version_interval: Duration,
+
+    /// Automatic versions kept per document (the newest); named versions are kept until deleted.
+    #[arg(long, env = "CHORUS_KEEP_VERSIONS", default_value_t = 50)]
+    pub keep_versions: usize,
 }
 
 impl Config {

@@ -89,6 +89,10 @@ pub async fn run(
             replay_window: config.replay_window,
             replay_memory_bytes: config.replay_memory_bytes,
             max_hot_documents: config.max_hot_documents,
+            versions: doc::versions::VersionPolicy {
+                interval: config.version_interval,
+                keep: config.keep_versions,
+            },
         },
         node,
         tracker.clone(),

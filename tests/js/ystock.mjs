@@ -5,7 +5,8 @@
 //   (y-websocket builds the URL as serverBaseWsUrl + '/' + docName)
 //
 // Protocol: newline-delimited JSON on both sides.
-//   stdin  (commands): insert, append, delete, text, awareness, peers, state, quit (see handleCommand)
+//   stdin  (commands): insert, append, delete, text, awareness, peers, state, edit, content, quit
+//   (see handleCommand; edit and content reach every root type, see `resolve`)
 //   stdout (replies + events): one JSON object per line, nothing else is ever written there.
 //   stderr: free-form diagnostics only.
 //
@@ -125,6 +126,61 @@ const shutdown = (finalLine) => {
 }
 
 // ---------------------------------------------------------------------------
+// Every root type: `edit` applies a list of ops in one transaction, `content` reads roots.
+// A target is {root, type: text|map|array|xml, path: [key or index, ...]}: the root by name
+// and type, then nested types inside it by map key or array index.
+// ---------------------------------------------------------------------------
+const rootOf = (name, type) => {
+  switch (type) {
+    case 'text': return doc.getText(name)
+    case 'map': return doc.getMap(name)
+    case 'array': return doc.getArray(name)
+    case 'xml': return doc.getXmlFragment(name)
+    default: throw new Error(`unknown root type ${type}`)
+  }
+}
+const resolve = (op) => {
+  let node = rootOf(op.root, op.type)
+  for (const step of op.path || []) {
+    node = node.get(step)
+    if (node === undefined) throw new Error(`no ${step} on the path ${JSON.stringify(op.path)}`)
+  }
+  return node
+}
+// A value to insert: plain JSON, or {"$type": "map"|"array"|"text"|"element", ...} for a
+// nested shared type (with its initial content).
+const valueOf = (v) => {
+  if (v === null || typeof v !== 'object' || !v.$type) return v
+  switch (v.$type) {
+    case 'map': { const m = new Y.Map(); for (const [k, x] of Object.entries(v.entries || {})) m.set(k, valueOf(x)); return m }
+    case 'array': { const a = new Y.Array(); a.push((v.items || []).map(valueOf)); return a }
+    case 'text': { const t = new Y.Text(); t.insert(0, v.text || ''); return t }
+    case 'element': { const e = new Y.XmlElement(v.name); for (const [k, x] of Object.entries(v.attrs || {})) e.setAttribute(k, x); if (v.text) e.insert(0, [new Y.XmlText(v.text)]); return e }
+    default: throw new Error(`unknown $type ${v.$type}`)
+  }
+}
+const applyOp = (op) => {
+  const node = resolve(op)
+  switch (op.op) {
+    case 'insert':
+      if (node instanceof Y.Text) node.insert(op.index, op.text, op.attrs || undefined)
+      else node.insert(op.index, op.values.map(valueOf))
+      break
+    case 'delete': node.delete(op.index, op.len); break
+    case 'format': node.format(op.index, op.len, op.attrs); break
+    case 'set': node.set(op.key, valueOf(op.value)); break
+    case 'unset': node.delete(op.key); break
+    default: throw new Error(`unknown op ${op.op}`)
+  }
+}
+const contentOf = (name, type) => {
+  const root = rootOf(name, type)
+  if (type === 'text') return root.toDelta()
+  if (type === 'xml') return root.toString()
+  return root.toJSON()
+}
+
+// ---------------------------------------------------------------------------
 // Commands
 // ---------------------------------------------------------------------------
 const handleCommand = (msg) => {
@@ -156,6 +212,16 @@ const handleCommand = (msg) => {
     case 'state':
       emit({ update: Buffer.from(Y.encodeStateAsUpdate(doc)).toString('base64') })
       break
+    case 'edit':
+      doc.transact(() => msg.ops.forEach(applyOp))
+      emit({ ok: 'edit' })
+      break
+    case 'content': {
+      const out = {}
+      for (const [name, type] of Object.entries(msg.roots)) out[name] = contentOf(name, type)
+      emit({ content: out })
+      break
+    }
     case 'quit':
       shutdown({ ok: 'quit' })
       break

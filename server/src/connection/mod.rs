@@ -70,8 +70,9 @@ pub struct ConnContext {
     next_conn: AtomicU64,
     /// Pings, keepalives, silence checks and token deadlines for every open connection.
     sweep: Arc<Sweep>,
-    /// Reads that decode a whole document off its owner (JSON, the inspector): at most this
-    /// many at once, since each holds a decoded copy (about ten times the encoded size).
+    /// Work that decodes a whole document off its owner (JSON, the inspector, a version
+    /// restore): at most this many at once, since each holds a decoded copy (about ten times
+    /// the encoded size).
     pub decodes: Arc<tokio::sync::Semaphore>,
 }
 

@@ -10,6 +10,7 @@ mod load;
 mod presence;
 mod recover;
 mod sync;
+mod versions;
 
 use super::outbox::MAX_DIRECT_PER_TURN;
 use super::wire::{Join, MAX_WIRES};
@@ -80,6 +81,8 @@ pub(crate) struct Owner {
     whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; MAX_WIRES]>,
     /// When this owner last saved a snapshot, and at which position (for the inspector).
     last_compaction: Option<(std::time::SystemTime, Position)>,
+    /// When the next automatic version is due: set by the first edit after the last one.
+    version_due: Option<Instant>,
 }
 
 /// Whether the clocks an applied entry reaches are known (added to what the owner publishes),
@@ -124,6 +127,7 @@ impl Owner {
             full_state: std::cell::RefCell::new(None),
             whole_answers: std::cell::RefCell::new(Default::default()),
             last_compaction: None,
+            version_due: None,
         }
     }
 
@@ -187,6 +191,7 @@ impl Owner {
                 // top of the loop re-reads.
                 _ = self.handle.inner.recheck.notified() => {}
                 _ = sleep_until_opt(self.retry_at) => self.on_retry(),
+                _ = sleep_until_opt(self.version_due) => self.keep_auto_version(versions::Occasion::Due),
             }
             // Waiters do not keep a document hot: each has its own deadline, and those still
             // waiting at unload are answered with where the document stands.
@@ -201,6 +206,7 @@ impl Owner {
         // loads from storage. Unwatch before unregistering: a new owner can only start after
         // we unregister, so its `watch` comes last. With a shared log, only the holder of the
         // document's compaction lock writes snapshots.
+        self.keep_auto_version(versions::Occasion::Unload);
         self.save_snapshot_locked().await;
         let position = self.position();
         for (_, reply) in self.waiters.drain(..) {
@@ -356,6 +362,7 @@ impl Owner {
             return self.recover_gap().await;
         }
         self.fan_out_all(&fresh);
+        self.note_edits(!fresh.is_empty());
         self.wake_waiters();
         self.maybe_compact().await;
     }

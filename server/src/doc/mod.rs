@@ -15,6 +15,8 @@ mod handle;
 pub mod inspect;
 pub mod json;
 pub mod outbox;
+pub mod restore;
+pub mod versions;
 pub mod wire;
 
 use crate::backplane::{Backplane, Entry, EntrySink};
@@ -47,6 +49,8 @@ pub struct DocSettings {
     pub replay_memory_bytes: usize,
     /// Most documents loaded at once on this node (`--max-hot-documents`).
     pub max_hot_documents: usize,
+    /// Automatic versions (`--version-interval`, `--keep-versions`).
+    pub versions: versions::VersionPolicy,
 }
 
 /// What a subscriber brings so the document can tell what it is missing.

@@ -6,7 +6,8 @@
 //! - `inspect`: the document as JSON and the inspector (decodes off the owner);
 //! - `ops`: health, readiness, metrics, stats and revocation, for operators;
 //! - `authorize`: origin and token checks shared by the first two;
-//! - `error`: [`ApiError`] and connection refusals, as HTTP statuses.
+//! - `error`: [`ApiError`] and connection refusals, as HTTP statuses;
+//! - `versions`: version history (keep, list, read, delete, restore).
 
 mod authorize;
 mod docs;
@@ -14,6 +15,7 @@ mod error;
 mod inspect;
 mod ops;
 mod upgrade;
+mod versions;
 mod ws;
 
 pub use error::ApiError;
@@ -43,6 +45,20 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
         .route("/v1/docs/{doc}/events", get(events))
         .route("/v1/docs/{doc}/json", get(inspect::get_json))
         .route("/v1/docs/{doc}/inspect", get(inspect::inspect))
+        .route(
+            "/v1/docs/{doc}/versions",
+            post(versions::create)
+                .layer(DefaultBodyLimit::max(versions::CREATE_BODY_LIMIT))
+                .get(versions::list),
+        )
+        .route(
+            "/v1/docs/{doc}/versions/{id}",
+            get(versions::get).delete(versions::delete),
+        )
+        .route(
+            "/v1/docs/{doc}/versions/{id}/restore",
+            post(versions::restore),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             limit_api_rate,
@@ -72,7 +88,7 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
             .collect::<Vec<_>>();
         CorsLayer::new().allow_origin(AllowOrigin::list(origins))
     }
-    .allow_methods([Method::GET, Method::POST])
+    .allow_methods([Method::GET, Method::POST, Method::DELETE])
     .allow_headers([
         header::AUTHORIZATION,
         header::CONTENT_TYPE,

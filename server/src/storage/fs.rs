@@ -5,6 +5,8 @@
 //! and renamed over the old one, then the directory is fsynced: a crash leaves either the old
 //! or the new snapshot, never a torn one, and the checksum catches anything the disk mangles.
 
+use super::fs_versions;
+use super::versions::{VersionId, VersionMeta};
 use super::{Snapshot, SnapshotStore, StoreError};
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position, StreamId};
@@ -156,6 +158,54 @@ impl SnapshotStore for FsSnapshotStore {
         }
         .boxed()
     }
+
+    fn put_version(
+        &self,
+        doc: &DocId,
+        meta: VersionMeta,
+        state: Bytes,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (dir, doc) = (self.dir.clone(), doc.clone());
+        blocking(move || fs_versions::put(&dir, &doc, &meta, state))
+    }
+
+    fn list_versions(
+        &self,
+        doc: &DocId,
+    ) -> BoxFuture<'static, Result<Vec<VersionMeta>, StoreError>> {
+        let (dir, doc) = (self.dir.clone(), doc.clone());
+        blocking(move || fs_versions::list(&dir, &doc))
+    }
+
+    fn get_version(
+        &self,
+        doc: &DocId,
+        id: &VersionId,
+    ) -> BoxFuture<'static, Result<Option<(VersionMeta, Bytes)>, StoreError>> {
+        let (dir, doc, id) = (self.dir.clone(), doc.clone(), id.clone());
+        blocking(move || fs_versions::get(&dir, &doc, &id))
+    }
+
+    fn delete_version(
+        &self,
+        doc: &DocId,
+        id: &VersionId,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (dir, doc, id) = (self.dir.clone(), doc.clone(), id.clone());
+        blocking(move || fs_versions::delete(&dir, &doc, &id))
+    }
+}
+
+/// Runs file I/O off the async threads.
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> BoxFuture<'static, Result<T, StoreError>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+    .boxed()
 }
 
 #[cfg(test)]

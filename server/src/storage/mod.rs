@@ -5,11 +5,15 @@
 //! that nodes sharing a Redis can share a directory or an object store.
 
 pub mod fs;
+mod fs_versions;
 pub mod s3;
+mod s3_versions;
+pub mod versions;
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, Position};
 use futures_util::future::BoxFuture;
+use versions::{VersionId, VersionMeta};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -35,4 +39,31 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// whether it was written.
     fn save(&self, doc: &DocId, snapshot: Snapshot)
     -> BoxFuture<'static, Result<bool, StoreError>>;
+
+    /// Stores a version (see [`versions`]): its state, then its metadata.
+    fn put_version(
+        &self,
+        doc: &DocId,
+        meta: VersionMeta,
+        state: Bytes,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Every version of `doc`, newest first, from the metadata alone.
+    fn list_versions(
+        &self,
+        doc: &DocId,
+    ) -> BoxFuture<'static, Result<Vec<VersionMeta>, StoreError>>;
+
+    fn get_version(
+        &self,
+        doc: &DocId,
+        id: &VersionId,
+    ) -> BoxFuture<'static, Result<Option<(VersionMeta, Bytes)>, StoreError>>;
+
+    /// Returns whether the version existed.
+    fn delete_version(
+        &self,
+        doc: &DocId,
+        id: &VersionId,
+    ) -> BoxFuture<'static, Result<bool, StoreError>>;
 }

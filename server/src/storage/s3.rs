@@ -10,6 +10,8 @@
 //! next save removes.
 
 use super::fs::{decode, encode};
+use super::s3_versions;
+use super::versions::{VersionId, VersionMeta};
 use super::{Snapshot, SnapshotStore, StoreError};
 use chorus_protocol::{DocId, Position, StreamId};
 use futures_util::future::BoxFuture;
@@ -152,5 +154,51 @@ impl SnapshotStore for S3SnapshotStore {
             Ok(true)
         }
         .boxed()
+    }
+
+    fn put_version(
+        &self,
+        doc: &DocId,
+        meta: VersionMeta,
+        state: bytes::Bytes,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (store, prefix, doc) = (self.store.clone(), self.prefix.clone(), doc.clone());
+        async move { s3_versions::put(&store, &prefix, &doc, meta, state).await }.boxed()
+    }
+
+    fn list_versions(
+        &self,
+        doc: &DocId,
+    ) -> BoxFuture<'static, Result<Vec<VersionMeta>, StoreError>> {
+        let (store, prefix, doc) = (self.store.clone(), self.prefix.clone(), doc.clone());
+        async move { s3_versions::list(&store, &prefix, &doc).await }.boxed()
+    }
+
+    fn get_version(
+        &self,
+        doc: &DocId,
+        id: &VersionId,
+    ) -> BoxFuture<'static, Result<Option<(VersionMeta, bytes::Bytes)>, StoreError>> {
+        let (store, prefix, doc, id) = (
+            self.store.clone(),
+            self.prefix.clone(),
+            doc.clone(),
+            id.clone(),
+        );
+        async move { s3_versions::get(&store, &prefix, &doc, &id).await }.boxed()
+    }
+
+    fn delete_version(
+        &self,
+        doc: &DocId,
+        id: &VersionId,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (store, prefix, doc, id) = (
+            self.store.clone(),
+            self.prefix.clone(),
+            doc.clone(),
+            id.clone(),
+        );
+        async move { s3_versions::delete(&store, &prefix, &doc, &id).await }.boxed()
     }
 }

@@ -145,6 +145,7 @@ mod tests {
             replay_window: Duration::from_secs(600),
             replay_memory_bytes: 1 << 20,
             max_hot_documents: 10_000,
+            versions: crate::doc::versions::VersionPolicy::OFF,
         }
     }
 

@@ -122,6 +122,7 @@ impl Owner {
             Ok((head, entries)) if head.epoch == self.epoch => {
                 let fresh = self.ingest(entries);
                 self.fan_out_all(&fresh);
+                self.note_edits(!fresh.is_empty());
                 self.wake_waiters();
             }
             Ok(_) => self.reset_epoch().await,
@@ -244,6 +245,7 @@ impl Owner {
             self.shared.backplane.watch(&self.doc, self.applied);
         }
         self.resync_all(&fresh);
+        self.note_edits(!fresh.is_empty());
         self.wake_waiters();
         if epoch_changed {
             // What we hold beyond the new log (everything from before it was lost) goes into a
@@ -311,6 +313,7 @@ impl Owner {
             Ok((head, entries)) if head.epoch == self.epoch && head.holds_after(self.applied) => {
                 let fresh = self.ingest(entries);
                 self.fan_out_all(&fresh);
+                self.note_edits(!fresh.is_empty());
                 self.wake_waiters();
                 true
             }
