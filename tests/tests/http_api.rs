@@ -211,3 +211,56 @@ async fn json_and_the_inspector_read_what_clients_wrote() {
     );
     stock.quit().await;
 }
+
+/// `GET …/json` agrees with what a stock Yjs client itself reads from every root type it
+/// edited: formatted text (as a delta), a map and an array holding nested types (as Yjs's
+/// `toJSON`), and an XML fragment (as a tree of what Yjs prints as XML).
+#[tokio::test]
+async fn json_matches_what_a_stock_client_reads() {
+    use chorus_tests::stock::StockClient;
+    use serde_json::json;
+    let server = TestServer::start(|_| {}).await;
+    let mut stock = StockClient::spawn(&server.yjs_base(), "data").await;
+    let edits = json!([
+        {"op": "insert", "root": "t", "type": "text", "index": 0, "text": "hello brave world"},
+        {"op": "format", "root": "t", "type": "text", "index": 0, "len": 5, "attrs": {"bold": true}},
+        {"op": "delete", "root": "t", "type": "text", "index": 6, "len": 6},
+        {"op": "set", "root": "m", "type": "map", "key": "title", "value": "draft"},
+        {"op": "set", "root": "m", "type": "map", "key": "gone", "value": 1},
+        {"op": "unset", "root": "m", "type": "map", "key": "gone"},
+        {"op": "set", "root": "m", "type": "map", "key": "nested",
+         "value": {"$type": "map", "entries": {"deep": "value", "list": {"$type": "array", "items": [1, 2]}}}},
+        {"op": "insert", "root": "a", "type": "array", "index": 0,
+         "values": ["first", {"$type": "text", "text": "inner"}, {"$type": "map", "entries": {"k": "v"}}]},
+        {"op": "insert", "root": "x", "type": "xml", "index": 0,
+         "values": [{"$type": "element", "name": "p", "attrs": {"class": "lead"}, "text": "para"}]}
+    ]);
+    let r = stock.cmd(json!({"cmd": "edit", "ops": edits})).await;
+    assert_eq!(r["ok"], "edit", "{r}");
+    let roots = json!({"t": "text", "m": "map", "a": "array", "x": "xml"});
+    let js = stock.cmd(json!({"cmd": "content", "roots": roots})).await["content"].clone();
+    assert_eq!(js["x"], "<p class=\"lead\">para</p>", "{js}");
+    let expected = |served: &serde_json::Value| {
+        served["m"] == js["m"]
+            && served["a"] == js["a"]
+            && served["x"]
+                == json!([{"nodeName": "p", "attributes": {"class": "lead"}, "children": ["para"]}])
+    };
+    let served = chorus_tests::eventually(
+        "the edit reaches the server",
+        chorus_tests::DEADLINE,
+        || async {
+            let r = http::get(server.addr, "/v1/docs/data/json").await.ok()?;
+            let j = r.json();
+            expected(&j).then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(served["t"], "hello world");
+    let delta = http::get(server.addr, "/v1/docs/data/json?text=delta")
+        .await
+        .expect("GET")
+        .json();
+    assert_eq!(delta["t"], js["t"], "the text's delta, formatting kept");
+    stock.quit().await;
+}
