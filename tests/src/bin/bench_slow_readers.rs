@@ -6,7 +6,9 @@
 //! Part 1 (the slow-client issue's target scenario): one writer pushes `--mb` megabytes of
 //! ~10 KB map overwrites through one document; one reader keeps up, one (with a 16 KiB
 //! receive window, like a slow link) stops reading for the whole run, then resumes. Reports
-//! the node's RSS growth, what the node held for the stalled reader, and its catch-up time and
+//! the node's RSS growth, and beside it the growth of a fresh node taking the same writes
+//! with nobody stalled (the control: the log's entries pending a checkpoint grow a node
+//! whoever reads), what the node held for the stalled reader, and its catch-up time and
 //! bytes against what it missed.
 //! Part 2: `--readers` readers and two writers at `--rate` small updates/s each; fast readers'
 //! latency p50/p99 with nobody stalled, then with 20% of the readers stalled.
@@ -222,14 +224,10 @@ async fn paced_writers(url: &str, writers: usize, rate: usize, secs: u64, epoch:
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let mb = arg("--mb", 40);
-    let readers = arg("--readers", 10);
-    let rate = arg("--rate", 200);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::spawn(
-        dir.path(),
+/// A release node that lets a reader stall for the whole run.
+async fn spawn_node(dir: &std::path::Path) -> ServerProcess {
+    ServerProcess::spawn(
+        dir,
         &[
             "--max-messages-per-second",
             "1000000",
@@ -239,10 +237,40 @@ async fn main() {
             "600s",
         ],
     )
-    .await;
+    .await
+}
+
+/// Part 1's writes on a fresh node with only the fast reader: what the node grows by with
+/// nobody stalled (the log's entries pending a checkpoint, the allocator), so that part 1's
+/// growth minus this is what the stalled reader costs.
+async fn control_growth(mb: usize, epoch: Instant) -> u64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = spawn_node(dir.path()).await;
+    let url = server.ws_url();
+    let stop = Arc::new(AtomicBool::new(false));
+    let fast = spawn_fast_reader(url.clone(), epoch, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = chorus_tests::process_rss_kb(server.pid());
+    let sampler = Sampler::start(server.addr, server.pid());
+    write(&url, 1, mb << 20, epoch).await;
+    let (peak, _) = sampler.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = fast.await;
+    server.terminate().await;
+    peak.saturating_sub(before)
+}
+
+#[tokio::main]
+async fn main() {
+    let mb = arg("--mb", 40);
+    let readers = arg("--readers", 10);
+    let rate = arg("--rate", 200);
+    let epoch = Instant::now();
+    let control = control_growth(mb, epoch).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = spawn_node(dir.path()).await;
     let url = server.ws_url();
     let pid = server.pid();
-    let epoch = Instant::now();
     println!(
         "bench_slow_readers: node = release `chorus` process (pid {pid}), embedded log, default outbox budget"
     );
@@ -272,11 +300,13 @@ async fn main() {
         missed as f64 / 1e6,
         took.as_secs_f64()
     );
+    let growth = peak_rss.saturating_sub(rss_before);
     println!(
-        "  node RSS growth            {} KB (before {} KB, peak {} KB)",
-        peak_rss.saturating_sub(rss_before),
-        rss_before,
-        peak_rss
+        "  node RSS growth            {growth} KB (before {rss_before} KB, peak {peak_rss} KB)"
+    );
+    println!(
+        "  the same writes, nobody stalled (control, a fresh node): {control} KB; the stalled reader's share {} KB",
+        growth as i64 - control as i64
     );
     println!(
         "  held for the stalled reader at most {} B in its outbox while it missed {:.1} MB",
