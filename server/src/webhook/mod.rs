@@ -1,0 +1,452 @@
+//! Change webhooks (after data-flow step 4): documents with undelivered changes → one signed POST per URL per debounced range.
+//!
+//! How a change becomes a request:
+//!
+//! 1. The append marks the document as undelivered, durably and atomically with the entry
+//!    (`backplane::webhook_store`): Redis inside the append script; embedded in the checkpoint
+//!    transaction, or from the write-ahead replay after a crash. The write door also tells
+//!    this node at once ([`Webhooks::note`]), so the first delivery does not wait for a scan.
+//! 2. Every node scans the marks (at start and every [`SCAN_EVERY`], [`SCAN_BATCH`] at a time)
+//!    and starts a sender for each marked document it is not already sending.
+//! 3. A sender first takes the document's lease (Redis `SET NX PX`, renewed each cycle and
+//!    while it waits, every third of `--webhook-lease`): one node sends a document's webhooks
+//!    at a time. Without the lease it stops; the node holding it sends, and if that node dies
+//!    the lease expires and the next scan anywhere takes over.
+//! 4. The sender reads the log after the lowest URL cursor (the durable last position
+//!    delivered per document and URL) and sends each URL its range once
+//!    `now ≥ min(last change + debounce, first unsent change + max wait)`. Change times come
+//!    from the entry ids (their append time in ms), so any node computes the same deadline.
+//! 5. A 2xx answer moves that URL's cursor to `to`; anything else (or no answer within
+//!    `--webhook-timeout`) retries with [`deliver::backoff`]. Each URL has its own cursor and
+//!    clock, so a failing URL holds nobody else back; changes made meanwhile fold into the
+//!    next attempt's range (nothing queues: the range is just `(cursor, head]`).
+//! 6. When every cursor reached the head, the mark is cleared only if the head is still the
+//!    one read (compare-and-clear), and the sender stops and releases the lease.
+//!
+//! Ranges and resync: `from` is the URL's cursor, `null` when it has none in the log's current
+//! epoch (first delivery, or the log was recreated) and the receiver must load the whole
+//! document. `updates`/`bytes` count the entries still in the log in (from, to]: if compaction
+//! trimmed past the cursor (a receiver down longer than `--replay-window`), they count what is
+//! left, and the receiver's `GET /v1/docs/{doc}/updates?after=FROM` answers with its
+//! documented resync instead of a replay.
+//!
+//! Delivery ids are per attempt (receivers dedupe by position). Bounds: at most
+//! [`MAX_TRACKED`] documents have a sender on one node (more stay marked and are picked up as
+//! senders finish); at most [`deliver::MAX_IN_FLIGHT`] requests are in flight; a sender holds
+//! one read of its document's log (bounded by compaction) while it sends.
+
+pub mod deliver;
+
+use crate::backplane::webhook_store::{ScanCursor, WebhookStore};
+use crate::backplane::{Backplane, BackplaneResult, Entry, LogHead, now_ms};
+use crate::config::{Config, ConfigError};
+use chorus_protocol::{DocId, Position, StreamId};
+use deliver::{Changed, Sender};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Documents with a running sender on one node. Past it, marked documents wait (durably) for
+/// a sender to finish; nothing is lost, only later.
+pub const MAX_TRACKED: usize = 10_000;
+/// How often every node looks for marked documents nobody sends (a dead lease holder's).
+pub const SCAN_EVERY: Duration = Duration::from_secs(2);
+/// Marks read per scan call.
+pub const SCAN_BATCH: usize = 256;
+
+const DELIVERED: &str = "chorus_webhook_deliveries_total";
+const PENDING: &str = "chorus_webhook_pending_documents";
+
+/// What `--webhook-*` configure.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub urls: Vec<String>,
+    pub secret: String,
+    pub debounce: Duration,
+    pub max_wait: Duration,
+    pub timeout: Duration,
+    pub lease: Duration,
+}
+
+impl WebhookSettings {
+    /// `None` when no `--webhook-url` is set.
+    pub fn from_config(c: &Config) -> Option<Self> {
+        if c.webhook_url.is_empty() {
+            return None;
+        }
+        Some(WebhookSettings {
+            urls: c.webhook_url.clone(),
+            secret: c.webhook_secret.clone().unwrap_or_default(),
+            debounce: c.webhook_debounce,
+            max_wait: c.webhook_max_wait,
+            timeout: c.webhook_timeout,
+            lease: c.webhook_lease,
+        })
+    }
+}
+
+/// The `--webhook-*` checks `Config::validate` makes.
+pub fn validate(c: &Config) -> Result<(), ConfigError> {
+    if c.webhook_url.is_empty() {
+        return Ok(());
+    }
+    if c.webhook_secret.as_deref().unwrap_or("").is_empty() {
+        return Err(ConfigError::WebhookWithoutSecret);
+    }
+    for url in &c.webhook_url {
+        let ok = reqwest::Url::parse(url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            return Err(ConfigError::WebhookUrl { url: url.clone() });
+        }
+    }
+    if c.webhook_lease <= c.webhook_timeout {
+        return Err(ConfigError::WebhookLeaseTooShort {
+            lease: c.webhook_lease,
+            timeout: c.webhook_timeout,
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error(transparent)]
+    Store(#[from] crate::backplane::BackplaneError),
+    #[error("webhook HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// The node's webhook service: cheap to clone.
+#[derive(Clone)]
+pub struct Webhooks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: WebhookSettings,
+    store: Arc<dyn WebhookStore>,
+    backplane: Arc<dyn Backplane>,
+    sender: Sender,
+    senders: Mutex<Senders>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// The documents this node sends for, and those it found leased by another node.
+#[derive(Default)]
+struct Senders {
+    /// Per document: set when the write door noted a change since the sender last read.
+    running: HashMap<DocId, Arc<AtomicBool>>,
+    /// Leased elsewhere: not tried again before the instant (bounded like `running`).
+    elsewhere: HashMap<DocId, Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Webhooks {
+    /// Turns the log's marks on (before any append) and starts the scanner on `tracker`;
+    /// everything stops when `stop` is cancelled.
+    pub fn start(
+        settings: WebhookSettings,
+        backplane: Arc<dyn Backplane>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Self, WebhookError> {
+        let store = backplane.enable_webhooks()?;
+        let sender = Sender::new(&settings.secret, settings.timeout)?;
+        metrics::describe_counter!(DELIVERED, "Webhook requests, by result (ok, failed)");
+        metrics::describe_gauge!(PENDING, "Documents this node is sending webhooks for");
+        let hooks = Webhooks {
+            inner: Arc::new(Inner {
+                settings,
+                store,
+                backplane,
+                sender,
+                senders: Mutex::new(Senders::default()),
+                tracker: tracker.clone(),
+                stop,
+            }),
+        };
+        tracker.spawn(hooks.clone().scan_forever());
+        Ok(hooks)
+    }
+
+    /// The write door appended to `doc`: make sure a sender runs for it.
+    pub fn note(&self, doc: &DocId) {
+        let mut senders = lock(&self.inner.senders);
+        if let Some(noted) = senders.running.get(doc) {
+            noted.store(true, Ordering::Release);
+            return;
+        }
+        if senders
+            .elsewhere
+            .get(doc)
+            .is_some_and(|until| *until > Instant::now())
+        {
+            return;
+        }
+        self.spawn_sender(&mut senders, doc);
+    }
+
+    fn spawn_sender(&self, senders: &mut Senders, doc: &DocId) {
+        if senders.running.len() >= MAX_TRACKED || self.inner.stop.is_cancelled() {
+            return; // the durable mark brings it back on a later scan
+        }
+        let noted = Arc::new(AtomicBool::new(true));
+        senders.running.insert(doc.clone(), noted.clone());
+        senders.elsewhere.remove(doc);
+        metrics::gauge!(PENDING).set(senders.running.len() as f64);
+        let hooks = self.clone();
+        let doc = doc.clone();
+        self.inner.tracker.spawn(async move {
+            let outcome = hooks.send_for(&doc, &noted).await;
+            if let Err(e) = &outcome {
+                tracing::warn!(%doc, error = %e, "webhook sender stopped; the next scan retries");
+            }
+            hooks.inner.store.release(&doc).await;
+            let mut senders = lock(&hooks.inner.senders);
+            senders.running.remove(&doc);
+            if matches!(outcome, Ok(Ended::LeasedElsewhere)) {
+                if senders.elsewhere.len() >= MAX_TRACKED {
+                    let now = Instant::now();
+                    senders.elsewhere.retain(|_, until| *until > now);
+                }
+                if senders.elsewhere.len() < MAX_TRACKED {
+                    let until = Instant::now() + hooks.inner.settings.lease / 2;
+                    senders.elsewhere.insert(doc.clone(), until);
+                }
+            }
+            metrics::gauge!(PENDING).set(senders.running.len() as f64);
+        });
+    }
+
+    /// Every [`SCAN_EVERY`]: starts senders for marked documents nobody here sends.
+    async fn scan_forever(self) {
+        loop {
+            if let Err(e) = self.scan_once().await {
+                tracing::warn!(error = %e, "scanning undelivered webhooks failed; retrying");
+            }
+            tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                () = tokio::time::sleep(SCAN_EVERY) => {}
+            }
+        }
+    }
+
+    async fn scan_once(&self) -> BackplaneResult<()> {
+        let mut from: ScanCursor = None;
+        loop {
+            let (docs, next) = self.inner.store.marked(from, SCAN_BATCH).await?;
+            {
+                let mut senders = lock(&self.inner.senders);
+                let now = Instant::now();
+                senders.elsewhere.retain(|_, until| *until > now);
+                for doc in &docs {
+                    if !senders.running.contains_key(doc) && !senders.elsewhere.contains_key(doc) {
+                        self.spawn_sender(&mut senders, doc);
+                    }
+                }
+            }
+            if next.is_none() || self.inner.stop.is_cancelled() {
+                return Ok(());
+            }
+            from = next;
+        }
+    }
+}
+
+/// Why a sender stopped.
+enum Ended {
+    /// Every URL has the head and the mark is cleared.
+    Delivered,
+    /// Another node holds the lease.
+    LeasedElsewhere,
+    Shutdown,
+}
+
+/// One URL's place in one document, as its sender knows it.
+struct UrlState {
+    url: String,
+    /// Last delivered position (durable in the store).
+    cursor: Option<Position>,
+    failures: u32,
+    /// After a failure: no attempt before.
+    retry_at: Option<Instant>,
+}
+
+impl UrlState {
+    /// `from` for a request to this URL about `head`: the cursor if it is in the same epoch.
+    fn from(&self, head: &LogHead) -> Option<Position> {
+        self.cursor.filter(|c| c.epoch == head.epoch)
+    }
+
+    fn behind(&self, head: &LogHead) -> bool {
+        if head.epoch == 0 {
+            return false; // no log (any more): nothing to tell
+        }
+        self.from(head).is_none_or(|c| c.id < head.last)
+    }
+}
+
+impl Webhooks {
+    /// The sender of one document: runs until every URL has the head, the lease is lost, or
+    /// the node stops.
+    async fn send_for(&self, doc: &DocId, noted: &AtomicBool) -> BackplaneResult<Ended> {
+        let inner = &self.inner;
+        if !inner.store.lease(doc, inner.settings.lease).await? {
+            return Ok(Ended::LeasedElsewhere);
+        }
+        let mut urls = Vec::with_capacity(inner.settings.urls.len());
+        for url in &inner.settings.urls {
+            urls.push(UrlState {
+                url: url.clone(),
+                cursor: inner.store.cursor(doc, url).await?,
+                failures: 0,
+                retry_at: None,
+            });
+        }
+        loop {
+            noted.store(false, Ordering::Release);
+            let after = urls
+                .iter()
+                .map(|u| u.cursor.map_or(StreamId::ZERO, |c| c.id))
+                .min()
+                .unwrap_or(StreamId::ZERO);
+            let (head, entries) = inner.backplane.read_after(doc, after).await?;
+            if !urls.iter().any(|u| u.behind(&head)) {
+                if inner
+                    .store
+                    .clear_if_head(doc, head.epoch, head.last)
+                    .await?
+                {
+                    let senders = lock(&inner.senders);
+                    if !noted.load(Ordering::Acquire) {
+                        drop(senders);
+                        return Ok(Ended::Delivered);
+                    }
+                }
+                continue; // an append raced with the check: read again
+            }
+            let next = self.deliver_due(doc, &head, &entries, &mut urls).await;
+            drop(entries);
+            if !self.wait_until(doc, next).await? {
+                return Ok(if inner.stop.is_cancelled() {
+                    Ended::Shutdown
+                } else {
+                    Ended::LeasedElsewhere
+                });
+            }
+        }
+    }
+
+    /// Sends every URL whose range is due (concurrently) and records the outcomes; returns
+    /// when the next one is due.
+    async fn deliver_due(
+        &self,
+        doc: &DocId,
+        head: &LogHead,
+        entries: &[Entry],
+        urls: &mut [UrlState],
+    ) -> Instant {
+        let settings = &self.inner.settings;
+        let now_wall = now_ms();
+        let now = Instant::now();
+        // Nothing due: come back within a lease renewal anyway.
+        let mut next = now + settings.lease;
+        let mut jobs = Vec::new();
+        for (i, u) in urls.iter().enumerate() {
+            if !u.behind(head) {
+                continue;
+            }
+            let from = u.from(head);
+            let unsent = unsent(entries, from);
+            let first_ms = unsent.first().map_or(head.last.ms, |e| e.id.ms);
+            let due_ms = (head
+                .last
+                .ms
+                .saturating_add(settings.debounce.as_millis() as u64))
+            .min(first_ms.saturating_add(settings.max_wait.as_millis() as u64));
+            let due = now + Duration::from_millis(due_ms.saturating_sub(now_wall));
+            let due = u.retry_at.map_or(due, |r| r.max(due));
+            if due > now {
+                next = next.min(due);
+                continue;
+            }
+            let to = Position::new(head.epoch, head.last);
+            let bytes = unsent.iter().map(|e| e.update.len() as u64).sum();
+            let body = Changed::new(doc, from, to, unsent.len() as u64, bytes);
+            jobs.push((i, u.url.clone(), to, body));
+        }
+        let sender = &self.inner.sender;
+        let sends = futures_util::future::join_all(
+            jobs.iter().map(|(_, url, _, body)| sender.send(url, body)),
+        );
+        // At shutdown an unanswered request is dropped: its range stays undelivered and
+        // marked, so the next sender (here after a restart, or another node) sends it.
+        let results = tokio::select! {
+            r = sends => r,
+            () = self.inner.stop.cancelled() => return now,
+        };
+        for ((i, url, to, _), result) in jobs.into_iter().zip(results) {
+            let u = &mut urls[i];
+            match result {
+                Ok(()) => {
+                    metrics::counter!(DELIVERED, "result" => "ok").increment(1);
+                    // Read again at once: either the mark can go or there is more to send.
+                    next = now;
+                    u.cursor = Some(to);
+                    u.failures = 0;
+                    u.retry_at = None;
+                    if let Err(e) = self.inner.store.set_cursor(doc, &url, to).await {
+                        // Delivered but not recorded: after a restart it is sent again
+                        // (at least once), never skipped.
+                        tracing::warn!(%doc, %url, error = %e, "could not record a webhook delivery");
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(DELIVERED, "result" => "failed").increment(1);
+                    u.failures = u.failures.saturating_add(1);
+                    let wait = deliver::backoff(u.failures);
+                    u.retry_at = Some(Instant::now() + wait);
+                    next = next.min(Instant::now() + wait);
+                    tracing::info!(%doc, %url, error = %e, failures = u.failures, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
+                }
+            }
+        }
+        next
+    }
+
+    /// Sleeps until `due`, renewing the lease on the way; false if it was lost or the node
+    /// is stopping.
+    async fn wait_until(&self, doc: &DocId, due: Instant) -> BackplaneResult<bool> {
+        let inner = &self.inner;
+        loop {
+            let renew_at = Instant::now() + inner.settings.lease / 3;
+            tokio::select! {
+                () = inner.stop.cancelled() => return Ok(false),
+                () = tokio::time::sleep_until(due.min(renew_at)) => {}
+            }
+            if !inner.store.lease(doc, inner.settings.lease).await? {
+                return Ok(false);
+            }
+            if Instant::now() >= due {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// The entries in (from, head]: all of `entries` read after the lowest cursor, minus what
+/// this URL already has.
+fn unsent(entries: &[Entry], from: Option<Position>) -> &[Entry] {
+    let after = from.map_or(StreamId::ZERO, |p| p.id);
+    let start = entries.partition_point(|e| e.id <= after);
+    &entries[start..]
+}
