@@ -1,12 +1,20 @@
 //! Change webhooks against real servers: an in-process receiver that checks every request's
 //! signature; embedded nodes (in process, and a `chorus` process killed with SIGKILL) and two
-//! nodes on one Redis (in process, and processes, one killed while it holds the lease).
+//! nodes on one Redis (in process, and processes, one killed while it holds the lease); and
+//! the webhook store of both logs on its own.
 
+use bytes::Bytes;
+use chorus_protocol::DocId;
+use chorus_server::backplane::Backplane;
+use chorus_server::backplane::embedded::EmbeddedBackplane;
+use chorus_server::backplane::redis::{RedisBackplane, RedisSettings};
 use chorus_tests::redis::RedisServer;
 use chorus_tests::webhook::{Delivery, Editor, Mode, Receiver, Replica, SECRET, process_flags};
 use chorus_tests::{DEADLINE, ServerProcess, TestServer, eventually};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 fn hooks(c: &mut chorus_server::Config, urls: &[String], debounce_ms: u64, max_wait_ms: u64) {
     c.webhook_url = urls.to_vec();
@@ -342,4 +350,110 @@ async fn killing_the_sending_node_hands_the_document_to_the_other_after_the_leas
     let now = redis.cli(&["GET", lease_key]).await;
     assert_ne!(now.trim(), holder.trim(), "the killed node's lease is gone");
     b.terminate().await;
+}
+
+/// The webhook store of both logs: an append marks its document; a mark is cleared only at the
+/// head it was read at (a racing append keeps it); cursors persist; one lease holder at a time.
+async fn store_conformance(bp: Arc<dyn Backplane>, other_node: Option<Arc<dyn Backplane>>) {
+    let store = bp.enable_webhooks().expect("enable webhooks");
+    let doc = DocId::parse("marked").expect("doc");
+    let append = |n: u8| bp.append(&doc, Bytes::from(vec![n; 8]), None, None);
+    let p1 = append(1).await.expect("append");
+    let marked = || async {
+        let mut all = Vec::new();
+        let mut from = None;
+        loop {
+            let (docs, next) = store.marked(from, 2).await.expect("scan marks");
+            all.extend(docs);
+            if next.is_none() {
+                return all;
+            }
+            from = next;
+        }
+    };
+    eventually("the append marked its document", DEADLINE, || async {
+        marked().await.contains(&doc).then_some(())
+    })
+    .await;
+    let p2 = append(2).await.expect("append");
+    assert!(
+        !store
+            .clear_if_head(&doc, p1.epoch, p1.id)
+            .await
+            .expect("clear"),
+        "an append after the head that was read keeps the mark"
+    );
+    assert!(marked().await.contains(&doc));
+    assert!(
+        store
+            .clear_if_head(&doc, p2.epoch, p2.id)
+            .await
+            .expect("clear")
+    );
+    assert!(!marked().await.contains(&doc));
+
+    assert_eq!(store.cursor(&doc, "http://a/").await.expect("cursor"), None);
+    store
+        .set_cursor(&doc, "http://a/", p2)
+        .await
+        .expect("set cursor");
+    assert_eq!(
+        store.cursor(&doc, "http://a/").await.expect("cursor"),
+        Some(p2)
+    );
+    assert_eq!(store.cursor(&doc, "http://b/").await.expect("cursor"), None);
+
+    let ttl = Duration::from_secs(5);
+    assert!(store.lease(&doc, ttl).await.expect("lease"));
+    assert!(
+        store.lease(&doc, ttl).await.expect("renew"),
+        "the holder renews"
+    );
+    if let Some(other) = other_node {
+        let theirs = other.enable_webhooks().expect("enable webhooks");
+        assert!(
+            !theirs.lease(&doc, ttl).await.expect("lease"),
+            "held by the first node"
+        );
+        store.release(&doc).await;
+        assert!(
+            theirs.lease(&doc, ttl).await.expect("lease"),
+            "free once released"
+        );
+    }
+    bp.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_marks_clears_at_the_head_and_keeps_cursors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tracker = TaskTracker::new();
+    let bp =
+        EmbeddedBackplane::open(&dir.path().join("log.redb"), 4 << 20, &tracker).expect("open");
+    store_conformance(Arc::new(bp), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_marks_clears_at_the_head_keeps_cursors_and_leases_to_one_node() {
+    let redis = RedisServer::start().await;
+    let tracker = TaskTracker::new();
+    let connect = || async {
+        let bp: Arc<dyn Backplane> = Arc::new(
+            RedisBackplane::connect(
+                RedisSettings::from_urls(
+                    &[redis.url()],
+                    Duration::from_secs(2),
+                    Duration::from_secs(2),
+                ),
+                rand::random(),
+                &tracker,
+            )
+            .await
+            .expect("connect"),
+        );
+        bp
+    };
+    let (a, b) = (connect().await, connect().await);
+    store_conformance(a, Some(b.clone())).await;
+    b.close().await;
 }

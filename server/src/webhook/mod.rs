@@ -210,9 +210,18 @@ impl Webhooks {
             if let Err(e) = &outcome {
                 tracing::warn!(%doc, error = %e, "webhook sender stopped; the next scan retries");
             }
-            hooks.inner.store.release(&doc).await;
+            // A sender that delivered everything released and unlisted itself already.
+            if !matches!(outcome, Ok(Ended::Delivered)) {
+                hooks.inner.store.release(&doc).await;
+            }
             let mut senders = lock(&hooks.inner.senders);
-            senders.running.remove(&doc);
+            if senders
+                .running
+                .get(&doc)
+                .is_some_and(|n| Arc::ptr_eq(n, &noted))
+            {
+                senders.running.remove(&doc);
+            }
             if matches!(outcome, Ok(Ended::LeasedElsewhere)) {
                 if senders.elsewhere.len() >= MAX_TRACKED {
                     let now = Instant::now();
@@ -326,10 +335,19 @@ impl Webhooks {
                     .clear_if_head(doc, head.epoch, head.last)
                     .await?
                 {
-                    let senders = lock(&inner.senders);
-                    if !noted.load(Ordering::Acquire) {
-                        drop(senders);
-                        return Ok(Ended::Delivered);
+                    // Release first, then unlist under the lock `note` takes: an append noted
+                    // before the unlisting finds this sender and keeps it going (it takes the
+                    // lease again); one noted after starts a new sender.
+                    inner.store.release(doc).await;
+                    {
+                        let mut senders = lock(&inner.senders);
+                        if !noted.load(Ordering::Acquire) {
+                            senders.running.remove(doc);
+                            return Ok(Ended::Delivered);
+                        }
+                    }
+                    if !inner.store.lease(doc, inner.settings.lease).await? {
+                        return Ok(Ended::LeasedElsewhere);
                     }
                 }
                 continue; // an append raced with the check: read again
