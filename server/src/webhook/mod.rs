@@ -468,3 +468,65 @@ fn unsent(entries: &[Entry], from: Option<Position>) -> &[Entry] {
     let start = entries.partition_point(|e| e.id <= after);
     &entries[start..]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_flags_are_checked_at_start() {
+        let mut c = Config::for_data_dir("/tmp/x");
+        assert!(validate(&c).is_ok(), "no webhooks, nothing to check");
+        c.webhook_url = vec!["http://127.0.0.1:9/hook".into()];
+        assert!(matches!(
+            validate(&c),
+            Err(ConfigError::WebhookWithoutSecret)
+        ));
+        c.webhook_secret = Some("s".into());
+        assert!(validate(&c).is_ok());
+        c.webhook_url.push("ftp://example.com/".into());
+        assert!(matches!(validate(&c), Err(ConfigError::WebhookUrl { .. })));
+        c.webhook_url.pop();
+        c.webhook_lease = c.webhook_timeout;
+        assert!(matches!(
+            validate(&c),
+            Err(ConfigError::WebhookLeaseTooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn a_url_gets_only_what_follows_its_cursor() {
+        let entry = |ms| Entry {
+            id: StreamId::new(ms, 0),
+            update: bytes::Bytes::from_static(b"u"),
+            origin: None,
+            reach: None,
+        };
+        let entries: Vec<Entry> = (1..=5).map(entry).collect();
+        assert_eq!(unsent(&entries, None).len(), 5);
+        let at3 = Position::new(7, StreamId::new(3, 0));
+        assert_eq!(unsent(&entries, Some(at3)).len(), 2);
+        let head = LogHead {
+            epoch: 7,
+            last: StreamId::new(5, 0),
+            floor: StreamId::ZERO,
+        };
+        let url = |cursor| UrlState {
+            url: String::new(),
+            cursor,
+            failures: 0,
+            retry_at: None,
+        };
+        assert!(url(Some(at3)).behind(&head));
+        assert_eq!(url(Some(at3)).from(&head), Some(at3));
+        let other_epoch = Position::new(8, StreamId::new(5, 0));
+        assert_eq!(
+            url(Some(other_epoch)).from(&head),
+            None,
+            "a new epoch restarts"
+        );
+        assert!(url(Some(other_epoch)).behind(&head));
+        assert!(!url(Some(Position::new(7, head.last))).behind(&head));
+        assert!(!url(None).behind(&LogHead::NONE), "no log, nothing to send");
+    }
+}
