@@ -228,7 +228,9 @@ impl Webhooks {
                     senders.elsewhere.retain(|_, until| *until > now);
                 }
                 if senders.elsewhere.len() < MAX_TRACKED {
-                    let until = Instant::now() + hooks.inner.settings.lease / 2;
+                    // Not before the next scan would find it anyway: an append noted here
+                    // then costs no lease attempt while the holder sends.
+                    let until = Instant::now() + SCAN_EVERY.min(hooks.inner.settings.lease / 2);
                     senders.elsewhere.insert(doc.clone(), until);
                 }
             }
@@ -408,8 +410,19 @@ impl Webhooks {
         );
         // At shutdown an unanswered request is dropped: its range stays undelivered and
         // marked, so the next sender (here after a restart, or another node) sends it.
+        // Renewed while requests are in flight (a request may wait for a permit first), so
+        // no other node starts on this document meanwhile.
+        let renew = async {
+            loop {
+                tokio::time::sleep(settings.lease / 3).await;
+                if let Err(e) = self.inner.store.lease(doc, settings.lease).await {
+                    tracing::warn!(%doc, error = %e, "could not renew a webhook lease");
+                }
+            }
+        };
         let results = tokio::select! {
             r = sends => r,
+            () = renew => return now,
             () = self.inner.stop.cancelled() => return now,
         };
         for ((i, url, to, _), result) in jobs.into_iter().zip(results) {
