@@ -57,6 +57,8 @@ pub const MAX_TRACKED: usize = 10_000;
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Marks read per scan call.
 pub const SCAN_BATCH: usize = 256;
+/// Before reading again when the head moved under a compare-and-clear.
+const RACE_PAUSE: Duration = Duration::from_millis(50);
 
 const DELIVERED: &str = "chorus_webhook_deliveries_total";
 const PENDING: &str = "chorus_webhook_pending_documents";
@@ -351,17 +353,19 @@ impl Webhooks {
                     if !inner.store.lease(doc, inner.settings.lease).await? {
                         return Ok(Ended::LeasedElsewhere);
                     }
+                    continue; // noted meanwhile: read again
                 }
-                continue; // an append raced with the check: read again
+                // An append raced with the check: read again, after a pause that keeps a
+                // log that keeps disagreeing from being asked in a tight loop.
+                if !self.wait_until(doc, Instant::now() + RACE_PAUSE).await? {
+                    return Ok(self.interrupted());
+                }
+                continue;
             }
             let next = self.deliver_due(doc, &head, &entries, &mut urls).await;
             drop(entries);
             if !self.wait_until(doc, next).await? {
-                return Ok(if inner.stop.is_cancelled() {
-                    Ended::Shutdown
-                } else {
-                    Ended::LeasedElsewhere
-                });
+                return Ok(self.interrupted());
             }
         }
     }
@@ -376,40 +380,16 @@ impl Webhooks {
         urls: &mut [UrlState],
     ) -> Instant {
         let settings = &self.inner.settings;
-        let now_wall = now_ms();
         let now = Instant::now();
-        // Nothing due: come back within a lease renewal anyway.
-        let mut next = now + settings.lease;
-        let mut jobs = Vec::new();
-        for (i, u) in urls.iter().enumerate() {
-            if !u.behind(head) {
-                continue;
-            }
-            let from = u.from(head);
-            let unsent = unsent(entries, from);
-            let first_ms = unsent.first().map_or(head.last.ms, |e| e.id.ms);
-            let due_ms = (head
-                .last
-                .ms
-                .saturating_add(settings.debounce.as_millis() as u64))
-            .min(first_ms.saturating_add(settings.max_wait.as_millis() as u64));
-            let due = now + Duration::from_millis(due_ms.saturating_sub(now_wall));
-            let due = u.retry_at.map_or(due, |r| r.max(due));
-            if due > now {
-                next = next.min(due);
-                continue;
-            }
-            let to = Position::new(head.epoch, head.last);
-            let bytes = unsent.iter().map(|e| e.update.len() as u64).sum();
-            let body = Changed::new(doc, from, to, unsent.len() as u64, bytes);
-            jobs.push((i, u.url.clone(), to, body));
+        let (jobs, mut next) = due_requests(settings, doc, head, entries, urls, now);
+        if jobs.is_empty() {
+            return next;
         }
         let sender = &self.inner.sender;
         let sends = futures_util::future::join_all(
-            jobs.iter().map(|(_, url, _, body)| sender.send(url, body)),
+            jobs.iter()
+                .map(|job| sender.send(&urls[job.url].url, &job.body)),
         );
-        // At shutdown an unanswered request is dropped: its range stays undelivered and
-        // marked, so the next sender (here after a restart, or another node) sends it.
         // Renewed while requests are in flight (a request may wait for a permit first), so
         // no other node starts on this document meanwhile.
         let renew = async {
@@ -420,25 +400,27 @@ impl Webhooks {
                 }
             }
         };
+        // At shutdown an unanswered request is dropped: its range stays undelivered and
+        // marked, so the next sender (here after a restart, or another node) sends it.
         let results = tokio::select! {
             r = sends => r,
             () = renew => return now,
             () = self.inner.stop.cancelled() => return now,
         };
-        for ((i, url, to, _), result) in jobs.into_iter().zip(results) {
-            let u = &mut urls[i];
+        for (job, result) in jobs.into_iter().zip(results) {
+            let u = &mut urls[job.url];
             match result {
                 Ok(()) => {
                     metrics::counter!(DELIVERED, "result" => "ok").increment(1);
                     // Read again at once: either the mark can go or there is more to send.
                     next = now;
-                    u.cursor = Some(to);
+                    u.cursor = Some(job.to);
                     u.failures = 0;
                     u.retry_at = None;
-                    if let Err(e) = self.inner.store.set_cursor(doc, &url, to).await {
+                    if let Err(e) = self.inner.store.set_cursor(doc, &u.url, job.to).await {
                         // Delivered but not recorded: after a restart it is sent again
                         // (at least once), never skipped.
-                        tracing::warn!(%doc, %url, error = %e, "could not record a webhook delivery");
+                        tracing::warn!(%doc, url = %u.url, error = %e, "could not record a webhook delivery");
                     }
                 }
                 Err(e) => {
@@ -447,11 +429,20 @@ impl Webhooks {
                     let wait = deliver::backoff(u.failures);
                     u.retry_at = Some(Instant::now() + wait);
                     next = next.min(Instant::now() + wait);
-                    tracing::info!(%doc, %url, error = %e, failures = u.failures, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
+                    tracing::info!(%doc, url = %u.url, error = %e, failures = u.failures, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
                 }
             }
         }
         next
+    }
+
+    /// Why a wait ended early: the node is stopping, or another node has the lease.
+    fn interrupted(&self) -> Ended {
+        if self.inner.stop.is_cancelled() {
+            Ended::Shutdown
+        } else {
+            Ended::LeasedElsewhere
+        }
     }
 
     /// Sleeps until `due`, renewing the lease on the way; false if it was lost or the node
@@ -472,6 +463,56 @@ impl Webhooks {
             }
         }
     }
+}
+
+/// One request to make: to `urls[url]`, the range up to `to`.
+struct Job {
+    url: usize,
+    to: Position,
+    body: Changed,
+}
+
+/// The requests due now (one per URL that is behind, past its debounce or max wait and its
+/// retry time), and when the next URL not due yet will be (at the latest a lease period from
+/// now). Change times are the entry ids' append times, on the appending node's clock.
+fn due_requests(
+    settings: &WebhookSettings,
+    doc: &DocId,
+    head: &LogHead,
+    entries: &[Entry],
+    urls: &[UrlState],
+    now: Instant,
+) -> (Vec<Job>, Instant) {
+    let now_wall = now_ms();
+    let mut next = now + settings.lease;
+    let mut jobs = Vec::new();
+    for (i, u) in urls.iter().enumerate() {
+        if !u.behind(head) {
+            continue;
+        }
+        let from = u.from(head);
+        let unsent = unsent(entries, from);
+        let first_ms = unsent.first().map_or(head.last.ms, |e| e.id.ms);
+        let after_last = head
+            .last
+            .ms
+            .saturating_add(settings.debounce.as_millis() as u64);
+        let after_first = first_ms.saturating_add(settings.max_wait.as_millis() as u64);
+        let due = now + Duration::from_millis(after_last.min(after_first).saturating_sub(now_wall));
+        let due = u.retry_at.map_or(due, |r| r.max(due));
+        if due > now {
+            next = next.min(due);
+            continue;
+        }
+        let to = Position::new(head.epoch, head.last);
+        let bytes = unsent.iter().map(|e| e.update.len() as u64).sum();
+        jobs.push(Job {
+            url: i,
+            to,
+            body: Changed::new(doc, from, to, unsent.len() as u64, bytes),
+        });
+    }
+    (jobs, next)
 }
 
 /// The entries in (from, head]: all of `entries` read after the lowest cursor, minus what
