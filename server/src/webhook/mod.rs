@@ -13,7 +13,8 @@
 //!    at a time. Without the lease it stops; the node holding it sends, and if that node dies
 //!    the lease expires and the next scan anywhere takes over.
 //! 4. The sender reads the log after the lowest URL cursor (the durable last position
-//!    delivered per document and URL) and sends each URL its range once
+//!    delivered per document and URL; later wakes read only what follows, `view.rs`) and
+//!    sends each URL its range once
 //!    `now ≥ min(last change + debounce, first unsent change + max wait)`. Change times come
 //!    from the entry ids (their append time in ms), so any node computes the same deadline.
 //! 5. A 2xx answer moves that URL's cursor to `to`; anything else (or no answer within
@@ -33,12 +34,13 @@
 //! Delivery ids are per attempt (receivers dedupe by position). Bounds: at most
 //! [`MAX_TRACKED`] documents have a sender on one node (more stay marked and are picked up as
 //! senders finish); at most [`deliver::MAX_IN_FLIGHT`] requests are in flight; a sender holds
-//! one read of its document's log (bounded by compaction) while it sends.
+//! the ids and sizes of its document's unsent changes, at most `view::MAX_CHANGES` (100,000).
 
 pub mod deliver;
+mod view;
 
 use crate::backplane::webhook_store::{ScanCursor, WebhookStore};
-use crate::backplane::{Backplane, BackplaneResult, Entry, LogHead, now_ms};
+use crate::backplane::{Backplane, BackplaneResult, LogHead, now_ms};
 use crate::config::{Config, ConfigError};
 use chorus_protocol::{DocId, Position, StreamId};
 use deliver::{Changed, Sender};
@@ -49,6 +51,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use view::LogView;
 
 /// Documents with a running sender on one node. Past it, marked documents wait (durably) for
 /// a sender to finish; nothing is lost, only later.
@@ -325,14 +328,12 @@ impl Webhooks {
                 retry_at: None,
             });
         }
+        let mut view = LogView::default();
         loop {
             noted.store(false, Ordering::Release);
-            let after = urls
-                .iter()
-                .map(|u| u.cursor.map_or(StreamId::ZERO, |c| c.id))
-                .min()
-                .unwrap_or(StreamId::ZERO);
-            let (head, entries) = inner.backplane.read_after(doc, after).await?;
+            let cursors: Vec<Option<Position>> = urls.iter().map(|u| u.cursor).collect();
+            view.refresh(&*inner.backplane, doc, &cursors).await?;
+            let head = view.head();
             if !urls.iter().any(|u| u.behind(&head)) {
                 if inner
                     .store
@@ -362,8 +363,7 @@ impl Webhooks {
                 }
                 continue;
             }
-            let next = self.deliver_due(doc, &head, &entries, &mut urls).await;
-            drop(entries);
+            let next = self.deliver_due(doc, &view, &mut urls).await;
             if !self.wait_until(doc, next).await? {
                 return Ok(self.interrupted());
             }
@@ -372,16 +372,10 @@ impl Webhooks {
 
     /// Sends every URL whose range is due (concurrently) and records the outcomes; returns
     /// when the next one is due.
-    async fn deliver_due(
-        &self,
-        doc: &DocId,
-        head: &LogHead,
-        entries: &[Entry],
-        urls: &mut [UrlState],
-    ) -> Instant {
+    async fn deliver_due(&self, doc: &DocId, view: &LogView, urls: &mut [UrlState]) -> Instant {
         let settings = &self.inner.settings;
         let now = Instant::now();
-        let (jobs, mut next) = due_requests(settings, doc, head, entries, urls, now);
+        let (jobs, mut next) = due_requests(settings, doc, view, urls, now);
         if jobs.is_empty() {
             return next;
         }
@@ -478,11 +472,11 @@ struct Job {
 fn due_requests(
     settings: &WebhookSettings,
     doc: &DocId,
-    head: &LogHead,
-    entries: &[Entry],
+    view: &LogView,
     urls: &[UrlState],
     now: Instant,
 ) -> (Vec<Job>, Instant) {
+    let head = &view.head();
     let now_wall = now_ms();
     let mut next = now + settings.lease;
     let mut jobs = Vec::new();
@@ -491,7 +485,7 @@ fn due_requests(
             continue;
         }
         let from = u.from(head);
-        let unsent = unsent(entries, from);
+        let unsent = view.after(from.map_or(StreamId::ZERO, |p| p.id));
         let first_ms = unsent.first().map_or(head.last.ms, |e| e.id.ms);
         let after_last = head
             .last
@@ -505,7 +499,7 @@ fn due_requests(
             continue;
         }
         let to = Position::new(head.epoch, head.last);
-        let bytes = unsent.iter().map(|e| e.update.len() as u64).sum();
+        let bytes = unsent.iter().map(|c| c.bytes).sum();
         jobs.push(Job {
             url: i,
             to,
@@ -513,14 +507,6 @@ fn due_requests(
         });
     }
     (jobs, next)
-}
-
-/// The entries in (from, head]: all of `entries` read after the lowest cursor, minus what
-/// this URL already has.
-fn unsent(entries: &[Entry], from: Option<Position>) -> &[Entry] {
-    let after = from.map_or(StreamId::ZERO, |p| p.id);
-    let start = entries.partition_point(|e| e.id <= after);
-    &entries[start..]
 }
 
 #[cfg(test)]
@@ -549,17 +535,8 @@ mod tests {
     }
 
     #[test]
-    fn a_url_gets_only_what_follows_its_cursor() {
-        let entry = |ms| Entry {
-            id: StreamId::new(ms, 0),
-            update: bytes::Bytes::from_static(b"u"),
-            origin: None,
-            reach: None,
-        };
-        let entries: Vec<Entry> = (1..=5).map(entry).collect();
-        assert_eq!(unsent(&entries, None).len(), 5);
+    fn a_url_is_behind_until_its_cursor_reaches_the_head_of_the_same_epoch() {
         let at3 = Position::new(7, StreamId::new(3, 0));
-        assert_eq!(unsent(&entries, Some(at3)).len(), 2);
         let head = LogHead {
             epoch: 7,
             last: StreamId::new(5, 0),
