@@ -10,6 +10,7 @@
 //!   shared by many nodes)
 //! - [`storage`] — snapshots
 //! - [`metrics`] — `/metrics` (Prometheus) and what `/readyz` checks
+//! - [`webhook`] — change webhooks: debounced, signed `document.changed` requests per document
 //!
 //! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
 
