@@ -185,6 +185,18 @@ async fn a_failing_receiver_is_retried_and_later_changes_fold_into_one_range() {
         "the later changes folded into the range"
     );
     assert_eq!(all[0].bytes(), bytes_of(&editor.acked));
+    // Both outcomes are counted where operators look.
+    let metrics = chorus_tests::http::get(node.addr, "/metrics")
+        .await
+        .expect("GET /metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    for series in [
+        "chorus_webhook_deliveries_total{result=\"ok\"}",
+        "chorus_webhook_deliveries_total{result=\"failed\"}",
+        "chorus_webhook_pending_documents",
+    ] {
+        assert!(text.contains(series), "{series} in /metrics");
+    }
     node.stop().await;
 }
 
