@@ -201,6 +201,55 @@ async fn a_failing_receiver_is_retried_and_later_changes_fold_into_one_range() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_past_a_trim_gets_its_cursor_and_catches_up_with_a_full_sync() {
+    let receiver = Receiver::start(Mode::Ok).await;
+    let node = TestServer::start(|c| {
+        hooks(c, &[receiver.url()], 100, 1_000);
+        c.compact_entries = 10;
+        c.replay_window = Duration::ZERO;
+        // The document keeps no recent entries of its own to replay from either.
+        c.replay_memory_bytes = 64;
+    })
+    .await;
+    let mut editor = Editor::new("trimmed");
+    editor.edit(node.addr, "first ").await;
+    let first = wait_delivered_to(&receiver, "trimmed", editor.last()).await;
+    let delivered_to = first[0].to().to_string();
+    receiver.set_mode(Mode::Fail);
+    for i in 0..30 {
+        editor.edit(node.addr, &format!("{i} ")).await;
+    }
+    eventually("compaction trimmed past the cursor", DEADLINE, || async {
+        let replica = Replica::new();
+        let (sync, _) = replica
+            .catch_up(node.addr, "trimmed", Some(&delivered_to))
+            .await;
+        (sync == "full").then_some(())
+    })
+    .await;
+    let n = receiver.attempts();
+    eventually("two retries after the last edit", DEADLINE, || async {
+        (receiver.attempts() >= n + 2).then_some(())
+    })
+    .await;
+    receiver.set_mode(Mode::Ok);
+    let all = wait_delivered_to(&receiver, "trimmed", editor.last()).await;
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all[1].from(),
+        Some(delivered_to.as_str()),
+        "from is the cursor even though the log no longer holds what follows it"
+    );
+    assert!(all[1].updates() >= 1 && all[1].updates() <= 30);
+    // The documented catch-up: a full sync instead of a replay with a gap.
+    let replica = Replica::new();
+    let (sync, position) = replica.catch_up(node.addr, "trimmed", all[1].from()).await;
+    assert_eq!((sync.as_str(), position.as_str()), ("full", all[1].to()));
+    assert_eq!(replica.text(), editor.text());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_url_does_not_hold_back_another() {
     let good = Receiver::start(Mode::Ok).await;
     let hanging = Receiver::start(Mode::Hang).await;

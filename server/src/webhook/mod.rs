@@ -26,10 +26,11 @@
 //!
 //! Ranges and resync: `from` is the URL's cursor, `null` when it has none in the log's current
 //! epoch (first delivery, or the log was recreated) and the receiver must load the whole
-//! document. `updates`/`bytes` count the entries still in the log in (from, to]: if compaction
-//! trimmed past the cursor (a receiver down longer than `--replay-window`), they count what is
-//! left, and the receiver's `GET /v1/docs/{doc}/updates?after=FROM` answers with its
-//! documented resync instead of a replay.
+//! document. `updates`/`bytes` count the entries in (from, to] the sender read from the log:
+//! if compaction trimmed past the cursor before it read them (a receiver down longer than
+//! `--replay-window`), only what was left, and the receiver's
+//! `GET /v1/docs/{doc}/updates?after=FROM` answers with its documented full sync instead of a
+//! replay. `from` stays the cursor either way: it is what the receiver has.
 //!
 //! Delivery ids are per attempt (receivers dedupe by position). Bounds: at most
 //! [`MAX_TRACKED`] documents have a sender on one node (more stay marked and are picked up as
