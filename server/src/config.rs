@@ -236,6 +236,37 @@ pub struct Config {
     /// Automatic versions kept per document (the newest); named versions are kept until deleted.
     #[arg(long, env = "CHORUS_KEEP_VERSIONS", default_value_t = 50)]
     pub keep_versions: usize,
+
+    /// Change webhooks: POST `document.changed` to this URL (repeatable, or comma-separated);
+    /// see the README's "Change webhooks". Needs `--webhook-secret`.
+    #[arg(
+        long = "webhook-url",
+        env = "CHORUS_WEBHOOK_URL",
+        value_delimiter = ','
+    )]
+    pub webhook_url: Vec<String>,
+
+    /// Key of the `X-Chorus-Signature` HMAC-SHA256 over each webhook body.
+    #[arg(long, env = "CHORUS_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// A document's webhook is sent this long after its last change...
+    #[arg(long, env = "CHORUS_WEBHOOK_DEBOUNCE", default_value = "2s", value_parser = parse_duration)]
+    pub webhook_debounce: Duration,
+
+    /// ...and at most this long after its first unsent change.
+    #[arg(long, env = "CHORUS_WEBHOOK_MAX_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_max_wait: Duration,
+
+    /// A webhook request not answered within this long failed (and is retried).
+    #[arg(long, env = "CHORUS_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+
+    /// With Redis: one node sends a document's webhooks under a lease of this length, renewed
+    /// while it sends; if that node dies another takes over once it expires. Longer than
+    /// `--webhook-timeout`.
+    #[arg(long, env = "CHORUS_WEBHOOK_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub webhook_lease: Duration,
 }
 
 impl Config {
@@ -256,6 +287,12 @@ pub enum ConfigError {
          compaction on another node could trim entries this node's reader has not read yet"
     )]
     ReplayWindowTooShort { window: Duration, min: Duration },
+    #[error("--webhook-url needs --webhook-secret (receivers verify the signature with it)")]
+    WebhookWithoutSecret,
+    #[error("--webhook-url {url:?} is not an http:// or https:// URL")]
+    WebhookUrl { url: String },
+    #[error("--webhook-lease {lease:?} must be longer than --webhook-timeout {timeout:?}")]
+    WebhookLeaseTooShort { lease: Duration, timeout: Duration },
 }
 
 impl Config {
@@ -270,7 +307,7 @@ impl Config {
                 min,
             });
         }
-        Ok(())
+        crate::webhook::validate(self)
     }
 }
 

@@ -10,6 +10,7 @@
 //!   shared by many nodes)
 //! - [`storage`] — snapshots
 //! - [`metrics`] — `/metrics` (Prometheus) and what `/readyz` checks
+//! - [`webhook`] — change webhooks: debounced, signed `document.changed` requests per document
 //!
 //! [`run`] is the entry point: `main` only parses flags; tests bind port 0 and call it.
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod serve;
 pub mod storage;
 pub mod validate;
+pub mod webhook;
 
 pub use config::Config;
 
@@ -117,6 +119,11 @@ pub async fn run(
         stop.clone(),
         conn_tracker.clone(),
     ));
+    // Before the first request: the log marks appends for webhooks from the first one on.
+    if let Some(settings) = webhook::WebhookSettings::from_config(&config) {
+        let hooks = webhook::Webhooks::start(settings, backplane.clone(), &tracker, stop.clone())?;
+        let _ = ctx.door.webhooks.set(hooks);
+    }
     // Revocations from any node (with Redis; the embedded backplane has no others) close the
     // matching sockets here too. Weak: the backplane outlives nothing it is handed.
     let revoker = Arc::downgrade(&ctx);

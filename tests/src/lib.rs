@@ -11,6 +11,7 @@ pub mod redis;
 pub mod s3;
 pub mod sse;
 pub mod stock;
+pub mod webhook;
 
 use chorus_server::Config;
 use std::future::Future;

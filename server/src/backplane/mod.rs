@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod webhook_store;
 
 pub use embedded::wal_replay::{Damage, WalError};
 
@@ -113,6 +114,8 @@ pub enum BackplaneError {
     /// acknowledged entries.
     #[error(transparent)]
     Wal(#[from] WalError),
+    #[error("{0} is not supported by this log")]
+    Unsupported(&'static str),
 }
 
 pub type BackplaneResult<T> = Result<T, BackplaneError>;
@@ -237,6 +240,12 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Stops accepting appends and finishes the ones already admitted.
     fn close(&self) -> BoxFuture<'static, ()>;
+
+    /// Turns on the undelivered-webhook marks (see [`webhook_store`]) and returns the store of
+    /// webhook state. Called once, before any append.
+    fn enable_webhooks(&self) -> BackplaneResult<std::sync::Arc<dyn webhook_store::WebhookStore>> {
+        Err(BackplaneError::Unsupported("change webhooks"))
+    }
 }
 
 /// Keeps one connection's appends to one document a prefix of what it sent.

@@ -86,12 +86,18 @@ fn merge_head(stored: Option<LogHead>, newer: LogHead) -> LogHead {
 /// Applies the segments a previous run left beside `base` to redb in one transaction, then
 /// deletes them. Returns the highest segment number seen (0 if none). Fails, leaving every
 /// segment in place, if one is damaged where it held acknowledged entries
-/// ([`wal_replay::plan_replay`]).
-pub(super) fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult<u64> {
+/// ([`wal_replay::plan_replay`]). Also returns the documents the segments wrote to (they may
+/// have undelivered webhooks, see `hooks.rs`).
+pub(super) fn replay(
+    db: &Database,
+    base: &Path,
+    wal_id: u64,
+) -> BackplaneResult<(u64, Vec<DocId>)> {
     let segments = wal_replay::plan_replay(base, wal_id)?;
     let Some(last_seq) = segments.last().map(|s| s.seq) else {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     };
+    let mut replayed = Vec::new();
     let started = Instant::now();
     let mut applied = 0usize;
     let txn = db.begin_write().map_err(storage)?;
@@ -119,6 +125,7 @@ pub(super) fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult
                 applied += 1;
             }
         }
+        replayed.extend(heads.keys().cloned());
         for (doc, head) in &heads {
             meta.insert(doc.as_str(), head_to(head)).map_err(storage)?;
             // An older segment's appends may have come back after a newer trim removed them.
@@ -138,7 +145,7 @@ pub(super) fn replay(db: &Database, base: &Path, wal_id: u64) -> BackplaneResult
         elapsed_ms = started.elapsed().as_millis() as u64,
         "replayed the embedded log's write-ahead segments"
     );
-    Ok(last_seq)
+    Ok((last_seq, replayed))
 }
 
 /// Applies one replayed record to the log table, tracking each document's head in `heads`.
@@ -300,7 +307,8 @@ fn checkpoint(shared: &Shared, upto: u64) -> BackplaneResult<Option<usize>> {
         remove_segments(&shared.base, upto)?;
         return Ok(None);
     }
-    let written = write_copies(&shared.db, &copies)?;
+    let marks = shared.hooks_on.load(std::sync::atomic::Ordering::Acquire);
+    let written = write_copies(&shared.db, &copies, marks)?;
     forget(&mut lock(&shared.pending), &copies, upto);
     remove_segments(&shared.base, upto)?;
     Ok(Some(written))
@@ -344,8 +352,10 @@ fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
         .collect()
 }
 
-/// Writes `copies` into redb in one transaction; returns how many entries it wrote.
-fn write_copies(db: &Database, copies: &[DocCopy]) -> BackplaneResult<usize> {
+/// Writes `copies` into redb in one transaction; returns how many entries it wrote. With
+/// `marks`, the documents that got entries are marked as having undelivered webhooks in the
+/// same transaction.
+fn write_copies(db: &Database, copies: &[DocCopy], marks: bool) -> BackplaneResult<usize> {
     let mut written = 0;
     let mut value = Vec::new();
     let txn = db.begin_write().map_err(storage)?;
@@ -368,6 +378,15 @@ fn write_copies(db: &Database, copies: &[DocCopy]) -> BackplaneResult<usize> {
             }
             meta.insert(c.doc.as_str(), head_to(&c.head))
                 .map_err(storage)?;
+        }
+        if marks {
+            super::hooks::mark(
+                &txn,
+                copies
+                    .iter()
+                    .filter(|c| !c.entries.is_empty())
+                    .map(|c| &c.doc),
+            )?;
         }
     }
     txn.commit().map_err(storage)?;

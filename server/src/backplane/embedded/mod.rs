@@ -20,6 +20,7 @@
 //! segments back: torn tail or damage) and `store.rs` (the redb tables, heads, reads, trims).
 
 mod checkpoint;
+mod hooks;
 mod shared;
 mod store;
 mod wal;
@@ -83,7 +84,7 @@ impl EmbeddedBackplane {
     ) -> BackplaneResult<Self> {
         let (db, wal_id) = store::open_db(path, cache_bytes)?;
 
-        let last_seq = replay(&db, path, wal_id)?;
+        let (last_seq, replayed) = replay(&db, path, wal_id)?;
         let segment = Segment::create(path, last_seq + 1, wal_id, None).map_err(storage)?;
 
         let shared = Arc::new(Shared {
@@ -98,6 +99,8 @@ impl EmbeddedBackplane {
             base: path.to_path_buf(),
             wal_id,
             checkpoint_after,
+            hooks_on: Default::default(),
+            replayed: Mutex::new(replayed),
         });
         let checkpoints = Arc::new(Checkpoints::default());
         let (checkpoints_done, checkpoints_done_rx) = oneshot::channel();
@@ -222,6 +225,12 @@ impl Backplane for EmbeddedBackplane {
     fn watch(&self, _doc: &DocId, _after: StreamId) {}
 
     fn unwatch(&self, _doc: &DocId) {}
+
+    fn enable_webhooks(
+        &self,
+    ) -> BackplaneResult<Arc<dyn crate::backplane::webhook_store::WebhookStore>> {
+        self.enable_hooks()
+    }
 
     fn close(&self) -> BoxFuture<'static, ()> {
         // Dropping the sender lets the writer finish what was admitted, checkpoint, then stop.

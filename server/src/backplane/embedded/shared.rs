@@ -42,6 +42,10 @@ pub(super) struct Shared {
     /// Written in every segment's header, so segments only ever replay into this database.
     pub(super) wal_id: u64,
     pub(super) checkpoint_after: Duration,
+    /// Webhooks are on: checkpoints mark the documents they write as undelivered (`hooks.rs`).
+    pub(super) hooks_on: std::sync::atomic::AtomicBool,
+    /// Documents the write-ahead replay at open wrote to, marked once webhooks are turned on.
+    pub(super) replayed: Mutex<Vec<DocId>>,
 }
 
 pub(super) struct Active {

@@ -16,6 +16,14 @@ pub(super) fn aw_key(doc: &DocId) -> String {
 pub(super) fn lock_key(doc: &DocId) -> String {
     format!("chorus:{{{doc}}}:lock")
 }
+pub(super) fn hook_cursors_key(doc: &DocId) -> String {
+    format!("chorus:{{{doc}}}:hooks")
+}
+pub(super) fn hook_lease_key(doc: &DocId) -> String {
+    format!("chorus:{{{doc}}}:hooklease")
+}
+/// Set of documents with undelivered webhooks (standalone Redis only: one key for all).
+pub(super) const HOOK_MARKS_KEY: &str = "chorus:hooks:undelivered";
 pub(super) fn node_key(node: u64) -> String {
     format!("chorus:node:{node:016x}")
 }

@@ -7,6 +7,10 @@
 //! - `chorus:{DOC}:meta` — hash: `epoch`, `floor` (id of the newest trimmed entry)
 //! - `chorus:{DOC}:aw`   — short-lived awareness stream; fields `n` (node), `u` (update)
 //! - `chorus:{DOC}:lock` — compaction lock (`SET NX PX`), value = node id
+//! - `chorus:{DOC}:hooks` — hash: webhook URL → last delivered position (`epoch.ms-seq`)
+//! - `chorus:{DOC}:hooklease` — webhook sending lease (`SET NX PX`, renewed), value = node id
+//! - `chorus:hooks:undelivered` — set of documents with undelivered webhooks (set by the
+//!   append script while webhooks are on)
 //! - `chorus:node:NODE`  — node heartbeat, expires after `presence_ttl`
 //! - `chorus:revocations` — stream of revoked subjects / token ids (fields `s`, `j`, `x`, `t`),
 //!   read by every node from the start, so nodes that start later learn them too
@@ -27,6 +31,7 @@
 
 mod cluster;
 mod conn;
+mod hooks;
 mod keys;
 mod nodes;
 mod reader;
@@ -135,6 +140,8 @@ struct Inner {
     client: Client,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    /// Webhooks are on: appends mark their document as undelivered (`hooks.rs`).
+    hooks_on: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -204,6 +211,7 @@ impl RedisBackplane {
             client,
             tracker: tracker.clone(),
             cancel: CancellationToken::new(),
+            hooks_on: Default::default(),
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let (done_tx, done_rx) = oneshot::channel();
@@ -392,6 +400,12 @@ impl Backplane for RedisBackplane {
             let _ = rx.await;
         }
         .boxed()
+    }
+
+    fn enable_webhooks(
+        &self,
+    ) -> BackplaneResult<Arc<dyn crate::backplane::webhook_store::WebhookStore>> {
+        hooks::enable(&self.inner)
     }
 
     fn ping(&self) -> BoxFuture<'static, BackplaneResult<()>> {

@@ -26,10 +26,15 @@ local function last_id()
 end
 "#;
 
-/// KEYS: meta, log. ARGV: new epoch, then (update, origin) pairs. Returns {epoch, id...}.
+/// KEYS: meta, log, and with webhooks on the undelivered set. ARGV: new epoch, then
+/// (update, origin) pairs. Returns {epoch, id...}. The webhook mark goes in the same atomic
+/// call as the entries (see `backplane::webhook_store`).
 pub(super) const APPEND_LUA: &str = r#"
 local epoch = ensure()
 local out = {epoch}
+if #KEYS >= 3 then
+  redis.call('SADD', KEYS[3], string.match(KEYS[1], '^chorus:{(.*)}:meta$'))
+end
 for i = 2, #ARGV, 2 do
   out[#out + 1] = redis.call('XADD', KEYS[2], '*', 'e', epoch, 'u', ARGV[i], 'o', ARGV[i + 1])
 end
@@ -77,3 +82,24 @@ pub(super) fn eval(body: &str, doc: &DocId) -> Cmd {
     cmd.arg(body).arg(2).arg(meta_key(doc)).arg(log_key(doc));
     cmd
 }
+
+/// KEYS: meta, log, undelivered set. ARGV: epoch, last id. Clears the document's webhook mark
+/// only if its log's head is still that (compare-and-clear: a racing append keeps it).
+pub(super) const CLEAR_MARK_LUA: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then epoch = '0' end
+if epoch ~= ARGV[1] or last_id() ~= ARGV[2] then return 0 end
+redis.call('SREM', KEYS[3], string.match(KEYS[1], '^chorus:{(.*)}:meta$'))
+return 1
+"#;
+
+/// KEYS: lease. ARGV: node, ttl ms. Renews the lease if this node holds it, else takes it if
+/// free. Returns 1 if this node holds it now.
+pub(super) const LEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#;

@@ -2,7 +2,7 @@
 
 use super::Inner;
 use super::conn::{Conn, query, query_op, storage};
-use super::keys::{aw_key, log_key, meta_key};
+use super::keys::{HOOK_MARKS_KEY, aw_key, log_key, meta_key};
 use super::reply::{as_array, encode_origin, parse_id, parse_u64};
 use super::scripts::{APPEND_LUA, script};
 use crate::backplane::{BackplaneError, BackplaneResult, Chains, Origin, new_epoch};
@@ -105,6 +105,7 @@ async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>, chains: &mut Chain
         per_doc.entry(b.doc.clone()).or_default().push(b);
     }
     let append_script = script(APPEND_LUA);
+    let marks = inner.hooks_on.load(std::sync::atomic::Ordering::Acquire);
     let appends = order.into_iter().filter_map(|doc| {
         let batches = per_doc.remove(&doc)?;
         let mut conn = inner.conn.clone();
@@ -115,7 +116,7 @@ async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>, chains: &mut Chain
             let mut broken: Vec<Origin> = Vec::new();
             for mut b in batches {
                 b.refuse_chains_of(&broken);
-                if let Err(origins) = append_batch(&mut conn, &body, b, timeout).await {
+                if let Err(origins) = append_batch(&mut conn, &body, b, marks, timeout).await {
                     broken.extend(origins);
                 }
             }
@@ -195,11 +196,13 @@ impl DocBatch {
 }
 
 /// Sends one batch. On failure answers every append in it with the error and returns their
-/// origins (their chains are broken).
+/// origins (their chains are broken). With `marks`, the script also marks the document as
+/// having undelivered webhooks.
 async fn append_batch(
     conn: &mut Conn,
     body: &str,
     batch: DocBatch,
+    marks: bool,
     timeout: Duration,
 ) -> Result<(), Vec<Origin>> {
     if batch.updates.is_empty() {
@@ -207,10 +210,13 @@ async fn append_batch(
     }
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(body)
-        .arg(2)
+        .arg(if marks { 3 } else { 2 })
         .arg(meta_key(&batch.doc))
-        .arg(log_key(&batch.doc))
-        .arg(new_epoch());
+        .arg(log_key(&batch.doc));
+    if marks {
+        cmd.arg(HOOK_MARKS_KEY);
+    }
+    cmd.arg(new_epoch());
     for (update, origin, _) in &batch.updates {
         cmd.arg(update.as_ref()).arg(encode_origin(*origin));
     }

@@ -360,6 +360,8 @@ pub struct Door {
     auth: Arc<Auth>,
     limits: WriteLimits,
     pub stats: AdmitStats,
+    /// Told of every acknowledged append when change webhooks are on (set once at start).
+    pub webhooks: std::sync::OnceLock<crate::webhook::Webhooks>,
 }
 
 impl Door {
@@ -375,6 +377,7 @@ impl Door {
             auth,
             limits,
             stats: AdmitStats::default(),
+            webhooks: std::sync::OnceLock::new(),
         }
     }
 
@@ -591,9 +594,13 @@ impl Door {
             origin.map_or(0, |o| o.chain),
         );
         let started = std::time::Instant::now();
+        let webhooks = self.webhooks.get().cloned();
         fut.map(move |result| {
             let hot = crate::metrics::hot();
             hot.append_seconds.record(started.elapsed().as_secs_f64());
+            if let (Ok(_), Some(hooks)) = (&result, &webhooks) {
+                hooks.note(&doc);
+            }
             match result {
                 Ok(_) => &hot.updates_in,
                 Err(_) => &hot.append_errors,
