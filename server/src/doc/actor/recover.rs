@@ -221,7 +221,12 @@ impl Owner {
         let covered = whole.covered();
         let epoch_changed = whole.head.epoch != self.epoch;
         if epoch_changed {
-            tracing::warn!(doc = %self.doc, epoch = whole.head.epoch, "log epoch changed; resyncing subscribers");
+            if self.epoch == 0 {
+                // The document's first write made its log: routine, not a lost log.
+                tracing::debug!(doc = %self.doc, epoch = whole.head.epoch, "log created; resyncing subscribers");
+            } else {
+                tracing::warn!(doc = %self.doc, epoch = whole.head.epoch, "log epoch changed; resyncing subscribers");
+            }
             self.applied = StreamId::ZERO;
             self.snapshot = None;
         }
