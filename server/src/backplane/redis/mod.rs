@@ -148,6 +148,13 @@ impl Inner {
     fn topology(&self) -> Arc<Topology> {
         lock(&self.shards).topology.clone()
     }
+
+    fn mark_sets(&self) -> keys::MarkSets {
+        match self.client {
+            Client::Single(_) => keys::MarkSets::Global,
+            Client::Cluster(_) => keys::MarkSets::PerSlot,
+        }
+    }
 }
 
 pub struct RedisBackplane {
