@@ -1,0 +1,226 @@
+//! Change webhooks on a real three-master Redis Cluster: marks in per-slot sets, found by the
+//! cluster scan; two nodes sending documents of every master; a sender killed mid-failure.
+
+use super::*;
+use chorus_tests::redis::{RedisCluster, cli, own_slots, slot_of};
+
+/// `per_master` document names (`prefix-N`) in the slots of each master.
+async fn docs_on_every_master(
+    cluster: &RedisCluster,
+    per_master: usize,
+    prefix: &str,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for &port in &cluster.ports {
+        let slots = own_slots(port).await;
+        let on = |d: &String| slots.iter().any(|&(a, b)| (a..=b).contains(&slot_of(d)));
+        names.extend(
+            (0..)
+                .map(|i| format!("{prefix}-{i}"))
+                .filter(on)
+                .take(per_master),
+        );
+    }
+    names
+}
+
+/// The mark set a document's slot should use: `chorus:{N}:undelivered`, N the smallest number
+/// hashing to that slot (computed here independently of the server).
+fn mark_key_of(doc: &str) -> String {
+    let slot = slot_of(doc);
+    let tag = (0u32..)
+        .find(|n| slot_of(&n.to_string()) == slot)
+        .expect("a tag for every slot");
+    format!("chorus:{{{tag}}}:undelivered")
+}
+
+async fn connect(cluster: &RedisCluster, tracker: &TaskTracker) -> Arc<dyn Backplane> {
+    Arc::new(
+        RedisBackplane::connect(
+            RedisSettings::from_urls(
+                &[cluster.url()],
+                Duration::from_secs(2),
+                Duration::from_secs(2),
+            ),
+            rand::random(),
+            tracker,
+        )
+        .await
+        .expect("connect"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_a_redis_cluster_deliver_documents_of_every_master_each_range_once() {
+    let cluster = RedisCluster::start().await;
+    let receiver = Receiver::start(Mode::Ok).await;
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let url = receiver.url();
+    let nodes = chorus_tests::multinode::start_nodes(&cluster.url(), snaps.path(), 2, |c| {
+        hooks(c, std::slice::from_ref(&url), 200, 2_000)
+    })
+    .await;
+    let names = docs_on_every_master(&cluster, 2, "spread").await;
+    let mut editors: Vec<Editor> = names.iter().map(|d| Editor::new(d)).collect();
+    for round in 0..4 {
+        for (i, e) in editors.iter_mut().enumerate() {
+            // Each document is written through both nodes.
+            e.edit(nodes[(round + i) % 2].addr, &format!("{round}"))
+                .await;
+        }
+    }
+    for e in &editors {
+        let all = wait_delivered_to(&receiver, &e.doc_id, e.last()).await;
+        assert_chained(&all);
+        assert_eq!(all[0].from(), None);
+        let ranges: HashSet<(Option<&str>, &str)> =
+            all.iter().map(|d| (d.from(), d.to())).collect();
+        assert_eq!(ranges.len(), all.len(), "no range delivered twice: {all:?}");
+        assert_eq!(
+            all.iter().map(Delivery::updates).sum::<u64>(),
+            e.acked.len() as u64,
+            "every change of {} delivered once",
+            e.doc_id
+        );
+    }
+    // Delivered everywhere: the compare-and-clear emptied every slot's mark set.
+    for &port in &cluster.ports {
+        eventually(
+            "every mark cleared on this master",
+            DEADLINE,
+            || async move {
+                let keys = cli(port, &["--scan", "--pattern", "chorus:{*}:undelivered"]).await?;
+                keys.trim().is_empty().then_some(())
+            },
+        )
+        .await;
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// Documents of every master, and three in one slot (a slot set larger than the scan batch of
+/// 2): each append marks its document in its own slot's set, and a scan finds them all.
+async fn the_cluster_scan_finds_every_marked_document(
+    bp: &Arc<dyn Backplane>,
+    cluster: &RedisCluster,
+) {
+    let store = bp.enable_webhooks().expect("enable webhooks");
+    let mut names = docs_on_every_master(cluster, 2, "scanned").await;
+    let crowded_slot = slot_of("crowded-0");
+    names.extend(
+        (0..)
+            .map(|i| format!("crowded-{i}"))
+            .filter(|d| slot_of(d) == crowded_slot)
+            .take(3),
+    );
+    for name in &names {
+        let doc = DocId::parse(name).expect("doc");
+        bp.append(&doc, Bytes::from_static(b"x"), None, None)
+            .await
+            .expect("append");
+        let member = cli(
+            cluster.ports[0],
+            &["-c", "SISMEMBER", &mark_key_of(name), name],
+        )
+        .await;
+        assert_eq!(
+            member.as_deref().map(str::trim),
+            Some("1"),
+            "{name} is marked in its slot's set"
+        );
+    }
+    let mut found = HashSet::new();
+    let mut from = None;
+    loop {
+        let (docs, next) = store.marked(from, 2).await.expect("scan marks");
+        found.extend(docs.into_iter().map(|d| d.as_str().to_string()));
+        if next.is_none() {
+            break;
+        }
+        from = next;
+    }
+    for name in &names {
+        assert!(found.contains(name), "the scan finds {name}: {found:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_cluster_store_marks_in_slot_sets_scans_clears_at_the_head_keeps_cursors_and_leases_to_one_node()
+ {
+    let cluster = RedisCluster::start().await;
+    let tracker = TaskTracker::new();
+    let (a, b) = (
+        connect(&cluster, &tracker).await,
+        connect(&cluster, &tracker).await,
+    );
+    the_cluster_scan_finds_every_marked_document(&a, &cluster).await;
+    store_conformance(a, Some(b.clone())).await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_killing_the_sending_node_hands_the_document_to_the_other_after_the_lease()
+ {
+    let cluster = RedisCluster::start().await;
+    let receiver = Receiver::start(Mode::Fail).await;
+    let urls = [receiver.url()];
+    let redis_url = cluster.url();
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let snap_flag = snaps.path().to_str().expect("path").to_string();
+    let flags = process_flags(
+        &urls,
+        &[
+            "--redis-url",
+            redis_url.as_str(),
+            "--snapshot-dir",
+            snap_flag.as_str(),
+            "--webhook-debounce",
+            "100ms",
+            "--webhook-max-wait",
+            "1s",
+            "--webhook-timeout",
+            "300ms",
+            "--webhook-lease",
+            "2s",
+        ],
+    );
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let a = ServerProcess::spawn(dir_a.path(), &flags).await;
+    let b = ServerProcess::spawn(dir_b.path(), &flags).await;
+    let mut editor = Editor::new("handover-c");
+    for i in 0..3 {
+        editor.edit(a.addr, &format!("{i}")).await;
+    }
+    eventually("node A tried and failed", DEADLINE, || async {
+        (receiver.attempts() >= 1).then_some(())
+    })
+    .await;
+    let lease_key = "chorus:{handover-c}:hooklease";
+    let get_lease = || async {
+        cli(cluster.ports[0], &["-c", "GET", lease_key])
+            .await
+            .expect("GET the lease")
+            .trim()
+            .to_string()
+    };
+    let holder = get_lease().await;
+    assert!(!holder.is_empty(), "the sending node holds the lease");
+    a.kill9().await;
+    receiver.set_mode(Mode::Ok);
+    // Only B's scan of the slot sets can find the document now.
+    let all = wait_delivered_to(&receiver, "handover-c", editor.last()).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].from(), None);
+    assert_eq!(
+        all[0].updates(),
+        3,
+        "every change acknowledged by the killed node"
+    );
+    assert_ne!(get_lease().await, holder, "the killed node's lease is gone");
+    b.terminate().await;
+}
