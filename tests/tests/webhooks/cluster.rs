@@ -133,8 +133,10 @@ async fn the_cluster_scan_finds_every_marked_document(
     }
     let mut found = HashSet::new();
     let mut from = None;
+    let mut round_trips = 0;
     loop {
         let (docs, next) = store.marked(from, 2).await.expect("scan marks");
+        round_trips += 1;
         found.extend(docs.into_iter().map(|d| d.as_str().to_string()));
         if next.is_none() {
             break;
@@ -144,6 +146,14 @@ async fn the_cluster_scan_finds_every_marked_document(
     for name in &names {
         assert!(found.contains(name), "the scan finds {name}: {found:?}");
     }
+    // One probe per run of up to 1024 slots of one master (16 + one per master boundary),
+    // and at most two more per non-empty set (a batch that fills up, a set read by SSCAN);
+    // walking the slots one by one would take 16384.
+    let bound = 16 + cluster.ports.len() + 2 * names.len();
+    assert!(
+        round_trips <= bound,
+        "a full scan took {round_trips} batches (bound {bound})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
