@@ -21,7 +21,7 @@
 //! and the next scan retries: a scan only finds work, it never loses marks.
 
 use super::Inner;
-use super::conn::query;
+use super::conn::{query, storage};
 use super::keys::{
     HASH_SLOTS, HOOK_MARKS_KEY, MarkSets, hook_cursors_key, hook_lease_key, log_key, meta_key,
     slot_marks_key, slot_tag,
@@ -48,6 +48,7 @@ pub(super) fn enable(inner: &Arc<Inner>) -> BackplaneResult<Arc<dyn WebhookStore
     }))
 }
 
+#[derive(Clone)]
 struct RedisHooks {
     inner: Arc<Inner>,
 }
@@ -89,6 +90,8 @@ impl RedisHooks {
         from: SlotCursor,
         limit: usize,
     ) -> BackplaneResult<(Vec<DocId>, ScanCursor)> {
+        // SSCAN refuses COUNT 0, and a zero budget would make every set "big".
+        let limit = limit.max(1);
         if let Some(inside) = &from.inside {
             return self.sscan_slot(from.slot, inside, limit).await;
         }
@@ -112,13 +115,14 @@ impl RedisHooks {
                 return Err(e);
             }
         };
-        let done = as_u64(reply.first())
-            .unwrap_or(0)
-            .min(u64::from(end - from.slot)) as u16;
-        let at = from.slot + done;
-        if as_u64(reply.get(1)) == Some(1) && at < end {
-            return self.sscan_slot(at, "0", limit).await;
+        let done = as_u64(reply.first()).ok_or_else(|| storage("unexpected probe reply"))?;
+        let done = done.min(u64::from(end - from.slot)) as u16;
+        if as_u64(reply.get(1)) == Some(1) && from.slot + done < end {
+            return self.sscan_slot(from.slot + done, "0", limit).await;
         }
+        // The script reads at least one set unless it answers "big"; the floor keeps a scan
+        // moving whatever the reply, so it cannot loop on one slot.
+        let at = from.slot + done.max(1);
         let members = match reply.into_iter().nth(2) {
             Some(v) => as_array(v)?,
             None => Vec::new(),
@@ -209,9 +213,7 @@ impl WebhookStore for RedisHooks {
                 limit,
             ),
             MarkSets::PerSlot => {
-                let this = RedisHooks {
-                    inner: self.inner.clone(),
-                };
+                let this = self.clone();
                 async move { this.marked_in_slots(SlotCursor::decode(&from), limit).await }.boxed()
             }
         }
