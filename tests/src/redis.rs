@@ -22,6 +22,40 @@ pub async fn cli(port: u16, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Redis Cluster's hash slot of a hash tag (CRC16-XMODEM mod 16384), to pick document names.
+pub fn slot_of(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in tag.as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// The slot ranges the master on `port` serves (its `myself` line of CLUSTER NODES).
+pub async fn own_slots(port: u16) -> Vec<(u16, u16)> {
+    let nodes = cli(port, &["CLUSTER", "NODES"])
+        .await
+        .expect("cluster nodes");
+    let line = nodes
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("myself line");
+    line.split_whitespace()
+        .skip(8)
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+            None => r.parse().ok().map(|s| (s, s)),
+        })
+        .collect()
+}
+
 fn spawn_redis(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
     Command::new("redis-server")
         .arg("--port")

@@ -6,7 +6,7 @@ use chorus_server::backplane::redis::{RedisBackplane, RedisSettings};
 use chorus_server::backplane::{Backplane, Entry, EntrySink};
 use chorus_tests::multinode::{converge, node_has_all, start_nodes, write_tokens};
 use chorus_tests::native::{Event, NativeClient};
-use chorus_tests::redis::RedisCluster;
+use chorus_tests::redis::{RedisCluster, own_slots, slot_of};
 use chorus_tests::{DEADLINE, eventually};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,40 +132,6 @@ async fn resharding_mid_run_loses_nothing() {
             node_has_all(n.addr, doc, &acked).await;
         }
     }
-}
-
-/// Redis Cluster's hash slot of a hash tag (CRC16-XMODEM mod 16384), to pick document names.
-fn slot_of(tag: &str) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in tag.as_bytes() {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
-}
-
-/// The slot ranges the master on `port` serves (its `myself` line of CLUSTER NODES).
-async fn own_slots(port: u16) -> Vec<(u16, u16)> {
-    let nodes = chorus_tests::redis::cli(port, &["CLUSTER", "NODES"])
-        .await
-        .expect("cluster nodes");
-    let line = nodes
-        .lines()
-        .find(|l| l.contains("myself"))
-        .expect("myself line");
-    line.split_whitespace()
-        .skip(8)
-        .filter_map(|r| match r.split_once('-') {
-            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-            None => r.parse().ok().map(|s| (s, s)),
-        })
-        .collect()
 }
 
 /// Moves one slot that holds no keys from the master on `from` to the master on `to`, the way

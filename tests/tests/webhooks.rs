@@ -1,7 +1,10 @@
 //! Change webhooks against real servers: an in-process receiver that checks every request's
 //! signature; embedded nodes (in process, and a `chorus` process killed with SIGKILL) and two
 //! nodes on one Redis (in process, and processes, one killed while it holds the lease); and
-//! the webhook store of both logs on its own.
+//! the webhook store of both logs on its own; the same on a Redis Cluster (`webhooks/cluster.rs`).
+
+#[path = "webhooks/cluster.rs"]
+mod cluster;
 
 use bytes::Bytes;
 use chorus_protocol::DocId;

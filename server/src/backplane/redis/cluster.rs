@@ -39,6 +39,18 @@ impl Topology {
     pub(super) fn shard(&self, doc: &DocId) -> usize {
         usize::from(self.shard_of_slot[usize::from(slot_of(doc.as_str()))])
     }
+
+    /// The end (exclusive) of the run of slots from `start` that one master owns, at most
+    /// `max` long: keys of those slots may go in one cross-slot script on that master.
+    pub(super) fn same_master_until(&self, start: u16, max: u16) -> u16 {
+        let Some(&owner) = self.shard_of_slot.get(usize::from(start)) else {
+            return HASH_SLOTS;
+        };
+        let limit = start.saturating_add(max.max(1)).min(HASH_SLOTS);
+        (start..limit)
+            .find(|&s| self.shard_of_slot[usize::from(s)] != owner)
+            .unwrap_or(limit)
+    }
 }
 
 /// The current slot map and which shard readers run, under one lock so that a reader leaving
@@ -292,6 +304,16 @@ mod tests {
         assert_eq!(shards.install(topology(four)), vec![3]);
         // A shard whose reader still runs is not started twice.
         assert!(shards.install(topology(four)).is_empty());
+    }
+
+    #[test]
+    fn a_slot_run_stops_at_the_next_master_or_the_cap() {
+        let t = topology(THREE);
+        assert_eq!(t.same_master_until(0, 1024), 1024);
+        assert_eq!(t.same_master_until(5000, 1024), 5461);
+        assert_eq!(t.same_master_until(5461, 100), 5561);
+        assert_eq!(t.same_master_until(16000, 1024), HASH_SLOTS);
+        assert_eq!(t.same_master_until(HASH_SLOTS, 1024), HASH_SLOTS);
     }
 
     #[test]

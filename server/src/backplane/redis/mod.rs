@@ -10,7 +10,9 @@
 //! - `chorus:{DOC}:hooks` — hash: webhook URL → last delivered position (`epoch.ms-seq`)
 //! - `chorus:{DOC}:hooklease` — webhook sending lease (`SET NX PX`, renewed), value = node id
 //! - `chorus:hooks:undelivered` — set of documents with undelivered webhooks (set by the
-//!   append script while webhooks are on)
+//!   append script while webhooks are on; standalone)
+//! - `chorus:{N}:undelivered` — the same per hash slot (cluster): N is the smallest number
+//!   hashing to the slot, so a document's mark shares its slot (`hooks.rs`)
 //! - `chorus:node:NODE`  — node heartbeat, expires after `presence_ttl`
 //! - `chorus:revocations` — stream of revoked subjects / token ids (fields `s`, `j`, `x`, `t`),
 //!   read by every node from the start, so nodes that start later learn them too
@@ -147,6 +149,13 @@ struct Inner {
 impl Inner {
     fn topology(&self) -> Arc<Topology> {
         lock(&self.shards).topology.clone()
+    }
+
+    fn mark_sets(&self) -> keys::MarkSets {
+        match self.client {
+            Client::Single(_) => keys::MarkSets::Global,
+            Client::Cluster(_) => keys::MarkSets::PerSlot,
+        }
     }
 }
 

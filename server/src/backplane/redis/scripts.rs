@@ -103,3 +103,30 @@ end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 "#;
+
+/// KEYS: the mark set of the first slot of a run of slots on one master (the key the cluster
+/// routes by). ARGV: budget, then the hash tags of the run's other slots' mark sets (a few
+/// bytes each rather than whole key names). Redis ≥ 7 lets a script with
+/// `allow-cross-slot-keys` read keys of other slots of its own node, but the declared keys
+/// must still share a slot, hence the others in ARGV. Reads whole sets in order while
+/// they fit in the budget. Returns {done, big, members}: the first `done` sets were read
+/// whole; `big` = 1 if set `done` (0-based) alone is larger than the budget (read it with
+/// SSCAN instead).
+pub(super) const PROBE_MARKS_LUA: &str = r#"#!lua flags=allow-cross-slot-keys,no-writes
+local budget = tonumber(ARGV[1])
+local sets = {KEYS[1]}
+for i = 2, #ARGV do sets[i] = 'chorus:{' .. ARGV[i] .. '}:undelivered' end
+local out = {}
+for i = 1, #sets do
+  local n = redis.call('SCARD', sets[i])
+  if n > 0 then
+    if n > budget then
+      if #out == 0 then return {i - 1, 1, out} end
+      return {i - 1, 0, out}
+    end
+    for _, m in ipairs(redis.call('SMEMBERS', sets[i])) do out[#out + 1] = m end
+    budget = budget - n
+  end
+end
+return {#sets, 0, out}
+"#;

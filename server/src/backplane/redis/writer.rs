@@ -2,7 +2,7 @@
 
 use super::Inner;
 use super::conn::{Conn, query, query_op, storage};
-use super::keys::{HOOK_MARKS_KEY, aw_key, log_key, meta_key};
+use super::keys::{MarkSets, aw_key, log_key, meta_key};
 use super::reply::{as_array, encode_origin, parse_id, parse_u64};
 use super::scripts::{APPEND_LUA, script};
 use crate::backplane::{BackplaneError, BackplaneResult, Chains, Origin, new_epoch};
@@ -105,7 +105,10 @@ async fn write_group(inner: &Arc<Inner>, group: Vec<WriteOp>, chains: &mut Chain
         per_doc.entry(b.doc.clone()).or_default().push(b);
     }
     let append_script = script(APPEND_LUA);
-    let marks = inner.hooks_on.load(std::sync::atomic::Ordering::Acquire);
+    let marks = inner
+        .hooks_on
+        .load(std::sync::atomic::Ordering::Acquire)
+        .then(|| inner.mark_sets());
     let appends = order.into_iter().filter_map(|doc| {
         let batches = per_doc.remove(&doc)?;
         let mut conn = inner.conn.clone();
@@ -202,7 +205,7 @@ async fn append_batch(
     conn: &mut Conn,
     body: &str,
     batch: DocBatch,
-    marks: bool,
+    marks: Option<MarkSets>,
     timeout: Duration,
 ) -> Result<(), Vec<Origin>> {
     if batch.updates.is_empty() {
@@ -210,11 +213,11 @@ async fn append_batch(
     }
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(body)
-        .arg(if marks { 3 } else { 2 })
+        .arg(if marks.is_some() { 3 } else { 2 })
         .arg(meta_key(&batch.doc))
         .arg(log_key(&batch.doc));
-    if marks {
-        cmd.arg(HOOK_MARKS_KEY);
+    if let Some(sets) = marks {
+        cmd.arg(sets.key(&batch.doc));
     }
     cmd.arg(new_epoch());
     for (update, origin, _) in &batch.updates {
