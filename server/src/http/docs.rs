@@ -3,11 +3,12 @@
 use super::ApiError;
 use super::authorize::authorize;
 use super::error::refused;
-use crate::auth::{Access, AuthError};
+use crate::auth::{Access, AuthError, Principal};
 use crate::connection::ConnContext;
 use crate::connection::sse::{self, SseRequest};
-use crate::doc::DocError;
 use crate::doc::admit::{Refusal, Write, Writer};
+use crate::doc::{DocError, DocHandle};
+use crate::validate::Checked;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -80,44 +81,64 @@ pub(super) async fn post_update(
     // The document is made hot (and loaded) next: its size and state are known, and the
     // entry is applied before we answer, so a GET right after this POST sees it
     // (read-your-writes).
-    let handle = ctx
-        .registry
-        .with_owner(&doc, |h| async move {
-            tokio::time::timeout(OWNER_WAIT, h.wait_applied(StreamId::ZERO))
-                .await
-                .map_err(|_| DocError::Unavailable)??;
-            Ok(h)
-        })
-        .await?;
-    let write = Write {
-        update: body,
-        checked,
-        seq: None,
-    };
-    let append = ctx
-        .door
-        .admit_checked(&principal, &handle, &mut Writer::request(), write)
-        .await?;
-    let position = append.await.result.map_err(Refusal::AppendFailed)?;
-    let applied = tokio::time::timeout(
-        OWNER_WAIT,
-        ctx.registry
-            .with_owner(&doc, |h| async move { h.wait_applied(position.id).await }),
-    )
-    .await;
-    // The owner answers waiters it gives up on (unloading, too many waiting) with where it
-    // stands, so "applied" is checked here. A failed or cut-off wait is late, not an error:
-    // the append succeeded, so the answer is 200 either way.
-    let applied = matches!(applied, Ok(Ok(p)) if p.epoch == position.epoch && p.id >= position.id);
-    if !applied {
-        ctx.applied_late.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(doc = %doc, %position, "update appended but not applied here within {OWNER_WAIT:?}; answering without read-your-writes");
-    }
+    let handle = loaded_owner(&ctx, &doc).await?;
+    let (position, applied) =
+        append_applied(&ctx, &principal, &handle, &doc, body, checked).await?;
     Ok((
         StatusCode::OK,
         axum::Json(json!({"position": position.to_string(), "applied": applied})),
     )
         .into_response())
+}
+
+/// The document's handle once this node has loaded it (within [`OWNER_WAIT`]).
+pub(super) async fn loaded_owner(ctx: &ConnContext, doc: &DocId) -> Result<DocHandle, ApiError> {
+    Ok(ctx
+        .registry
+        .with_owner(doc, |h| async move {
+            tokio::time::timeout(OWNER_WAIT, h.wait_applied(StreamId::ZERO))
+                .await
+                .map_err(|_| DocError::Unavailable)??;
+            Ok(h)
+        })
+        .await?)
+}
+
+/// Appends a checked update through the door, then waits (within [`OWNER_WAIT`]) for this
+/// node to apply it, so a read right after sees it. Returns where it was appended and whether
+/// it was applied here in time: late is not an error, the append is durable.
+pub(super) async fn append_applied(
+    ctx: &ConnContext,
+    principal: &Principal,
+    handle: &DocHandle,
+    doc: &DocId,
+    update: Bytes,
+    checked: Checked,
+) -> Result<(Position, bool), ApiError> {
+    let write = Write {
+        update,
+        checked,
+        seq: None,
+    };
+    let append = ctx
+        .door
+        .admit_checked(principal, handle, &mut Writer::request(), write)
+        .await?;
+    let position = append.await.result.map_err(Refusal::AppendFailed)?;
+    let applied = tokio::time::timeout(
+        OWNER_WAIT,
+        ctx.registry
+            .with_owner(doc, |h| async move { h.wait_applied(position.id).await }),
+    )
+    .await;
+    // The owner answers waiters it gives up on (unloading, too many waiting) with where it
+    // stands, so "applied" is checked here.
+    let applied = matches!(applied, Ok(Ok(p)) if p.epoch == position.epoch && p.id >= position.id);
+    if !applied {
+        ctx.applied_late.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(doc = %doc, %position, "update appended but not applied here within {OWNER_WAIT:?}; answering without read-your-writes");
+    }
+    Ok((position, applied))
 }
 
 /// `after=` or `Last-Event-ID`: absent or empty means "from nothing" (full state).

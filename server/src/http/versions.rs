@@ -4,10 +4,11 @@
 
 use super::ApiError;
 use super::authorize::authorize;
+use super::docs::{append_applied, loaded_owner};
 use crate::auth::Access;
 use crate::connection::ConnContext;
 use crate::doc::DocError;
-use crate::doc::admit::{Refusal, Write, Writer};
+use crate::doc::admit::Refusal;
 use crate::doc::restore::{RestoreError, restore_update};
 use crate::storage::StoreError;
 use crate::storage::versions::{
@@ -18,7 +19,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chorus_protocol::{DocId, Position, StreamId};
+use chorus_protocol::{DocId, Position};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,10 +27,6 @@ use std::time::Duration;
 
 /// Largest body `POST .../versions` takes (`{"name": ...}`).
 pub(super) const CREATE_BODY_LIMIT: usize = 4096;
-
-/// How long a restore waits for this node's copy of the document (to load, then to apply the
-/// appended restore), as `POST .../updates` does.
-const OWNER_WAIT: Duration = Duration::from_secs(5);
 
 /// A restore decodes two copies of a document (up to `--max-document-bytes` each) while it
 /// runs, so it takes one of the node's decode permits (`ConnContext::decodes`, shared with
@@ -265,15 +262,7 @@ pub(super) async fn restore(
         .get_version(&doc, &id)
         .await?
         .ok_or(VersionError::NotFound)?;
-    let handle = ctx
-        .registry
-        .with_owner(&doc, |h| async move {
-            tokio::time::timeout(OWNER_WAIT, h.wait_applied(StreamId::ZERO))
-                .await
-                .map_err(|_| DocError::Unavailable)??;
-            Ok(h)
-        })
-        .await?;
+    let handle = loaded_owner(&ctx, &doc).await?;
     let (current, at) = handle.state().await?;
     let computed = ctx
         .tracker
@@ -293,23 +282,7 @@ pub(super) async fn restore(
     let update = Bytes::from(update);
     let bytes = update.len();
     let checked = ctx.door.check(&principal, &doc, &update)?;
-    let write = Write {
-        update,
-        checked,
-        seq: None,
-    };
-    let append = ctx
-        .door
-        .admit_checked(&principal, &handle, &mut Writer::request(), write)
-        .await?;
-    let position = append.await.result.map_err(Refusal::AppendFailed)?;
-    // Read-your-writes, as for `POST .../updates`: late is not an error, the append is durable.
-    let _ = tokio::time::timeout(
-        OWNER_WAIT,
-        ctx.registry
-            .with_owner(&doc, |h| async move { h.wait_applied(position.id).await }),
-    )
-    .await;
+    let (position, _) = append_applied(&ctx, &principal, &handle, &doc, update, checked).await?;
     tracing::info!(doc = %doc, version = %id, %position, bytes, "version restored");
     Ok(restored(position, bytes))
 }
