@@ -121,6 +121,7 @@ pub async fn run(
     ));
     // Before the first request: the log marks appends for webhooks from the first one on.
     if let Some(settings) = webhook::WebhookSettings::from_config(&config) {
+        backplane.check_webhooks().await?;
         let hooks = webhook::Webhooks::start(settings, backplane.clone(), &tracker, stop.clone())?;
         let _ = ctx.door.webhooks.set(hooks);
     }

@@ -246,6 +246,12 @@ pub trait Backplane: Send + Sync + 'static {
     fn enable_webhooks(&self) -> BackplaneResult<std::sync::Arc<dyn webhook_store::WebhookStore>> {
         Err(BackplaneError::Unsupported("change webhooks"))
     }
+
+    /// Whether webhooks can work on this log as it runs (say, the servers' versions), checked
+    /// once before the node serves with them.
+    fn check_webhooks(&self) -> BoxFuture<'static, BackplaneResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Keeps one connection's appends to one document a prefix of what it sent.

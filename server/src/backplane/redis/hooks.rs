@@ -29,8 +29,8 @@ use super::keys::{
 };
 use super::reply::{as_array, as_string, as_u64};
 use super::scripts::{CLEAR_MARK_LUA, LEASE_LUA, PROBE_MARKS_LUA, UNLOCK_LUA, script};
-use crate::backplane::BackplaneResult;
 use crate::backplane::webhook_store::{ScanCursor, WebhookStore};
+use crate::backplane::{BackplaneError, BackplaneResult};
 use chorus_protocol::{DocId, Position, StreamId};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -48,6 +48,36 @@ pub(super) fn enable(inner: &Arc<Inner>) -> BackplaneResult<Arc<dyn WebhookStore
     Ok(Arc::new(RedisHooks {
         inner: inner.clone(),
     }))
+}
+
+/// On a cluster, runs the scan's probe once on every master before the node serves: the probe
+/// needs Redis 7.0 or later (script flags), and a cluster with an older master must refuse
+/// webhooks at start rather than fail every scan afterwards (its dead senders' documents would
+/// never be taken over).
+pub(super) async fn check(inner: &Arc<Inner>) -> BackplaneResult<()> {
+    if !inner.settings.cluster {
+        return Ok(());
+    }
+    let hooks = RedisHooks {
+        inner: inner.clone(),
+    };
+    let mut slot = 0;
+    while slot < HASH_SLOTS {
+        let end = inner.topology().same_master_until(slot, HASH_SLOTS);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PROBE_MARKS_LUA)
+            .arg(1)
+            .arg(slot_marks_key(slot))
+            .arg(1);
+        hooks.run(cmd).await.map_err(|e| {
+            BackplaneError::Storage(format!(
+                "change webhooks on Redis Cluster need Redis 7.0 or later on every master; \
+                 the probe of slot {slot} failed: {e}"
+            ))
+        })?;
+        slot = end.max(slot + 1);
+    }
+    Ok(())
 }
 
 #[derive(Clone)]

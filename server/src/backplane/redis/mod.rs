@@ -417,6 +417,11 @@ impl Backplane for RedisBackplane {
         hooks::enable(&self.inner)
     }
 
+    fn check_webhooks(&self) -> BoxFuture<'static, BackplaneResult<()>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { hooks::check(&inner).await })
+    }
+
     fn ping(&self) -> BoxFuture<'static, BackplaneResult<()>> {
         let mut conn = self.inner.conn.clone();
         // Short: a readiness probe must answer well within a load balancer's own timeout.
