@@ -372,14 +372,32 @@ async fn two_nodes_on_redis_send_each_range_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_sending_node_hands_the_document_to_the_other_after_the_lease() {
     let redis = RedisServer::start().await;
+    let lease_key = "chorus:{handover}:hooklease";
+    let holder = || async { redis.cli(&["GET", lease_key]).await.trim().to_string() };
+    handover(&redis.url(), "handover", holder).await;
+}
+
+/// Two node processes on one Redis (`redis_url`: standalone or a cluster). Node A takes three
+/// changes to `doc` and holds its sending lease while the receiver fails; A is killed with
+/// SIGKILL and the receiver recovers. B, which never saw the changes, must find the document
+/// by its scan once A's lease expired and deliver all three in one range. `holder` reads who
+/// holds the lease.
+async fn handover<F, Fut>(redis_url: &str, doc: &str, holder: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let receiver = Receiver::start(Mode::Fail).await;
     let urls = [receiver.url()];
-    let redis_url = redis.url();
+    let snaps = tempfile::tempdir().expect("tempdir");
+    let snap_flag = snaps.path().to_str().expect("path").to_string();
     let flags = process_flags(
         &urls,
         &[
             "--redis-url",
-            redis_url.as_str(),
+            redis_url,
+            "--snapshot-dir",
+            snap_flag.as_str(),
             "--webhook-debounce",
             "100ms",
             "--webhook-max-wait",
@@ -390,17 +408,13 @@ async fn killing_the_sending_node_hands_the_document_to_the_other_after_the_leas
             "2s",
         ],
     );
-    let snaps = tempfile::tempdir().expect("tempdir");
-    let snap_flag = snaps.path().to_str().expect("path").to_string();
-    let mut with_snaps = flags.clone();
-    with_snaps.extend(["--snapshot-dir", snap_flag.as_str()]);
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let a = ServerProcess::spawn(dir_a.path(), &with_snaps).await;
-    let b = ServerProcess::spawn(dir_b.path(), &with_snaps).await;
-    let mut editor = Editor::new("handover");
+    let a = ServerProcess::spawn(dir_a.path(), &flags).await;
+    let b = ServerProcess::spawn(dir_b.path(), &flags).await;
+    let mut editor = Editor::new(doc);
     for i in 0..3 {
         editor.edit(a.addr, &format!("{i}")).await;
     }
@@ -408,15 +422,11 @@ async fn killing_the_sending_node_hands_the_document_to_the_other_after_the_leas
         (receiver.attempts() >= 1).then_some(())
     })
     .await;
-    let lease_key = "chorus:{handover}:hooklease";
-    let holder = redis.cli(&["GET", lease_key]).await;
-    assert!(
-        !holder.trim().is_empty(),
-        "the sending node holds the lease"
-    );
+    let sender = holder().await;
+    assert!(!sender.is_empty(), "the sending node holds the lease");
     a.kill9().await;
     receiver.set_mode(Mode::Ok);
-    let all = wait_delivered_to(&receiver, "handover", editor.last()).await;
+    let all = wait_delivered_to(&receiver, doc, editor.last()).await;
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].from(), None);
     assert_eq!(
@@ -425,8 +435,7 @@ async fn killing_the_sending_node_hands_the_document_to_the_other_after_the_leas
         "every change acknowledged by the killed node"
     );
     // B sent it: a lease held by another node id than A's (or released after it finished).
-    let now = redis.cli(&["GET", lease_key]).await;
-    assert_ne!(now.trim(), holder.trim(), "the killed node's lease is gone");
+    assert_ne!(holder().await, sender, "the killed node's lease is gone");
     b.terminate().await;
 }
 

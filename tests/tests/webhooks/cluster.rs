@@ -174,65 +174,16 @@ async fn the_redis_cluster_store_marks_in_slot_sets_scans_clears_at_the_head_kee
 async fn on_a_redis_cluster_killing_the_sending_node_hands_the_document_to_the_other_after_the_lease()
  {
     let cluster = RedisCluster::start().await;
-    let receiver = Receiver::start(Mode::Fail).await;
-    let urls = [receiver.url()];
-    let redis_url = cluster.url();
-    let snaps = tempfile::tempdir().expect("tempdir");
-    let snap_flag = snaps.path().to_str().expect("path").to_string();
-    let flags = process_flags(
-        &urls,
-        &[
-            "--redis-url",
-            redis_url.as_str(),
-            "--snapshot-dir",
-            snap_flag.as_str(),
-            "--webhook-debounce",
-            "100ms",
-            "--webhook-max-wait",
-            "1s",
-            "--webhook-timeout",
-            "300ms",
-            "--webhook-lease",
-            "2s",
-        ],
-    );
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("b"),
-    );
-    let a = ServerProcess::spawn(dir_a.path(), &flags).await;
-    let b = ServerProcess::spawn(dir_b.path(), &flags).await;
-    let mut editor = Editor::new("handover-c");
-    for i in 0..3 {
-        editor.edit(a.addr, &format!("{i}")).await;
-    }
-    eventually("node A tried and failed", DEADLINE, || async {
-        (receiver.attempts() >= 1).then_some(())
-    })
-    .await;
     let lease_key = "chorus:{handover-c}:hooklease";
-    let get_lease = || async {
+    let holder = || async {
         cli(cluster.ports[0], &["-c", "GET", lease_key])
             .await
             .expect("GET the lease")
             .trim()
             .to_string()
     };
-    let holder = get_lease().await;
-    assert!(!holder.is_empty(), "the sending node holds the lease");
-    a.kill9().await;
-    receiver.set_mode(Mode::Ok);
-    // Only B's scan of the slot sets can find the document now.
-    let all = wait_delivered_to(&receiver, "handover-c", editor.last()).await;
-    assert_eq!(all.len(), 1);
-    assert_eq!(all[0].from(), None);
-    assert_eq!(
-        all[0].updates(),
-        3,
-        "every change acknowledged by the killed node"
-    );
-    assert_ne!(get_lease().await, holder, "the killed node's lease is gone");
-    b.terminate().await;
+    // Only B's scan of the slot sets can find the document once A is gone.
+    handover(&cluster.url(), "handover-c", holder).await;
 }
 
 /// Every document name a full scan of `store` returns (any batch failing: `None`).
