@@ -215,33 +215,15 @@ async fn versions_are_kept_listed_read_and_deleted_under_auth() {
     .await;
     assert_eq!((r.status, r.json()["bytes"].clone()), (200, json!(0)));
     // Deleted: gone from the list, 404 after.
-    let r = call(
-        addr,
-        "DELETE",
-        &format!("/v1/docs/d/versions/{id}"),
-        Some(&writer),
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 204);
-    let r = call(
-        addr,
-        "DELETE",
-        &format!("/v1/docs/d/versions/{id}"),
-        Some(&writer),
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 404);
-    let r = call(
-        addr,
-        "GET",
-        &format!("/v1/docs/d/versions/{id}"),
-        Some(&reader),
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 404);
+    let version = format!("/v1/docs/d/versions/{id}");
+    for (method, token, status) in [
+        ("DELETE", &writer, 204),
+        ("DELETE", &writer, 404),
+        ("GET", &reader, 404),
+    ] {
+        let r = call(addr, method, &version, Some(token), b"").await;
+        assert_eq!(r.status, status, "{method} {version}");
+    }
     assert_eq!(list(addr, "d", Some(&reader)).await.len(), 1);
     server.stop().await;
 }
