@@ -1,23 +1,24 @@
 //! Embedded log, checkpoint side (after data-flow step 4): moves write-ahead segments into redb, and replays those a crash left at startup.
 
-use super::shared::{ENTRY_OVERHEAD, Pending, Shared};
-use super::store::{LOG, META, head_from, head_to, put_value, trim};
+use super::shared::{ENTRY_OVERHEAD, Pending, Shared, Stored, read_stored};
+use super::store::{LOG, META, head_from, head_to, trim};
 use super::wal::{self, Record};
 use super::wal_replay;
 use super::{lock, storage};
-use crate::backplane::{BackplaneResult, Entry, LogHead};
+use crate::backplane::{BackplaneResult, LogHead};
 use chorus_protocol::{DocId, StreamId};
 use redb::{Database, ReadableTable};
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// A segment is checkpointed into redb once it holds this much… Its entries stay in memory
-/// until then (readers see them before redb does), so under a burst this bounds what the node
-/// holds for the log: 42 MB of overwrites in 0.4 s grew a node by 15–17 MB at 4 MiB and 31–34 MB
-/// at 16 MiB, for the same CPU and write time (`bench_slow_readers`, builds alternated). Steady
-/// small updates never reach it; the timer below checkpoints them.
+/// A segment is checkpointed into redb once it holds this much… It bounds one checkpoint's
+/// transaction and what a crash leaves to replay. (Pending entries stay on disk, see
+/// `shared.rs`; while they were held in memory this also bounded the node's growth under a
+/// burst: 42 MB of overwrites grew a node by 15–17 MB at 4 MiB and 31–34 MB at 16 MiB.)
+/// Steady small updates never reach it; the timer below checkpoints them.
 pub(super) const CHECKPOINT_BYTES: u64 = 4 << 20;
 /// …or once its first record is this old.
 pub(super) const CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
@@ -322,7 +323,7 @@ fn checkpoint(shared: &Shared, upto: u64) -> BackplaneResult<Option<usize>> {
 struct DocCopy {
     doc: DocId,
     head: LogHead,
-    entries: Vec<Entry>,
+    entries: Vec<(Arc<File>, Stored)>,
     trims: Vec<StreamId>,
 }
 
@@ -332,7 +333,7 @@ fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
         .iter()
         .filter(|(_, d)| {
             d.head_seg <= upto
-                || d.entries.front().is_some_and(|(seg, _)| *seg <= upto)
+                || d.entries.front().is_some_and(|s| s.seg <= upto)
                 || d.trims.iter().any(|(seg, _)| *seg <= upto)
         })
         .map(|(doc, d)| DocCopy {
@@ -343,8 +344,8 @@ fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
             entries: d
                 .entries
                 .iter()
-                .take_while(|(seg, _)| *seg <= upto)
-                .map(|(_, e)| e.clone())
+                .take_while(|s| s.seg <= upto)
+                .filter_map(|s| p.locate(s))
                 .collect(),
             trims: d
                 .trims
@@ -361,7 +362,6 @@ fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
 /// same transaction.
 fn write_copies(db: &Database, copies: &[DocCopy], marks: bool) -> BackplaneResult<usize> {
     let mut written = 0;
-    let mut value = Vec::new();
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut log = txn.open_table(LOG).map_err(storage)?;
@@ -372,10 +372,9 @@ fn write_copies(db: &Database, copies: &[DocCopy], marks: bool) -> BackplaneResu
             for before in &c.trims {
                 trim(&mut log, &c.doc, *before)?;
             }
-            for e in &c.entries {
-                // One buffer for every row: redb copies the value it is given.
-                value.clear();
-                put_value(&mut value, e.origin, &e.update);
+            for (file, e) in &c.entries {
+                // The record's value is the row, byte for byte.
+                let value = read_stored(file, e)?;
                 log.insert((c.doc.as_str(), e.id.ms, e.id.seq), &value[..])
                     .map_err(storage)?;
                 written += 1;
@@ -404,9 +403,9 @@ fn forget(p: &mut Pending, copies: &[DocCopy], upto: u64) {
         let Some(d) = p.docs.get_mut(&c.doc) else {
             continue;
         };
-        while d.entries.front().is_some_and(|(seg, _)| *seg <= upto) {
-            if let Some((_, e)) = d.entries.pop_front() {
-                freed += e.update.len() + ENTRY_OVERHEAD;
+        while d.entries.front().is_some_and(|s| s.seg <= upto) {
+            if let Some(s) = d.entries.pop_front() {
+                freed += s.span.len as usize + ENTRY_OVERHEAD;
             }
         }
         d.trims.retain(|(seg, _)| *seg > upto);
@@ -415,6 +414,7 @@ fn forget(p: &mut Pending, copies: &[DocCopy], upto: u64) {
         }
     }
     p.bytes = p.bytes.saturating_sub(freed);
+    p.segments.retain(|seg, _| *seg > upto);
 }
 
 fn remove_segments(base: &Path, upto: u64) -> BackplaneResult<()> {

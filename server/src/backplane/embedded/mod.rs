@@ -10,9 +10,9 @@
 //! the log is not busy enough to group many. Here one writer thread takes every append waiting
 //! at that moment, writes them as records to the current segment with one `write` and one
 //! `fdatasync` (`wal.rs`), and only then answers the appenders and hands the entries to the
-//! sink. The entries wait in memory (`Pending`, where reads find them) until a checkpoint
-//! thread writes a whole segment's worth to redb in one transaction, about once a second, and
-//! deletes the segment. At open, segments left by a crash are replayed into redb first.
+//! sink. The entries wait in their segment (`Pending` keeps where each lies, and reads find
+//! them there) until a checkpoint thread writes a whole segment's worth to redb in one
+//! transaction, about once a second, and deletes the segment. At open, segments left by a crash are replayed into redb first.
 //!
 //! Its parts, one file each: `writer.rs` (the append queue and group commit), `wal.rs` (the
 //! segment format and writing it), `shared.rs` (the pending set and the active segment),
@@ -436,6 +436,58 @@ mod tests {
         let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("reopen");
         let (head, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
         expect(head, &entries);
+        bp.close().await;
+    }
+
+    /// The pending set keeps where an entry lies, not its bytes: reads take them from the
+    /// segment, checked, and a handle taken before a checkpoint still reads once it is gone.
+    #[tokio::test]
+    async fn a_pending_entry_is_read_from_its_segment() {
+        use std::os::unix::fs::FileExt;
+        const NEVER: Duration = Duration::from_secs(3600);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        let tracker = TaskTracker::new();
+        let doc = DocId::parse("d").expect("doc id");
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
+        let ids = append_n(&bp, &doc, 3).await;
+        let (file, second) = {
+            let p = lock(&bp.shared.pending);
+            p.locate(&p.docs[&doc].entries[1]).expect("its segment")
+        };
+        let (_, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        assert_eq!(entry_ids(&entries), ids);
+        assert_eq!(entries[1].update.as_ref(), &[1, 1, 1]);
+
+        // One byte of the second entry's update, changed on disk, fails the read that
+        // includes it, and only that one.
+        let last = second.span.at + u64::from(second.span.len) - 1;
+        let segment = wal::segment_path(&path, second.seg);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .expect("open segment");
+        f.write_all_at(&[9], last).expect("damage");
+        let err = bp.read_after(&doc, StreamId::ZERO).await.err();
+        assert!(
+            matches!(&err, Some(BackplaneError::Storage(m)) if m.contains("write-ahead segment")),
+            "{err:?}"
+        );
+        let (_, tail) = bp.read_after(&doc, ids[1]).await.expect("read past it");
+        assert_eq!(entry_ids(&tail), ids[2..].to_vec());
+        f.write_all_at(&[1], last).expect("repair");
+
+        // The close checkpoints the entries from the segment and deletes it; the handle taken
+        // before still reads it.
+        bp.close().await;
+        drop(bp);
+        assert!(!segment.exists());
+        let value = shared::read_stored(&file, &second).expect("read through the handle");
+        assert_eq!(&value[value.len() - 3..], &[1, 1, 1]);
+        let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("reopen");
+        let (_, entries) = bp.read_after(&doc, StreamId::ZERO).await.expect("read");
+        assert_eq!(entry_ids(&entries), ids);
+        assert_eq!(entries[1].update.as_ref(), &[1, 1, 1]);
         bp.close().await;
     }
 }

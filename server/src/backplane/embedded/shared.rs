@@ -1,23 +1,59 @@
 //! Embedded log, between the write and redb (data-flow steps 4–5): acknowledged changes redb does not hold yet, and the segment being written.
 
 use super::wal::{self, Segment};
-use crate::backplane::{Entry, LogHead};
+use crate::backplane::{BackplaneError, BackplaneResult, LogHead};
+use bytes::Bytes;
 use chorus_protocol::{DocId, StreamId};
 use redb::Database;
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What an entry costs in the pending set beyond its update bytes.
+/// What an entry counts for in the pending set beyond its record's bytes.
 pub(super) const ENTRY_OVERHEAD: usize = 96;
 
 /// Acknowledged changes that redb does not hold yet, by document.
+///
+/// An entry here is where its record lies in a write-ahead segment, not its bytes: a burst of
+/// large updates would otherwise hold everything written since the last checkpoint in the
+/// node's memory (42 MB of 10 KB overwrites grew a node by twice the checkpoint trigger). The
+/// bytes were just written, so reads and the checkpoint find them in the page cache.
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) docs: HashMap<DocId, PendingDoc>,
-    /// Update bytes (plus overhead) of every entry in `docs`.
+    /// Record bytes (plus overhead) of every entry in `docs`: what waits for a checkpoint.
     pub(super) bytes: usize,
+    /// A read handle on every segment an entry in `docs` lies in. A checkpoint forgets the
+    /// entries before it deletes their segments, and a reader that took a handle still reads
+    /// an unlinked segment through it.
+    pub(super) segments: HashMap<u64, Arc<File>>,
+}
+
+/// An entry in the pending set: its id, and its record in segment `seg`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stored {
+    pub(super) seg: u64,
+    pub(super) id: StreamId,
+    pub(super) span: wal::Span,
+}
+
+impl Pending {
+    /// The entry at `s` with a handle to read its record through (outside the lock).
+    pub(super) fn locate(&self, s: &Stored) -> Option<(Arc<File>, Stored)> {
+        self.segments.get(&s.seg).map(|f| (f.clone(), *s))
+    }
+}
+
+/// Reads the value (the log table's row) of a pending entry from its segment.
+pub(super) fn read_stored(file: &File, s: &Stored) -> BackplaneResult<Bytes> {
+    wal::read_value(file, s.span).map_err(|e| {
+        BackplaneError::Storage(format!(
+            "reading entry {} from write-ahead segment {}: {e}",
+            s.id, s.seg
+        ))
+    })
 }
 
 pub(super) struct PendingDoc {
@@ -25,8 +61,8 @@ pub(super) struct PendingDoc {
     pub(super) head: LogHead,
     /// The segment that holds the newest change to `head`.
     pub(super) head_seg: u64,
-    /// Oldest first, each with the segment that holds it.
-    pub(super) entries: VecDeque<(u64, Entry)>,
+    /// Oldest first.
+    pub(super) entries: VecDeque<Stored>,
     /// Trims redb has not applied yet, with their segments.
     pub(super) trims: Vec<(u64, StreamId)>,
 }

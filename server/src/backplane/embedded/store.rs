@@ -1,6 +1,6 @@
 //! Embedded log, redb side (data-flow steps 4–5): the tables, each document's head, reads and trims.
 
-use super::shared::Shared;
+use super::shared::{Shared, read_stored};
 use super::{lock, storage};
 use crate::backplane::{BackplaneError, BackplaneResult, Entry, LogHead, Origin};
 use bytes::{BufMut, Bytes};
@@ -58,11 +58,11 @@ pub(super) fn read_after(
     let (pending, txn) = {
         let p = lock(&shared.pending);
         let pending = p.docs.get(doc).map(|d| {
-            let newer: Vec<Entry> = d
+            let newer: Vec<_> = d
                 .entries
                 .iter()
-                .filter(|(_, e)| e.id > after)
-                .map(|(_, e)| e.clone())
+                .filter(|s| s.id > after)
+                .filter_map(|s| p.locate(s))
                 .collect();
             (d.head, newer)
         });
@@ -93,11 +93,18 @@ pub(super) fn read_after(
     }
     if let Some((_, newer)) = pending {
         let stored_last = entries.last().map(|e| e.id);
-        entries.extend(
-            newer
-                .into_iter()
-                .filter(|e| stored_last.is_none_or(|last| e.id > last)),
-        );
+        for (file, s) in newer {
+            if stored_last.is_some_and(|last| s.id <= last) {
+                continue;
+            }
+            let (origin, update) = decode_value_bytes(read_stored(&file, &s)?)?;
+            entries.push(Entry {
+                id: s.id,
+                update,
+                origin,
+                reach: None,
+            });
+        }
     }
     Ok((head, entries))
 }
@@ -174,6 +181,18 @@ pub(super) fn put_value(v: &mut impl BufMut, origin: Option<Origin>, update: &[u
 }
 
 pub(super) fn decode_value(v: &[u8]) -> BackplaneResult<(Option<Origin>, Bytes)> {
+    Ok((
+        decode_origin(v)?,
+        Bytes::copy_from_slice(&v[ORIGIN_HEADER..]),
+    ))
+}
+
+/// [`decode_value`] of a row already in its own buffer: the update is a slice of it.
+pub(super) fn decode_value_bytes(v: Bytes) -> BackplaneResult<(Option<Origin>, Bytes)> {
+    Ok((decode_origin(&v)?, v.slice(ORIGIN_HEADER..)))
+}
+
+fn decode_origin(v: &[u8]) -> BackplaneResult<Option<Origin>> {
     if v.len() < ORIGIN_HEADER {
         return Err(BackplaneError::Storage(
             "log entry shorter than its header".into(),
@@ -193,7 +212,7 @@ pub(super) fn decode_value(v: &[u8]) -> BackplaneResult<(Option<Origin>, Bytes)>
             chain: 0,
         }),
     };
-    Ok((origin, Bytes::copy_from_slice(&v[ORIGIN_HEADER..])))
+    Ok(origin)
 }
 
 /// Removes entries below `before`; returns the id of the newest one removed.

@@ -22,6 +22,7 @@ use chorus_protocol::{DocId, StreamId};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub(super) const MAGIC: &[u8; 8] = b"CHWAL\0\0\x02";
 /// Segments an earlier version wrote: a 16-byte header (no cut) and records without groups.
@@ -82,7 +83,7 @@ impl Record {
     }
 
     /// Appends this record, framed, to `buf`.
-    pub(super) fn encode_into(&self, buf: &mut BytesMut) {
+    pub(super) fn encode_into(&self, buf: &mut BytesMut) -> Span {
         let (kind, doc, head) = match self {
             Record::Append { doc, head, .. } => (KIND_APPEND, doc, head),
             Record::Trim { doc, head, .. } => (KIND_TRIM, doc, head),
@@ -95,7 +96,7 @@ impl Record {
                 buf.put_u64_le(before.seq);
             }
             Record::Head { .. } => {}
-        });
+        })
     }
 
     fn decode(body: &[u8]) -> Option<Record> {
@@ -143,7 +144,7 @@ fn frame_into(
     doc: &DocId,
     head: &LogHead,
     rest: impl FnOnce(&mut BytesMut),
-) {
+) -> Span {
     let start = buf.len();
     buf.put_u32_le(0);
     buf.put_u32_le(0);
@@ -166,6 +167,52 @@ fn frame_into(
     let crc = crc32fast::hash(&buf[body..]);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buf[start + 4..body].copy_from_slice(&crc.to_le_bytes());
+    Span {
+        at: start as u64,
+        len: (buf.len() - start) as u32,
+    }
+}
+
+/// Where a whole record (header included) lies: in a group's buffer, or in a segment once the
+/// group is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) at: u64,
+    pub(super) len: u32,
+}
+
+/// Reads back the append record at `span` of a segment and returns its value (the log table's
+/// row), checked against the record's checksum: the pending set keeps only where an entry lies
+/// (see `shared.rs`), so its bytes come from here, and a segment damaged since its write is an
+/// error rather than a wrong entry.
+pub(super) fn read_value(file: &File, span: Span) -> io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0; span.len as usize];
+    file.read_exact_at(&mut data, span.at)?;
+    let data = Bytes::from(data);
+    let damaged = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("write-ahead record at {} does not read back", span.at),
+        )
+    };
+    let header = data.get(..RECORD_HEADER).ok_or_else(damaged)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let body = &data[RECORD_HEADER..];
+    if len != body.len() || crc32fast::hash(body) != crc || body.first() != Some(&KIND_APPEND) {
+        return Err(damaged());
+    }
+    // Kind, name length, name, then the head's five u64s; the value is the rest.
+    let name_len = usize::from(u16::from_le_bytes([
+        *body.get(1).ok_or_else(damaged)?,
+        *body.get(2).ok_or_else(damaged)?,
+    ]));
+    let value_at = RECORD_HEADER + 3 + name_len + 5 * 8;
+    if value_at > data.len() {
+        return Err(damaged());
+    }
+    Ok(data.slice(value_at..))
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -329,10 +376,10 @@ impl Group {
         head: &LogHead,
         origin: Option<Origin>,
         update: &[u8],
-    ) {
+    ) -> Span {
         frame_into(&mut self.buf, KIND_APPEND, doc, head, |buf| {
             put_value(buf, origin, update)
-        });
+        })
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -350,6 +397,9 @@ impl Group {
 /// The segment being appended to.
 pub(super) struct Segment {
     file: File,
+    /// The same file for readers of the entries it holds until they are checkpointed; the
+    /// pending set keeps it (an unlinked segment stays readable through it).
+    pub(super) reader: Arc<File>,
     pub(super) seq: u64,
     /// Bytes written and synced, header included.
     pub(super) len: u64,
@@ -382,6 +432,7 @@ impl Segment {
         file.sync_all()?;
         sync_dir(base)?;
         Ok(Segment {
+            reader: Arc::new(file.try_clone()?),
             file,
             seq,
             len: HEADER,

@@ -1,7 +1,7 @@
 //! Embedded log, write side (data-flow step 4): the append queue and the writer thread that commits each group with one write and one fdatasync.
 
 use super::checkpoint::{CHECKPOINT_BYTES, Checkpoints};
-use super::shared::{ENTRY_OVERHEAD, Pending, PendingDoc, Shared};
+use super::shared::{ENTRY_OVERHEAD, Pending, PendingDoc, Shared, Stored};
 use super::store::{head_in, stored_newest_below, value_len};
 use super::wal::{self, Record};
 use super::{lock, storage};
@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 pub(super) const QUEUE_CAPACITY: usize = 16 * 1024;
 /// Most operations written in one group (one fsync).
 const MAX_GROUP: usize = 2048;
-/// Bytes of acknowledged entries waiting for redb past which the writer waits for a
-/// checkpoint, and refuses appends if redb still cannot take them.
+/// Bytes of acknowledged entries waiting for redb (on disk, and to replay after a crash) past
+/// which the writer waits for a checkpoint, and refuses appends if redb still cannot take
+/// them.
 const MAX_PENDING_BYTES: usize = 256 << 20;
 
 pub(super) enum WriteOp {
@@ -79,9 +80,10 @@ enum Done {
     Trim(oneshot::Sender<BackplaneResult<()>>),
 }
 
-/// What a written group changes in the pending set.
+/// What a written group changes in the pending set. An append's span is within the group's
+/// buffer until the group is written.
 enum Change {
-    Append(DocId, LogHead, Entry),
+    Append(DocId, LogHead, StreamId, wal::Span),
     Trim(DocId, LogHead, StreamId),
 }
 
@@ -195,7 +197,7 @@ impl Writer {
         let in_group = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Append(d, _, e) if d == doc && e.id < before => Some(e.id),
+                Change::Append(d, _, id, _) if d == doc && *id < before => Some(*id),
                 _ => None,
             })
             .max();
@@ -203,7 +205,7 @@ impl Writer {
         let pending = p.docs.get(doc).and_then(|d| {
             d.entries
                 .iter()
-                .map(|(_, e)| e.id)
+                .map(|s| s.id)
                 .take_while(|id| *id < before)
                 .last()
         });
@@ -217,7 +219,7 @@ impl Writer {
         done: &mut Vec<Done>,
         delivered: &mut Vec<(DocId, u64, Vec<Entry>)>,
     ) -> Result<(), BackplaneError> {
-        // Past the memory bound, give redb a chance to catch up before taking more.
+        // Past the bound on what waits for redb, give redb a chance to catch up before taking more.
         if lock(&self.shared.pending).bytes > MAX_PENDING_BYTES {
             self.checkpoints.force_and_wait();
         }
@@ -235,6 +237,7 @@ impl Writer {
         let Some(segment) = a.segment.as_mut() else {
             return Err(BackplaneError::Storage("no write-ahead segment".into()));
         };
+        let group_at = segment.len;
         if !records.is_empty() {
             if let Err(e) = segment.append(&mut records) {
                 if e.poisoned.is_some() {
@@ -246,9 +249,10 @@ impl Writer {
             nudge = a.dirty_since.is_none() || segment.len >= CHECKPOINT_BYTES;
             a.dirty_since.get_or_insert_with(Instant::now);
         }
-        let seg = segment.seq;
+        let (seg, reader) = (segment.seq, segment.reader.clone());
         let mut pending = lock(&self.shared.pending);
-        apply(&mut pending, seg, changes);
+        pending.segments.entry(seg).or_insert(reader);
+        apply(&mut pending, seg, group_at, changes);
         drop(pending);
         drop(active);
         if nudge {
@@ -310,25 +314,19 @@ impl Writer {
                     let mut head = head.unwrap_or_else(fresh);
                     let id = next_id(head.last, now);
                     head.last = id;
-                    records.push_append(&doc, &head, origin, &update);
+                    let span = records.push_append(&doc, &head, origin, &update);
                     done.push(Done::Append(reply, Position::new(head.epoch, id)));
                     let entry = Entry {
                         id,
                         update,
                         origin,
-                        reach: None,
-                    };
-                    // Only the owner reads the reach: the pending set (which reads serve from
-                    // until redb has the entry) does not keep it.
-                    let fresh = Entry {
                         reach,
-                        ..entry.clone()
                     };
                     match delivered.last_mut() {
-                        Some((d, _, entries)) if *d == doc => entries.push(fresh),
-                        _ => delivered.push((doc.clone(), head.epoch, vec![fresh])),
+                        Some((d, _, entries)) if *d == doc => entries.push(entry),
+                        _ => delivered.push((doc.clone(), head.epoch, vec![entry])),
                     }
-                    changes.push(Change::Append(doc.clone(), head, entry));
+                    changes.push(Change::Append(doc.clone(), head, id, span));
                     heads.insert(doc, Some(head));
                 }
                 WriteOp::Trim { before, reply, .. } => {
@@ -363,11 +361,11 @@ impl Writer {
     }
 }
 
-/// Records in the pending set what a group written to segment `seg` changed.
-fn apply(p: &mut Pending, seg: u64, changes: Vec<Change>) {
+/// Records in the pending set what a group written to segment `seg` at `group_at` changed.
+fn apply(p: &mut Pending, seg: u64, group_at: u64, changes: Vec<Change>) {
     for change in changes {
         let (doc, head) = match &change {
-            Change::Append(d, h, _) | Change::Trim(d, h, _) => (d.clone(), *h),
+            Change::Append(d, h, ..) | Change::Trim(d, h, _) => (d.clone(), *h),
         };
         let d = p.docs.entry(doc).or_insert_with(|| PendingDoc {
             head,
@@ -378,14 +376,18 @@ fn apply(p: &mut Pending, seg: u64, changes: Vec<Change>) {
         d.head = head;
         d.head_seg = seg;
         match change {
-            Change::Append(_, _, entry) => {
-                p.bytes += entry.update.len() + ENTRY_OVERHEAD;
-                d.entries.push_back((seg, entry));
+            Change::Append(_, _, id, span) => {
+                let span = wal::Span {
+                    at: group_at + span.at,
+                    len: span.len,
+                };
+                p.bytes += span.len as usize + ENTRY_OVERHEAD;
+                d.entries.push_back(Stored { seg, id, span });
             }
             Change::Trim(_, _, before) => {
-                while d.entries.front().is_some_and(|(_, e)| e.id < before) {
-                    if let Some((_, e)) = d.entries.pop_front() {
-                        p.bytes = p.bytes.saturating_sub(e.update.len() + ENTRY_OVERHEAD);
+                while d.entries.front().is_some_and(|s| s.id < before) {
+                    if let Some(s) = d.entries.pop_front() {
+                        p.bytes = p.bytes.saturating_sub(s.span.len as usize + ENTRY_OVERHEAD);
                     }
                 }
                 d.trims.push((seg, before));
