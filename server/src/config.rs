@@ -37,8 +37,11 @@ pub struct Config {
     pub data_dir: PathBuf,
 
     /// Page cache of the embedded log (redb). Hot documents keep their recent entries
-    /// themselves; this mostly serves document loads and catch-up reads.
-    #[arg(long, env = "CHORUS_LOG_CACHE_BYTES", default_value_t = 4 << 20)]
+    /// themselves, and the OS caches the file; this mostly serves document loads and catch-up
+    /// reads. Checkpoints fill it with the pages they write, so a write burst grows the node by
+    /// about this much: 1 MiB grew a node by 6.5 MB under 42 MB of overwrites, 4 MiB by 9.2–9.9
+    /// MB, for the same CPU (`bench_slow_readers`).
+    #[arg(long, env = "CHORUS_LOG_CACHE_BYTES", default_value_t = 1 << 20)]
     pub log_cache_bytes: usize,
 
     /// Directory of static files served at `/` (the web demo), if it exists.
