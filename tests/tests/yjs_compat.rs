@@ -340,3 +340,63 @@ async fn an_update_whose_dependencies_never_arrive_is_refused_after_the_wait() {
         .json();
     assert_eq!(stats["refused_missing_dependencies"], 1);
 }
+
+/// yhub#55: a stock client reconnects after 30 s without a message, so a document larger than
+/// a piece (about 1 MiB) is answered as sync updates and then the step 2, each on its own. The
+/// stock client applies them as they come and is synced with all of it.
+#[tokio::test]
+async fn a_document_larger_than_a_piece_reaches_a_stock_client_in_pieces() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use yrs::{GetString, ReadTxn, Text, Transact};
+    let server = TestServer::start(|c| c.max_update_bytes = 16 << 20).await;
+    // Each insert at the front is a block of its own: 300 blocks of 10 KB.
+    let source = yrs::Doc::new();
+    let text = source.get_or_insert_text("t");
+    for i in 0..300u32 {
+        let chunk = char::from(b'a' + (i % 26) as u8).to_string().repeat(10_000);
+        text.insert(&mut source.transact_mut(), 0, &chunk);
+    }
+    let expected = text.get_string(&source.transact());
+    let state = source
+        .transact()
+        .encode_state_as_update_v1(&yrs::StateVector::default());
+    let posted = chorus_tests::http::post(server.addr, "/v1/docs/pieces/updates", &state)
+        .await
+        .expect("post");
+    assert_eq!(posted.status, 200, "seeded");
+
+    // What goes over the wire: sync updates of at most a piece, then one step 2.
+    let (mut raw, _) = tokio_tungstenite::connect_async(format!("{}/pieces", server.yjs_base()))
+        .await
+        .expect("connect");
+    raw.send(Message::Binary(vec![0, 0, 1, 0].into()))
+        .await
+        .expect("step 1");
+    let mut updates = 0;
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match raw.next().await {
+                Some(Ok(Message::Binary(b))) if b.starts_with(&[0, 2]) => {
+                    assert!(b.len() <= 1 << 20, "a piece of {} bytes", b.len());
+                    updates += 1;
+                }
+                Some(Ok(Message::Binary(b))) if b.starts_with(&[0, 1]) => break,
+                Some(Ok(_)) => {}
+                other => panic!("the answer ended early: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the step 2 arrived");
+    assert!(updates >= 2, "{updates} sync updates before the step 2");
+
+    let mut stock = StockClient::spawn(&server.yjs_base(), "pieces").await;
+    stock
+        .wait_event(|e| e["event"] == "synced" && e["synced"] == true)
+        .await;
+    let have = stock.text().await;
+    assert_eq!(have.len(), expected.len(), "synced with the whole document");
+    assert!(have == expected, "the same text");
+    stock.quit().await;
+}

@@ -8,12 +8,17 @@
 //! document, as WebSocket frames are. Long-polls keep the native wire: a poll takes one answer,
 //! merged from what it drained, so there is no per-update work to share.
 
-use crate::doc::wire::{Answer, Join, Wire, WireId};
+use crate::doc::wire::{Answer, Join, Parts, Wire, WireId, one};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use chorus_protocol::y_websocket as yws;
 use chorus_protocol::{DocId, ErrorCode, Position, ServerFrame, encode};
+
+/// A y-websocket answer larger than this goes as pieces of about this size: a message about
+/// as often as a fragment of another wire's answer (see `socket.rs`), each one frame with its
+/// few bytes of y-protocols header.
+const ANSWER_PIECE: usize = super::socket::FRAGMENT - 64;
 
 /// `/v1/ws`: MessagePack frames naming their document; acks and typed errors.
 pub struct Native;
@@ -55,9 +60,14 @@ impl Wire for Native {
         Bytes::from(encode::update(doc.as_str(), update, position))
     }
 
-    fn synced(&self, doc: &DocId, update: &[u8], position: Position, answer: Answer) -> Bytes {
+    fn synced(&self, doc: &DocId, update: &[u8], position: Position, answer: Answer) -> Parts {
         let replay = answer == Answer::Replay;
-        Bytes::from(encode::synced(doc.as_str(), update, position, replay))
+        one(Bytes::from(encode::synced(
+            doc.as_str(),
+            update,
+            position,
+            replay,
+        )))
     }
 
     fn awareness(&self, doc: &DocId, raw: &[u8]) -> Option<Bytes> {
@@ -102,9 +112,26 @@ impl Wire for YWebsocket {
         Bytes::from(yws::sync_update(update))
     }
 
-    /// Every answer is a sync step 2: y-websocket has no positions and no replay flag.
-    fn synced(&self, _: &DocId, update: &[u8], _: Position, _: Answer) -> Bytes {
-        Bytes::from(yws::sync_step2(update))
+    /// Every answer is a sync step 2: y-websocket has no positions and no replay flag. One
+    /// larger than [`ANSWER_PIECE`] is cut into updates (`split_update`) sent as sync updates,
+    /// the last as the step 2: the stock client reconnects after 30 s without a message
+    /// (yhub#55), and gets one at least every piece; its `synced` still waits for the step 2.
+    fn synced(&self, _: &DocId, update: &[u8], _: Position, _: Answer) -> Parts {
+        let Some(pieces) = crate::validate::split_update(update, ANSWER_PIECE) else {
+            return one(Bytes::from(yws::sync_step2(update)));
+        };
+        let last = pieces.len() - 1;
+        pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                Bytes::from(if i == last {
+                    yws::sync_step2(piece)
+                } else {
+                    yws::sync_update(piece)
+                })
+            })
+            .collect()
     }
 
     fn awareness(&self, _: &DocId, raw: &[u8]) -> Option<Bytes> {
@@ -144,12 +171,12 @@ impl Wire for Sse {
     /// A catch-up that is not an exact replay (first state, a trimmed or foreign position, a
     /// catch-up after the budget was exceeded) is `event: state`; a replay is a plain
     /// `message`, and an empty one says nothing (the reader already is at `position`).
-    fn synced(&self, _: &DocId, update: &[u8], position: Position, answer: Answer) -> Bytes {
-        match answer {
+    fn synced(&self, _: &DocId, update: &[u8], position: Position, answer: Answer) -> Parts {
+        one(match answer {
             Answer::Replay if update == yrs::Update::EMPTY_V1 => Bytes::new(),
             Answer::Replay => event(None, Some(position), update),
             Answer::State => event(Some("state"), Some(position), update),
-        }
+        })
     }
 
     /// `event: awareness`, without an id (presence moves no position).
@@ -214,7 +241,7 @@ mod tests {
         let doc = DocId::parse("d").expect("id");
         let p = Position::new(3, StreamId::new(5, 1));
         assert_eq!(
-            ServerFrame::decode(&NATIVE.synced(&doc, &[1, 2], p, Answer::Replay)).ok(),
+            ServerFrame::decode(&NATIVE.synced(&doc, &[1, 2], p, Answer::Replay)[0]).ok(),
             Some(ServerFrame::Synced {
                 doc: "d".into(),
                 update: vec![1, 2],
@@ -237,14 +264,55 @@ mod tests {
         let doc = DocId::parse("d").expect("id");
         let p = Position::new(1, StreamId::new(1, 1));
         assert_eq!(
-            Y_WEBSOCKET.synced(&doc, &[0, 0], p, Answer::Replay),
-            yws::sync_step2(&[0, 0])
+            &Y_WEBSOCKET.synced(&doc, &[0, 0], p, Answer::Replay)[..],
+            [Bytes::from(yws::sync_step2(&[0, 0]))]
         );
         assert!(Y_WEBSOCKET.ack(&doc, Some(1), p).is_none());
         let Join::Offer(offer) = Y_WEBSOCKET.join() else {
             panic!("y-websocket joins with an offer")
         };
         assert_eq!(offer(&doc, &[0]), yws::sync_step1(&[0]));
+    }
+
+    /// yhub#55: a stock client gets a message at least every piece of a very large answer,
+    /// and its `synced` only with the last.
+    #[test]
+    fn a_y_websocket_answer_larger_than_a_piece_goes_as_updates_then_step_2() {
+        use yrs::updates::decoder::Decode;
+        use yrs::{GetString, ReadTxn, Text, Transact};
+        let doc = DocId::parse("d").expect("id");
+        let p = Position::new(1, StreamId::new(1, 1));
+        let source = yrs::Doc::new();
+        let text = source.get_or_insert_text("t");
+        // Inserted at the front each time: 300 blocks of 10 KB, 3 MB in all.
+        for i in 0..300u32 {
+            let chunk = char::from(b'a' + (i % 26) as u8).to_string().repeat(10_000);
+            text.insert(&mut source.transact_mut(), 0, &chunk);
+        }
+        let state = source
+            .transact()
+            .encode_state_as_update_v1(&yrs::StateVector::default());
+        let frames = Y_WEBSOCKET.synced(&doc, &state, p, Answer::State);
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        let copy = yrs::Doc::new();
+        for (i, frame) in frames.iter().enumerate() {
+            assert!(
+                frame.len() <= super::super::socket::FRAGMENT,
+                "one frame each"
+            );
+            let last = i == frames.len() - 1;
+            let payload = match yrs::sync::Message::decode_v1(frame) {
+                Ok(yrs::sync::Message::Sync(yrs::sync::SyncMessage::SyncStep2(u))) if last => u,
+                Ok(yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(u))) if !last => u,
+                other => panic!("frame {i}: {other:?}"),
+            };
+            let update = yrs::Update::decode_v1(&payload).expect("decodes");
+            copy.transact_mut().apply_update(update).expect("applies");
+        }
+        assert_eq!(
+            copy.get_or_insert_text("t").get_string(&copy.transact()),
+            text.get_string(&source.transact())
+        );
     }
 
     #[test]
@@ -254,10 +322,11 @@ mod tests {
         let update = SSE.update(&doc, &[1, 2, 3], p);
         assert_eq!(&update[..], format!("id: {p}\ndata: AQID\n\n").as_bytes());
         let state = SSE.synced(&doc, &[1, 2, 3], p, Answer::State);
-        assert!(state.starts_with(b"event: state\n"));
+        assert!(state.len() == 1 && state[0].starts_with(b"event: state\n"));
         assert!(
             SSE.synced(&doc, yrs::Update::EMPTY_V1, p, Answer::Replay)
-                .is_empty(),
+                .iter()
+                .all(|f| f.is_empty()),
             "an empty replay says nothing"
         );
         assert!(SSE.awareness(&doc, &[0]).is_none());

@@ -13,7 +13,7 @@ mod sync;
 mod versions;
 
 use super::outbox::MAX_DIRECT_PER_TURN;
-use super::wire::{Join, MAX_WIRES};
+use super::wire::{Join, MAX_WIRES, Parts};
 use super::{Command, DocError, DocHandle, Registry, Shared, Subscriber, SyncFrom};
 use crate::backplane::Entry;
 use bytes::Bytes;
@@ -78,7 +78,7 @@ pub(crate) struct Owner {
     /// encodes and frames a large document once per join storm, not once per joiner. (Each
     /// socket's writer still copies the frame into its own buffer while it sends it: 100 joins
     /// of a 5 MB document peaked at +490 MB before and after this cache.)
-    whole_answers: std::cell::RefCell<[Option<(Position, Bytes)>; MAX_WIRES]>,
+    whole_answers: std::cell::RefCell<[Option<(Position, Parts)>; MAX_WIRES]>,
     /// When this owner last saved a snapshot, and at which position (for the inspector).
     last_compaction: Option<(std::time::SystemTime, Position)>,
     /// When the next automatic version is due: set by the first edit after the last one.

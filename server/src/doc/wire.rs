@@ -15,6 +15,7 @@
 
 use bytes::Bytes;
 use chorus_protocol::{DocId, ErrorCode, Position};
+use std::sync::Arc;
 
 /// Wires a node can speak at once; [`WireId`]s are below this.
 pub const MAX_WIRES: usize = 4;
@@ -33,6 +34,15 @@ impl WireId {
     pub fn index(self) -> usize {
         usize::from(self.0)
     }
+}
+
+/// The frames of one sync answer, in order (see [`Wire::synced`]); shared like a frame, as a
+/// whole-document answer goes to every joiner.
+pub type Parts = Arc<[Bytes]>;
+
+/// An answer of one frame.
+pub fn one(frame: Bytes) -> Parts {
+    Arc::from([frame])
 }
 
 /// What a sync answer carries.
@@ -67,10 +77,12 @@ pub trait Wire: Send + Sync + 'static {
     /// A log entry, or a run of them merged, that brings the client to `position`.
     fn update(&self, doc: &DocId, update: &[u8], position: Position) -> Bytes;
 
-    /// An answer that brings the client to `position`. An empty result is skipped by the
-    /// writer but still moves the position (a replay with nothing in it, on a wire that says
+    /// An answer that brings the client to `position`: usually one frame, or several that
+    /// each apply on their own, sent in order (a wire whose clients time out between messages
+    /// cuts a very large answer into pieces). An empty frame is skipped by the writer but the
+    /// answer still moves the position (a replay with nothing in it, on a wire that says
     /// nothing for that).
-    fn synced(&self, doc: &DocId, update: &[u8], position: Position, answer: Answer) -> Bytes;
+    fn synced(&self, doc: &DocId, update: &[u8], position: Position, answer: Answer) -> Parts;
 
     /// Other clients' presence (a y-protocols awareness update); `None`: this wire carries
     /// no presence, and the document pushes none to it.
@@ -130,12 +142,12 @@ pub(crate) mod testing {
         fn update(&self, _: &DocId, update: &[u8], position: Position) -> Bytes {
             framed(format!("update {position}"), update)
         }
-        fn synced(&self, _: &DocId, update: &[u8], position: Position, answer: Answer) -> Bytes {
+        fn synced(&self, _: &DocId, update: &[u8], position: Position, answer: Answer) -> Parts {
             let kind = match answer {
                 Answer::Replay => "replay",
                 Answer::State => "state",
             };
-            framed(format!("synced {kind} {position}"), update)
+            one(framed(format!("synced {kind} {position}"), update))
         }
         fn awareness(&self, _: &DocId, raw: &[u8]) -> Option<Bytes> {
             Some(framed("awareness".into(), raw))

@@ -15,6 +15,11 @@ impl<'a> Lib0Reader<'a> {
         Lib0Reader { buf, pos: 0 }
     }
 
+    /// Bytes read so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }

@@ -34,6 +34,7 @@ mod check;
 mod deps;
 mod lib0;
 mod scan;
+mod split;
 #[cfg(test)]
 mod testdata;
 
@@ -43,6 +44,7 @@ pub use check::{Checked, Reach, check_update, trial_apply, trial_apply_and_reenc
 pub use deps::Deps;
 pub use lib0::Lib0Reader;
 pub use scan::{decode_state_vector, scan_update};
+pub use split::split_update;
 
 /// Deepest nesting of `Any` arrays/maps accepted inside an update. Yjs documents built by
 /// editors nest a handful of levels; 64 leaves room for JSON-ish app data while staying far

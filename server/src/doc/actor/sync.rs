@@ -3,7 +3,7 @@
 
 use super::Owner;
 use crate::doc::SyncFrom;
-use crate::doc::wire::{Answer, Wire};
+use crate::doc::wire::{Answer, Parts, Wire};
 use bytes::Bytes;
 use chorus_protocol::Position;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -104,7 +104,7 @@ impl Owner {
 
     /// The whole document framed for `wire` at the current position (cached: see
     /// `Owner::whole_answers`).
-    pub(super) fn whole_answer(&self, wire: &dyn Wire) -> Bytes {
+    pub(super) fn whole_answer(&self, wire: &dyn Wire) -> Parts {
         let position = self.position();
         let slot = wire.id().index();
         if let Some((at, frame)) = &self.whole_answers.borrow()[slot]

@@ -82,7 +82,12 @@ impl Outbox {
             Item::Own { seq, position } => (self.wire.ack(doc, *seq, *position), Some(*position)),
             Item::Frame(f) => (Some(f.clone()), None),
             // An answer a wire has nothing to say for still moves the position.
-            Item::Answer(f, p) => ((!f.is_empty()).then(|| f.clone()), Some(*p)),
+            Item::Answer(parts, p) => match &parts[..] {
+                [] => (None, Some(*p)),
+                [f] => ((!f.is_empty()).then(|| f.clone()), Some(*p)),
+                // Pieces of a very large answer: the writer sends them.
+                _ => return None,
+            },
         };
         let done = match payload {
             Some(p) => self.try_direct(s, &p, Framing::Message)?,

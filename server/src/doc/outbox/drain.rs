@@ -162,11 +162,9 @@ impl Outbox {
                     self.flush_run(doc, &mut run, out, &mut last);
                     out.push(frame);
                 }
-                Item::Answer(frame, position) => {
+                Item::Answer(parts, position) => {
                     self.flush_run(doc, &mut run, out, &mut last);
-                    if !frame.is_empty() {
-                        out.push(frame);
-                    }
+                    out.extend(parts.iter().filter(|f| !f.is_empty()).cloned());
                     last = Some(position);
                 }
                 other => run.push(other),

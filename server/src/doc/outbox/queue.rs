@@ -5,6 +5,7 @@ use super::direct::Framing;
 use super::drain::merge_awareness;
 use super::{AWARENESS_MERGE_FROM, DirectSocket, Outbox};
 use crate::doc::DocHandle;
+use crate::doc::wire::Parts;
 use bytes::Bytes;
 use chorus_protocol::{CloseCode, DocId, Position};
 use std::collections::{HashMap, VecDeque};
@@ -18,7 +19,7 @@ pub(super) enum Item {
     Frame(Bytes),
     /// Brings the client to `position` with content: a catch-up or the whole document. At
     /// most one per document.
-    Answer(Bytes, Position),
+    Answer(Parts, Position),
     /// A log entry from someone else.
     Update {
         frame: Bytes,
@@ -38,7 +39,8 @@ pub(super) const ACK_COST: usize = 32;
 impl Item {
     pub(super) fn cost(&self) -> usize {
         match self {
-            Item::Frame(f) | Item::Answer(f, _) => f.len(),
+            Item::Frame(f) => f.len(),
+            Item::Answer(parts, _) => parts.iter().map(Bytes::len).sum(),
             Item::Update { frame, update, .. } => frame.len() + update.len(),
             Item::Own { .. } => ACK_COST,
         }
@@ -223,7 +225,7 @@ impl Outbox {
     /// A sync answer or catch-up: the client is at `position` once it has `frame`. Replaces an
     /// answer still waiting for this document, and every update queued before it: the answer
     /// comes from a document that already holds them.
-    pub fn push_synced(&self, doc: &DocId, frame: Bytes, position: Position) {
+    pub fn push_synced(&self, doc: &DocId, frame: Parts, position: Position) {
         let mut s = self.lock();
         if s.closed {
             return;
@@ -248,8 +250,9 @@ impl Outbox {
                 Item::Update { .. } => freed += item.cost(),
             }
         }
-        let added = frame.len() + acks.len() * ACK_COST;
-        kept.push_back(Item::Answer(frame, position));
+        let answer = Item::Answer(frame, position);
+        let added = answer.cost() + acks.len() * ACK_COST;
+        kept.push_back(answer);
         kept.extend(acks.into_iter().map(|seq| Item::Own { seq, position }));
         q.items = kept;
         s.mark_ready(doc);

@@ -2,8 +2,8 @@
 
 use super::queue::ACK_COST;
 use super::*;
-use crate::doc::wire::Wire;
 use crate::doc::wire::testing::{TEST, parse};
+use crate::doc::wire::{Parts, Wire, one};
 use chorus_protocol::StreamId;
 use std::sync::atomic::Ordering;
 use yrs::sync::awareness::AwarenessUpdate;
@@ -156,7 +156,7 @@ fn over_budget_pending_updates_are_dropped_for_a_catch_up_from_the_last_sent_pos
     let d = o.drain();
     assert!(d.frames.is_empty(), "dropped updates are not sent");
     // The catch-up arrives: the owed ack follows it at the catch-up's position.
-    o.push_synced(&doc, Bytes::from_static(b"synced"), pos(41));
+    o.push_synced(&doc, one(Bytes::from_static(b"synced")), pos(41));
     let d = o.drain();
     assert_eq!(d.frames.len(), 2);
     assert_eq!(d.frames[0], Bytes::from_static(b"synced"));
@@ -175,9 +175,9 @@ fn a_newer_sync_answer_replaces_the_waiting_one_and_every_update_before_it() {
     let doc = DocId::parse("d").expect("id");
     push_updates(&o, &doc, &updates(3, 10), 1);
     o.push_own(&doc, Some(4), pos(4));
-    o.push_synced(&doc, Bytes::from(vec![1u8; 1000]), pos(4));
+    o.push_synced(&doc, one(Bytes::from(vec![1u8; 1000])), pos(4));
     push_updates(&o, &doc, &updates(2, 10), 5);
-    o.push_synced(&doc, Bytes::from(vec![2u8; 1000]), pos(6));
+    o.push_synced(&doc, one(Bytes::from(vec![2u8; 1000])), pos(6));
     // One answer and the ack owed for the connection's own entry, at the answer's position.
     assert_eq!(o.pending_bytes(), 1000 + ACK_COST);
     assert_eq!(o.stats.replaced_answers.load(Ordering::Relaxed), 1);
@@ -189,12 +189,31 @@ fn a_newer_sync_answer_replaces_the_waiting_one_and_every_update_before_it() {
 }
 
 #[test]
+fn an_answer_in_pieces_goes_out_whole_in_order_and_counts_every_piece() {
+    let o = outbox(1 << 20);
+    let doc = DocId::parse("d").expect("id");
+    o.push_own(&doc, Some(4), pos(4));
+    let pieces: Vec<Bytes> = (1..=3u8).map(|i| Bytes::from(vec![i; 100])).collect();
+    o.push_synced(&doc, Parts::from(pieces.clone()), pos(5));
+    assert_eq!(o.pending_bytes(), 300 + ACK_COST);
+    let d = o.drain();
+    assert_eq!(d.frames.len(), 4);
+    assert_eq!(d.frames[..3], pieces[..]);
+    assert_eq!(
+        parse(&d.frames[3]).0,
+        format!("ack Some(4) {}", pos(5)),
+        "the ack follows the last piece, at the answer's position"
+    );
+    assert_eq!(o.pending_bytes(), 0);
+}
+
+#[test]
 fn a_thousand_sync_requests_cost_one_answer() {
     let o = outbox(16 * 1024);
     let doc = DocId::parse("d").expect("id");
     let answer = Bytes::from(vec![7u8; 100 * 1024]);
     for i in 0..1000 {
-        o.push_synced(&doc, answer.clone(), pos(i));
+        o.push_synced(&doc, one(answer.clone()), pos(i));
         assert!(
             o.pending_bytes() <= answer.len(),
             "one answer waits at most"
@@ -214,7 +233,7 @@ fn the_reader_waits_for_room_until_a_drain_brings_the_outbox_under_budget() {
     use futures_util::FutureExt;
     let o = Arc::new(outbox(1024));
     let doc = DocId::parse("d").expect("id");
-    o.push_synced(&doc, Bytes::from(vec![0u8; 4096]), pos(1));
+    o.push_synced(&doc, one(Bytes::from(vec![0u8; 4096])), pos(1));
     let room = o.clone();
     let mut waiting = Box::pin(async move { room.room().await });
     assert!(
@@ -232,7 +251,7 @@ fn over_budget_updates_go_but_a_waiting_answer_stays_and_the_catch_up_starts_aft
     let (handle, _commands) = DocHandle::for_tests(&doc);
     o.attach(&doc, handle);
     let answer = Bytes::from(vec![3u8; 6 * 1024]);
-    o.push_synced(&doc, answer.clone(), pos(10));
+    o.push_synced(&doc, one(answer.clone()), pos(10));
     push_updates(&o, &doc, &updates(10, 512), 11);
     assert_eq!(o.stats.sheds.load(Ordering::Relaxed), 1);
     let d = o.drain();
