@@ -20,9 +20,11 @@ use super::lib0::{Lib0Reader, read_client};
 use super::scan::scan_block;
 use std::collections::HashMap;
 
-/// Blocks past which an update is not split: what the walk holds per block (about 32 bytes,
-/// plus its references to other clients) stays under 8 MB, for about 10 ms of work. An update
-/// with more (megabytes of single-character edits) goes as one message, as before.
+/// Blocks past which an update is not split. The walk holds 32 bytes per block and 16 per
+/// reference to another client's block (at most three per block, usually fewer): at most 8 MB
+/// plus those. Splitting a 20 MB document of 2,000 blocks took 22 ms here, one of 200,000
+/// blocks 34 ms (encoding it: 36 and 58 ms). An update with more (megabytes of
+/// single-character edits) goes as one message, as before.
 const MAX_BLOCKS: usize = 250_000;
 
 /// One block of the update: where its bytes are, its first clock, and where its references
