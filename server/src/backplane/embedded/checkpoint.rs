@@ -307,7 +307,7 @@ fn run_checkpoint(shared: &Shared, upto: u64) {
 /// from the pending set and deletes those segments. Returns how many entries it wrote, `None`
 /// if nothing was waiting.
 fn checkpoint(shared: &Shared, upto: u64) -> BackplaneResult<Option<usize>> {
-    let copies = copies_upto(&lock(&shared.pending), upto);
+    let copies = copies_upto(&lock(&shared.pending), upto)?;
     if copies.is_empty() {
         remove_segments(&shared.base, upto)?;
         return Ok(None);
@@ -328,7 +328,7 @@ struct DocCopy {
 }
 
 /// What segments `..=upto` hold, by document.
-fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
+fn copies_upto(p: &Pending, upto: u64) -> BackplaneResult<Vec<DocCopy>> {
     p.docs
         .iter()
         .filter(|(_, d)| {
@@ -336,23 +336,25 @@ fn copies_upto(p: &Pending, upto: u64) -> Vec<DocCopy> {
                 || d.entries.front().is_some_and(|s| s.seg <= upto)
                 || d.trims.iter().any(|(seg, _)| *seg <= upto)
         })
-        .map(|(doc, d)| DocCopy {
-            doc: doc.clone(),
-            // The newest head, even if a later segment changed it: that segment stays
-            // until the next checkpoint, and replay never moves a head backwards.
-            head: d.head,
-            entries: d
-                .entries
-                .iter()
-                .take_while(|s| s.seg <= upto)
-                .filter_map(|s| p.locate(s))
-                .collect(),
-            trims: d
-                .trims
-                .iter()
-                .filter(|(seg, _)| *seg <= upto)
-                .map(|(_, before)| *before)
-                .collect(),
+        .map(|(doc, d)| {
+            Ok(DocCopy {
+                doc: doc.clone(),
+                // The newest head, even if a later segment changed it: that segment stays
+                // until the next checkpoint, and replay never moves a head backwards.
+                head: d.head,
+                entries: d
+                    .entries
+                    .iter()
+                    .take_while(|s| s.seg <= upto)
+                    .map(|s| p.locate(s))
+                    .collect::<BackplaneResult<_>>()?,
+                trims: d
+                    .trims
+                    .iter()
+                    .filter(|(seg, _)| *seg <= upto)
+                    .map(|(_, before)| *before)
+                    .collect(),
+            })
         })
         .collect()
 }

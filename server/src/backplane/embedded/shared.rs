@@ -40,9 +40,16 @@ pub(super) struct Stored {
 }
 
 impl Pending {
-    /// The entry at `s` with a handle to read its record through (outside the lock).
-    pub(super) fn locate(&self, s: &Stored) -> Option<(Arc<File>, Stored)> {
-        self.segments.get(&s.seg).map(|f| (f.clone(), *s))
+    /// The entry at `s` with a handle to read its record through (outside the lock). Every
+    /// pending entry's segment has one; an error, never a skipped entry, if not.
+    pub(super) fn locate(&self, s: &Stored) -> BackplaneResult<(Arc<File>, Stored)> {
+        match self.segments.get(&s.seg) {
+            Some(f) => Ok((f.clone(), *s)),
+            None => Err(BackplaneError::Storage(format!(
+                "entry {} waits in write-ahead segment {}, which has no read handle",
+                s.id, s.seg
+            ))),
+        }
     }
 }
 
@@ -117,6 +124,19 @@ mod tests {
     use super::*;
     use crate::backplane::embedded::wal::Record;
     use crate::backplane::embedded::wal_replay;
+
+    #[test]
+    fn a_pending_entry_without_its_segment_is_an_error_not_a_gap() {
+        let s = Stored {
+            seg: 3,
+            id: StreamId::new(1, 0),
+            span: wal::Span { at: 32, len: 10 },
+        };
+        assert!(matches!(
+            Pending::default().locate(&s),
+            Err(BackplaneError::Storage(m)) if m.contains("segment 3")
+        ));
+    }
 
     #[test]
     fn a_rotated_segment_is_read_exactly_as_far_as_its_successor_says() {

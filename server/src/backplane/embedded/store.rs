@@ -57,15 +57,18 @@ pub(super) fn read_after(
     // both, for a moment: the pending copy is then skipped below).
     let (pending, txn) = {
         let p = lock(&shared.pending);
-        let pending = p.docs.get(doc).map(|d| {
-            let newer: Vec<_> = d
-                .entries
-                .iter()
-                .filter(|s| s.id > after)
-                .filter_map(|s| p.locate(s))
-                .collect();
-            (d.head, newer)
-        });
+        let pending = match p.docs.get(doc) {
+            Some(d) => {
+                let newer: Vec<_> = d
+                    .entries
+                    .iter()
+                    .filter(|s| s.id > after)
+                    .map(|s| p.locate(s))
+                    .collect::<BackplaneResult<_>>()?;
+                Some((d.head, newer))
+            }
+            None => None,
+        };
         (pending, shared.db.begin_read().map_err(storage)?)
     };
     let head = match &pending {
