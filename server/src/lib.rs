@@ -61,56 +61,15 @@ pub async fn run(
     let conn_tracker = TaskTracker::new();
 
     let node = rand::random::<u64>();
-    let backplane: Arc<dyn Backplane> = if config.redis_url.is_empty() {
-        Arc::new(EmbeddedBackplane::open(
-            &config.data_dir.join("log.redb"),
-            config.log_cache_bytes,
-            &tracker,
-        )?)
-    } else {
-        let settings =
-            RedisSettings::from_urls(&config.redis_url, config.redis_timeout, config.presence_ttl);
-        Arc::new(RedisBackplane::connect(settings, node, &tracker).await?)
-    };
-    let store: Arc<dyn storage::SnapshotStore> = match &config.snapshot_store {
-        Some(url) => Arc::new(storage::s3::S3SnapshotStore::from_url(url)?),
-        None => Arc::new(FsSnapshotStore::open(
-            config
-                .snapshot_dir
-                .clone()
-                .unwrap_or_else(|| config.data_dir.join("snapshots")),
-        )?),
-    };
+    let backplane = open_backplane(&config, node, &tracker).await?;
     let registry = Registry::new(
         backplane.clone(),
-        store,
-        DocSettings {
-            evict_after: config.evict_after,
-            compact_entries: config.compact_entries,
-            compact_bytes: config.compact_bytes,
-            replay_window: config.replay_window,
-            replay_memory_bytes: config.replay_memory_bytes,
-            max_hot_documents: config.max_hot_documents,
-            versions: doc::versions::VersionPolicy {
-                interval: config.version_interval,
-                keep: config.keep_versions,
-            },
-        },
+        open_store(&config)?,
+        doc_settings(&config),
         node,
         tracker.clone(),
     );
-    let auth = Arc::new(match (&config.auth_secret, &config.auth_public_key) {
-        (Some(secret), _) => auth::Auth::hs256(secret.as_bytes()),
-        (None, Some(path)) => auth::Auth::public_key_pem(&std::fs::read(path)?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        (None, None) => {
-            tracing::warn!(
-                "AUTH IS OFF: anyone who can reach this node may read and write every document \
-                 (set --auth-secret or --auth-public-key)"
-            );
-            auth::Auth::disabled()
-        }
-    });
+    let auth = Arc::new(open_auth(&config)?);
     let stop = CancellationToken::new();
     let ctx = Arc::new(ConnContext::new(
         registry.clone(),
@@ -164,6 +123,94 @@ pub async fn run(
     )
     .await;
 
+    drain(
+        &config,
+        &ctx,
+        &conn_tracker,
+        &registry,
+        &*backplane,
+        &tracker,
+        &stop,
+    )
+    .await;
+    tracing::info!("chorus node stopped");
+    Ok(())
+}
+
+/// The log: the embedded one in the data directory, or Redis when a URL is given.
+async fn open_backplane(
+    config: &Config,
+    node: u64,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Arc<dyn Backplane>> {
+    Ok(if config.redis_url.is_empty() {
+        Arc::new(EmbeddedBackplane::open(
+            &config.data_dir.join("log.redb"),
+            config.log_cache_bytes,
+            tracker,
+        )?)
+    } else {
+        let settings =
+            RedisSettings::from_urls(&config.redis_url, config.redis_timeout, config.presence_ttl);
+        Arc::new(RedisBackplane::connect(settings, node, tracker).await?)
+    })
+}
+
+/// Snapshots: S3 when a URL is given, else files under the data directory (or the one named).
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn storage::SnapshotStore>> {
+    Ok(match &config.snapshot_store {
+        Some(url) => Arc::new(storage::s3::S3SnapshotStore::from_url(url)?),
+        None => Arc::new(FsSnapshotStore::open(
+            config
+                .snapshot_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("snapshots")),
+        )?),
+    })
+}
+
+fn doc_settings(config: &Config) -> DocSettings {
+    DocSettings {
+        evict_after: config.evict_after,
+        compact_entries: config.compact_entries,
+        compact_bytes: config.compact_bytes,
+        replay_window: config.replay_window,
+        replay_memory_bytes: config.replay_memory_bytes,
+        max_hot_documents: config.max_hot_documents,
+        versions: doc::versions::VersionPolicy {
+            interval: config.version_interval,
+            keep: config.keep_versions,
+        },
+    }
+}
+
+/// Token checks: a shared secret, a public key, or (loudly) none.
+fn open_auth(config: &Config) -> anyhow::Result<auth::Auth> {
+    Ok(match (&config.auth_secret, &config.auth_public_key) {
+        (Some(secret), _) => auth::Auth::hs256(secret.as_bytes()),
+        (None, Some(path)) => auth::Auth::public_key_pem(&std::fs::read(path)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        (None, None) => {
+            tracing::warn!(
+                "AUTH IS OFF: anyone who can reach this node may read and write every document \
+                 (set --auth-secret or --auth-public-key)"
+            );
+            auth::Auth::disabled()
+        }
+    })
+}
+
+/// After the listener stopped: connections close (1001), documents save, the log flushes,
+/// every task ends; each step waits at most until the shutdown deadline.
+async fn drain(
+    config: &Config,
+    ctx: &ConnContext,
+    conn_tracker: &TaskTracker,
+    registry: &Registry,
+    backplane: &dyn Backplane,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) {
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     stop.cancel();
     conn_tracker.close();
@@ -192,6 +239,4 @@ pub async fn run(
     {
         tracing::warn!("some tasks did not finish by the shutdown deadline");
     }
-    tracing::info!("chorus node stopped");
-    Ok(())
 }

@@ -170,6 +170,7 @@ pub fn observe(name: &'static str, d: Duration) {
 ///
 /// State figures are written here from this node's own state rather than set on the global
 /// recorder, so two nodes in one process (tests) never show each other's values.
+// Stays whole: one table of this node's figures, one row each.
 pub fn render(ctx: &crate::connection::ConnContext) -> String {
     use names::*;
     use std::fmt::Write;
