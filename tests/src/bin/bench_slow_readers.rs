@@ -7,9 +7,10 @@
 //! ~10 KB map overwrites through one document; one reader keeps up, one (with a 16 KiB
 //! receive window, like a slow link) stops reading for the whole run, then resumes. Reports
 //! the node's RSS growth, and beside it the growth of a fresh node taking the same writes
-//! with nobody stalled (the control: the log's entries pending a checkpoint grow a node
-//! whoever reads), what the node held for the stalled reader, and its catch-up time and
-//! bytes against what it missed.
+//! with nobody stalled (the control: what the write path grows a node by whoever reads) and
+//! of that node taking them a second time (warm: without what a first burst sets up once),
+//! what the node held for the stalled reader, and its catch-up time and bytes against what it
+//! missed.
 //! Part 2: `--readers` readers and two writers at `--rate` small updates/s each; fast readers'
 //! latency p50/p99 with nobody stalled, then with 20% of the readers stalled.
 //! The node runs as a separate release `chorus` process; the generator shares the machine, so
@@ -241,23 +242,31 @@ async fn spawn_node(dir: &std::path::Path) -> ServerProcess {
 }
 
 /// Part 1's writes on a fresh node with only the fast reader: what the node grows by with
-/// nobody stalled (the log's entries pending a checkpoint, the allocator), so that part 1's
-/// growth minus this is what the stalled reader costs.
-async fn control_growth(mb: usize, epoch: Instant) -> u64 {
+/// nobody stalled (the log's caches, the allocator), so that part 1's growth minus this is
+/// what the stalled reader costs. Then the same writes again on that node, once the first
+/// burst's checkpoint is done: what a warm node grows by, without what a first burst sets up
+/// once (threads, their allocator arenas, caches filling). Returns (fresh, warm) growth.
+async fn control_growth(mb: usize, epoch: Instant) -> (u64, u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = spawn_node(dir.path()).await;
     let url = server.ws_url();
     let stop = Arc::new(AtomicBool::new(false));
     let fast = spawn_fast_reader(url.clone(), epoch, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = chorus_tests::process_rss_kb(server.pid());
-    let sampler = Sampler::start(server.addr, server.pid());
-    write(&url, 1, mb << 20, epoch).await;
-    let (peak, _) = sampler.stop().await;
+    let mut growth = [0; 2];
+    for g in &mut growth {
+        let before = chorus_tests::process_rss_kb(server.pid());
+        let sampler = Sampler::start(server.addr, server.pid());
+        write(&url, 1, mb << 20, epoch).await;
+        let (peak, _) = sampler.stop().await;
+        *g = peak.saturating_sub(before);
+        // The embedded log checkpoints within a second of its first pending entry.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = fast.await;
     server.terminate().await;
-    peak.saturating_sub(before)
+    (growth[0], growth[1])
 }
 
 #[tokio::main]
@@ -266,7 +275,7 @@ async fn main() {
     let readers = arg("--readers", 10);
     let rate = arg("--rate", 200);
     let epoch = Instant::now();
-    let control = control_growth(mb, epoch).await;
+    let (control, warm) = control_growth(mb, epoch).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let server = spawn_node(dir.path()).await;
     let url = server.ws_url();
@@ -316,6 +325,7 @@ async fn main() {
         "  the same writes, nobody stalled (control, a fresh node): {control} KB; the stalled reader's share {} KB",
         growth as i64 - control as i64
     );
+    println!("  the same writes again on that node, warm: {warm} KB");
     println!(
         "  held for the stalled reader at most {} B in its outbox while it missed {:.1} MB",
         peak_outbox,
