@@ -431,7 +431,7 @@ fn remove_segments(base: &Path, upto: u64) -> BackplaneResult<()> {
 #[cfg(test)]
 mod tests {
     use super::super::EmbeddedBackplane;
-    use super::super::tests::{append_n, crash_image, entry_ids};
+    use super::super::tests::{NEVER, append_n, crash_image, entry_ids, scratch};
     use super::*;
     use crate::backplane::{Backplane, BackplaneError};
     use bytes::Bytes;
@@ -440,9 +440,7 @@ mod tests {
 
     #[tokio::test]
     async fn replay_cuts_a_torn_tail_and_refuses_a_damaged_middle() {
-        const NEVER: Duration = Duration::from_secs(3600);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
+        let (dir, path) = scratch();
         let tracker = TaskTracker::new();
         let doc = DocId::parse("d").expect("doc id");
         let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
@@ -491,9 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_segment_left_beside_a_new_log_file_is_not_replayed_into_it() {
-        const NEVER: Duration = Duration::from_secs(3600);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
+        let (dir, path) = scratch();
         let tracker = TaskTracker::new();
         let doc = DocId::parse("d").expect("doc id");
         let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
@@ -513,8 +509,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_acknowledged_entry_is_readable_while_checkpoints_move_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
+        let (_dir, path) = scratch();
         let tracker = TaskTracker::new();
         let doc = DocId::parse("d").expect("doc id");
         let bp = Arc::new(

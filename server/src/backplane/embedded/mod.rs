@@ -259,8 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn append_read_trim_and_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
+        let (_dir, path) = scratch();
         let tracker = TaskTracker::new();
         let doc = DocId::parse("d").expect("doc id");
         let epoch;
@@ -328,6 +327,17 @@ mod tests {
         entries.iter().map(|e| e.id).collect()
     }
 
+    /// No checkpoint on the timer within a test: entries stay pending until a close (or the
+    /// size trigger).
+    pub(super) const NEVER: Duration = Duration::from_secs(3600);
+
+    /// A fresh directory and the path of a log in it.
+    pub(super) fn scratch() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.redb");
+        (dir, path)
+    }
+
     pub(super) async fn append_n(bp: &EmbeddedBackplane, doc: &DocId, n: u8) -> Vec<StreamId> {
         let mut ids = Vec::new();
         for i in 0..n {
@@ -352,9 +362,7 @@ mod tests {
     // Stays whole: one scenario, each step reading the log the step before it left.
     #[tokio::test]
     async fn pending_entries_and_trims_read_and_replay_like_checkpointed_ones() {
-        const NEVER: Duration = Duration::from_secs(3600);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
+        let (dir, path) = scratch();
         let tracker = TaskTracker::new();
         let doc = DocId::parse("d").expect("doc id");
         let other = DocId::parse("other").expect("doc id");
@@ -444,9 +452,7 @@ mod tests {
     #[tokio::test]
     async fn a_pending_entry_is_read_from_its_segment() {
         use std::os::unix::fs::FileExt;
-        const NEVER: Duration = Duration::from_secs(3600);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("log.redb");
+        let (_dir, path) = scratch();
         let tracker = TaskTracker::new();
         let doc = DocId::parse("d").expect("doc id");
         let bp = EmbeddedBackplane::open_with(&path, 1 << 20, &tracker, NEVER).expect("open");
