@@ -37,11 +37,7 @@ pub(super) async fn get_doc(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             ),
-            (
-                header::HeaderName::from_static("x-chorus-position"),
-                HeaderValue::from_str(&position.to_string())
-                    .unwrap_or(HeaderValue::from_static("")),
-            ),
+            super::position_header(position),
         ],
         state,
     )
@@ -242,10 +238,7 @@ pub(super) async fn poll_updates(
         Some(CloseCode::TokenExpired) => return Err(ApiError::Auth(AuthError::Expired)),
         Some(_) => return Err(ApiError::Unavailable),
     }
-    let position = answer
-        .position
-        .map(|p| p.to_string())
-        .and_then(|p| HeaderValue::from_str(&p).ok());
+    let position = answer.position.map(super::position_header);
     let mut resp = match answer.update {
         Some(update) => (
             StatusCode::OK,
@@ -261,8 +254,8 @@ pub(super) async fn poll_updates(
     let h = resp.headers_mut();
     // The answer for a given `after` grows as the document does: never safe to cache.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some(p) = position {
-        h.insert(header::HeaderName::from_static("x-chorus-position"), p);
+    if let Some((name, value)) = position {
+        h.insert(name, value);
     }
     if resp.status() == StatusCode::OK {
         let sync = if answer.full { "full" } else { "replay" };

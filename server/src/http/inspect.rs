@@ -14,7 +14,7 @@ use crate::connection::ConnContext;
 use crate::doc::inspect::{Inspection, OwnerFacts};
 use crate::doc::json::{Kind, Roots, TextAs};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use chorus_protocol::DocId;
 use std::collections::HashMap;
@@ -54,14 +54,7 @@ pub(super) async fn get_json(
         Roots::decode(&state, &hints).map(|roots| roots.to_json(text))
     })
     .await?;
-    Ok((
-        [(
-            header::HeaderName::from_static("x-chorus-position"),
-            HeaderValue::from_str(&position.to_string()).unwrap_or(HeaderValue::from_static("")),
-        )],
-        axum::Json(json),
-    )
-        .into_response())
+    Ok(([super::position_header(position)], axum::Json(json)).into_response())
 }
 
 /// `GET /v1/docs/{doc}/inspect[?types=…]`: the inspector (admin key, or a read grant).

@@ -94,11 +94,18 @@ pub fn router(ctx: Arc<ConnContext>) -> Router {
         header::CONTENT_TYPE,
         header::HeaderName::from_static("last-event-id"),
     ])
-    .expose_headers([
-        header::HeaderName::from_static("x-chorus-position"),
-        header::HeaderName::from_static("x-chorus-sync"),
-    ]);
+    .expose_headers([POSITION, header::HeaderName::from_static("x-chorus-sync")]);
     router.layer(cors).with_state(ctx)
+}
+
+/// `X-Chorus-Position`, which every document answer carries: where the document stood.
+pub(super) const POSITION: header::HeaderName =
+    header::HeaderName::from_static("x-chorus-position");
+
+/// The [`POSITION`] header for `p` (a position prints as ASCII, so it always is a value).
+pub(super) fn position_header(p: chorus_protocol::Position) -> (header::HeaderName, HeaderValue) {
+    let value = HeaderValue::from_str(&p.to_string()).unwrap_or(HeaderValue::from_static(""));
+    (POSITION, value)
 }
 
 /// `--max-api-requests-per-second`: a token per request from the client's address, before

@@ -202,18 +202,13 @@ pub(super) async fn get(
         .get_version(&doc, &id)
         .await?
         .ok_or(VersionError::NotFound)?;
-    let position =
-        HeaderValue::from_str(&meta.position.to_string()).unwrap_or(HeaderValue::from_static(""));
     Ok((
         [
             (
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             ),
-            (
-                header::HeaderName::from_static("x-chorus-position"),
-                position,
-            ),
+            super::position_header(meta.position),
         ],
         state,
     )
